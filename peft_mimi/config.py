@@ -1,0 +1,150 @@
+"""`MiMiConfig`: the configuration of a MiMi adapter (METHOD.md sections 2, 4 and 6)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ._peft_type import PeftType
+from .pruning import SCORES, SELECTIONS
+
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
+
+# Default target modules per transformers model type: the attention output projection and the second MLP
+# Linear of every block. transformers 5 names first, then the 4.x names (`output.dense` covers both
+# `attention.output.dense` and the MLP's `output.dense`; `intermediate.dense` is not matched).
+TARGET_MODULES_BY_MODEL_TYPE: dict[str, list[str]] = {
+    "vit": ["attention.o_proj", "mlp.fc2", "output.dense"],
+    "deit": ["attention.o_proj", "mlp.fc2", "output.dense"],
+    "dinov2": ["attention.o_proj", "mlp.fc2", "output.dense"],
+    "swin": ["attention.o_proj", "mlp.fc2", "output.dense"],
+}
+
+
+@dataclass
+class MiMiConfig(PeftConfig):
+    """Configuration of a MiMi adapter: Houlsby-style bottleneck adapters ``y + W_up·act(W_down·y)`` on the
+    outputs of the attention and MLP blocks, trained large and pruned neuron by neuron, globally across layers,
+    down to a parameter budget.
+
+    Give exactly one budget: ``target_compression`` (σt; the budget is what uniform adapters of width
+    ``floor(d/σt)`` would hold) or ``target_params`` (an absolute number of adapter parameters).
+    """
+
+    init_compression: float = field(
+        default=4.0,
+        metadata={"help": "σ0: every adapter starts with width max(1, floor(d / σ0)), d = the layer's size."},
+    )
+    target_compression: Optional[float] = field(
+        default=None,
+        metadata={"help": "σt: prune until the adapters hold no more than uniform adapters of width d/σt."},
+    )
+    target_params: Optional[int] = field(
+        default=None,
+        metadata={"help": "Absolute budget: prune until the adapters hold at most this many parameters."},
+    )
+    prune_ratio: float = field(
+        default=0.5, metadata={"help": "ρ: fraction of the surviving neurons removed by each pruning round."}
+    )
+    selection: str = field(
+        default="global",
+        metadata={"help": "'global': rank neurons across all adapters (MiMi); 'local': same fraction per adapter."},
+    )
+    score: str = field(
+        default="mimi",
+        metadata={"help": f"Neuron importance score, one of {SCORES} ('mimi' is the paper's eq. 3)."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: W_up starts at zero so the model starts equal to the base model; False: random."},
+    )
+    activation: str = field(default="gelu", metadata={"help": f"Adapter non-linearity, one of {ACTIVATIONS}."})
+    adapter_bias: bool = field(default=False, metadata={"help": "Give W_down and W_up biases (paper: no biases)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Linear modules to adapt: a list of names (exact or suffix match) or a regex. Defaults exist for "
+            f"the model types {sorted(TARGET_MODULES_BY_MODEL_TYPE)}."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules not to adapt: a list of names (exact or suffix match) or a regex."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules trained and saved in full besides the adapters, e.g. ['classifier']."},
+    )
+    adapter_widths: Optional[dict[str, int]] = field(
+        default=None,
+        metadata={
+            "help": "Per-module adapter widths ({module name: width}, 0 = removed). Recorded by MiMi as it prunes "
+            "and saved with the adapter; when given for a new adapter, those widths are the starting widths."
+        },
+    )
+    rounds_done: int = field(default=0, metadata={"help": "Pruning rounds already applied (recorded by MiMi)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the 'random' score, so that ranks agree."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.MIMI
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive_number(name: str, value) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"MiMiConfig.{name} must be a number > 0, got {value!r}.")
+
+        positive_number("init_compression", self.init_compression)
+        if (self.target_compression is None) == (self.target_params is None):
+            raise ValueError(
+                "MiMiConfig needs exactly one budget: target_compression (e.g. 32.0) or target_params "
+                f"(e.g. 400_000); got target_compression={self.target_compression!r}, "
+                f"target_params={self.target_params!r}."
+            )
+        if self.target_compression is not None:
+            positive_number("target_compression", self.target_compression)
+            if self.target_compression < self.init_compression:
+                warnings.warn(
+                    f"target_compression={self.target_compression} is below init_compression="
+                    f"{self.init_compression}: the budget is at or above the initial size, so MiMi will not prune.",
+                    stacklevel=3,
+                )
+        if self.target_params is not None and (
+            isinstance(self.target_params, bool) or not isinstance(self.target_params, int) or self.target_params < 0
+        ):
+            raise ValueError(f"MiMiConfig.target_params must be an int >= 0, got {self.target_params!r}.")
+        if isinstance(self.prune_ratio, bool) or not isinstance(self.prune_ratio, (int, float)) or not (
+            0.0 < self.prune_ratio < 1.0
+        ):
+            raise ValueError(f"MiMiConfig.prune_ratio must be in (0, 1), got {self.prune_ratio!r}.")
+        for name, value, allowed in (
+            ("selection", self.selection, SELECTIONS),
+            ("score", self.score, SCORES),
+            ("activation", self.activation, ACTIVATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"MiMiConfig.{name}={value!r} is not known; choose one of {allowed}.")
+        for name in ("init_weights", "adapter_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MiMiConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if isinstance(self.rounds_done, bool) or not isinstance(self.rounds_done, int) or self.rounds_done < 0:
+            raise ValueError(f"MiMiConfig.rounds_done must be an int >= 0, got {self.rounds_done!r}.")
+        if self.adapter_widths is not None:
+            if not isinstance(self.adapter_widths, dict):
+                raise ValueError(
+                    "MiMiConfig.adapter_widths must be a dict {module name: width}, got "
+                    f"{type(self.adapter_widths).__name__}."
+                )
+            for module, width in self.adapter_widths.items():
+                if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+                    raise ValueError(
+                        f"MiMiConfig.adapter_widths[{module!r}] must be an int >= 0 (0 = removed), got {width!r}."
+                    )

@@ -1,0 +1,283 @@
+"""The MiMi adapter around one `nn.Linear`: ``A(y) = y + W_up · act(W_down · y)`` on the layer's output.
+
+The layer knows how to apply, mask and shrink its own adapters, nothing about the rest of the model. Each named
+adapter has a *physical* width (the rows of ``W_down``) and a bool mask over those neurons; the *live* width is
+the number of unmasked neurons. Masking keeps tensor shapes fixed (so an optimizer built over them keeps
+working, as in HF `Trainer`); shrinking (``keep_neurons``) rebuilds the Linear pair with only the kept neurons.
+An adapter of width 0 has no tensors at all and costs nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .pruning import importance_scores
+
+MERGE_ERROR = (
+    "MiMi adapters cannot be merged into the base weights: W_up · act(W_down · y) is non-linear in y. Keep the "
+    "adapter as a separate module (it is tiny), or call `unload()` to get the base model back without it."
+)
+
+
+def _activation(name: str) -> nn.Module:
+    return nn.Identity() if name == "identity" else ACT2FN[name]
+
+
+class MiMiLayer(BaseTunerLayer):
+    """Mixin holding the adapters of one wrapped layer, keyed by adapter name."""
+
+    adapter_layer_names = ("mimi_down", "mimi_up")
+    other_param_names = ("mimi_width", "mimi_mask", "mimi_activation", "mimi_score")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.mimi_down = nn.ModuleDict({})
+        self.mimi_up = nn.ModuleDict({})
+        self.mimi_mask = BufferDict({}, persistent=True)
+        self.mimi_width: dict[str, int] = {}
+        self.mimi_activation: dict[str, nn.Module] = {}
+        self.mimi_score: dict[str, str] = {}
+        # per-neuron accumulated |gradient| for score="gradient"; not saved
+        self._grad_l1: dict[str, torch.Tensor] = {}
+        self._grad_hooks: dict[str, list] = {}
+        # adapters with masked neurons, kept on the Python side so that forward needs no device sync
+        self._masked: set[str] = set()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MiMi adapts nn.Linear layers only, got {type(base_layer).__name__}.")
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.kwargs = kwargs
+
+    @property
+    def feature_size(self) -> int:
+        """``d``: the size of the wrapped layer's output, which the adapter reads and writes."""
+        return self.out_features
+
+    def update_layer(
+        self, adapter_name: str, width: int, *, init_weights: bool, activation: str, bias: bool, score: str
+    ) -> None:
+        """Create (or replace) adapter ``adapter_name`` with ``width`` neurons (0 = no adapter on this layer)."""
+        if width < 0:
+            raise ValueError(f"adapter width must be >= 0, got {width}")
+        self.mimi_activation[adapter_name] = _activation(activation)
+        self.mimi_score[adapter_name] = score
+        self.mimi_width[adapter_name] = width
+        for container in (self.mimi_down, self.mimi_up):
+            if adapter_name in container:
+                del container[adapter_name]
+        d = self.feature_size
+        if width > 0:
+            self.mimi_down[adapter_name] = nn.Linear(d, width, bias=bias)
+            self.mimi_up[adapter_name] = nn.Linear(width, d, bias=bias)
+            self._init_weights(adapter_name, init_weights)
+        self.mimi_mask[adapter_name] = torch.ones(width, dtype=torch.bool)
+        self._masked.discard(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._track_gradients(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _init_weights(self, adapter_name: str, init_weights: bool) -> None:
+        down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
+        if down.weight.is_meta:  # low_cpu_mem_usage: the real values are loaded later
+            return
+        # W_down keeps nn.Linear's default (Kaiming-uniform, bound 1/sqrt(d)): small and random
+        if down.bias is not None:
+            nn.init.zeros_(down.bias)
+        if init_weights:
+            nn.init.zeros_(up.weight)
+        if up.bias is not None:
+            nn.init.zeros_(up.bias)
+
+    # ----------------------------------------------------------------------------------------------- widths
+    def physical_width(self, adapter_name: str) -> int:
+        return self.mimi_width.get(adapter_name, 0)
+
+    def live_width(self, adapter_name: str) -> int:
+        """Neurons that are neither removed nor masked."""
+        if self.physical_width(adapter_name) == 0:
+            return 0
+        return int(self.mimi_mask[adapter_name].sum())
+
+    def live_neurons(self, adapter_name: str) -> torch.Tensor:
+        """Indices of the live neurons, a LongTensor of shape (live_width,)."""
+        if self.physical_width(adapter_name) == 0:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.nonzero(self.mimi_mask[adapter_name].cpu(), as_tuple=False).flatten()
+
+    def scores(self, adapter_name: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Importance of the live neurons (in the order of :meth:`live_neurons`), float32 on the CPU."""
+        live = self.live_neurons(adapter_name)
+        if len(live) == 0:
+            return torch.zeros(0)
+        down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
+        grad = self._grad_l1.get(adapter_name)
+        all_scores = importance_scores(
+            self.mimi_score[adapter_name],
+            down.weight,
+            up.weight,
+            down.bias,
+            grad_l1=grad,
+            generator=generator,
+        )
+        return all_scores.cpu()[live]
+
+    # ----------------------------------------------------------------------------------------- masking
+    def mask_neurons(self, adapter_name: str, keep_live: torch.Tensor) -> None:
+        """Mask neurons: ``keep_live`` is a bool tensor over the *live* neurons (True = stays live).
+        Shapes do not change, so an optimizer over these parameters keeps working."""
+        live = self.live_neurons(adapter_name)
+        if keep_live.shape != live.shape:
+            raise ValueError(f"keep mask has shape {tuple(keep_live.shape)}, expected {tuple(live.shape)}")
+        mask = self.mimi_mask[adapter_name]
+        mask[live[~keep_live.cpu()].to(mask.device)] = False
+        self.refresh_mask_state(adapter_name)
+        with torch.no_grad():  # masked neurons contribute nothing; zero them so they also look dead
+            dead = ~mask
+            self.mimi_down[adapter_name].weight[dead] = 0
+            self.mimi_up[adapter_name].weight[:, dead] = 0
+            if self.mimi_down[adapter_name].bias is not None:
+                self.mimi_down[adapter_name].bias[dead] = 0
+
+    def keep_neurons(self, adapter_name: str, keep_live: torch.Tensor | None = None) -> int:
+        """Physically shrink the adapter to its live neurons, minus those with ``keep_live`` False (a bool
+        tensor over the live neurons; None keeps all live ones). Returns the new width; at 0 the adapter's
+        tensors are deleted. Parameters are replaced: rebuild any optimizer that held the old ones."""
+        live = self.live_neurons(adapter_name)
+        if keep_live is not None:
+            if keep_live.shape != live.shape:
+                raise ValueError(f"keep mask has shape {tuple(keep_live.shape)}, expected {tuple(live.shape)}")
+            live = live[keep_live.cpu()]
+        width = len(live)
+        if width == self.physical_width(adapter_name):
+            return width
+        self._untrack_gradients(adapter_name)
+        old_down, old_up = self.mimi_down.pop(adapter_name), self.mimi_up.pop(adapter_name)
+        if width > 0:
+            requires_grad = old_down.weight.requires_grad
+            idx = live.to(old_down.weight.device)
+            down = nn.Linear(self.feature_size, width, bias=old_down.bias is not None,
+                             device=old_down.weight.device, dtype=old_down.weight.dtype)
+            up = nn.Linear(width, self.feature_size, bias=old_up.bias is not None,
+                           device=old_up.weight.device, dtype=old_up.weight.dtype)
+            with torch.no_grad():
+                down.weight.copy_(old_down.weight[idx])
+                up.weight.copy_(old_up.weight[:, idx])
+                if down.bias is not None:
+                    down.bias.copy_(old_down.bias[idx])
+                    up.bias.copy_(old_up.bias)
+            down.requires_grad_(requires_grad)
+            up.requires_grad_(requires_grad)
+            self.mimi_down[adapter_name], self.mimi_up[adapter_name] = down, up
+        old_mask = self.mimi_mask[adapter_name]
+        self.mimi_mask[adapter_name] = torch.ones(width, dtype=torch.bool, device=old_mask.device)
+        self.mimi_width[adapter_name] = width
+        self._masked.discard(adapter_name)
+        self._track_gradients(adapter_name)
+        return width
+
+    def refresh_mask_state(self, adapter_name: str) -> None:
+        """Re-read whether the adapter has masked neurons (after masking or after loading a mask)."""
+        if self.live_width(adapter_name) < self.physical_width(adapter_name):
+            self._masked.add(adapter_name)
+        else:
+            self._masked.discard(adapter_name)
+
+    def _track_gradients(self, adapter_name: str) -> None:
+        if self.mimi_score.get(adapter_name) != "gradient" or adapter_name not in self.mimi_down:
+            return
+        down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
+        self._grad_l1[adapter_name] = torch.zeros(down.out_features, device=down.weight.device)
+
+        def on_down(grad: torch.Tensor) -> None:
+            self._grad_l1[adapter_name] += grad.detach().abs().sum(dim=1).float()
+
+        def on_up(grad: torch.Tensor) -> None:
+            self._grad_l1[adapter_name] += grad.detach().abs().sum(dim=0).float()
+
+        self._grad_hooks[adapter_name] = [down.weight.register_hook(on_down), up.weight.register_hook(on_up)]
+
+    def _untrack_gradients(self, adapter_name: str) -> None:
+        for handle in self._grad_hooks.pop(adapter_name, []):
+            handle.remove()
+        self._grad_l1.pop(adapter_name, None)
+
+    def reset_gradient_scores(self, adapter_name: str) -> None:
+        if adapter_name in self._grad_l1:
+            self._grad_l1[adapter_name].zero_()
+
+    def gradient_scores(self, adapter_name: str) -> torch.Tensor | None:
+        return self._grad_l1.get(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._untrack_gradients(adapter_name)
+        self._masked.discard(adapter_name)
+        super().delete_adapter(adapter_name)
+
+    # ------------------------------------------------------------------------------------- merging
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        warnings.warn("MiMi adapters are never merged; nothing to unmerge.", stacklevel=2)
+
+
+def _refresh_masks_after_load(layer: MiMiLayer, incompatible_keys) -> None:
+    for adapter_name in layer.mimi_width:
+        if adapter_name in layer.mimi_mask and not layer.mimi_mask[adapter_name].is_meta:
+            layer.refresh_mask_state(adapter_name)
+
+
+class Linear(nn.Module, MiMiLayer):
+    """An `nn.Linear` with MiMi adapters on its output."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        width: int,
+        *,
+        init_weights: bool = True,
+        activation: str = "gelu",
+        bias: bool = False,
+        score: str = "mimi",
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        MiMiLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.register_load_state_dict_post_hook(_refresh_masks_after_load)
+        self.update_layer(
+            adapter_name, width, init_weights=init_weights, activation=activation, bias=bias, score=score
+        )
+
+    def adapter_delta(self, adapter_name: str, y: torch.Tensor) -> torch.Tensor | None:
+        """``W_up · act(W_down · y)`` for one adapter, or None when it has no neurons here."""
+        if adapter_name not in self.mimi_down:
+            return None
+        down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
+        hidden = self.mimi_activation[adapter_name](down(y.to(down.weight.dtype)))
+        if adapter_name in self._masked:
+            hidden = hidden * self.mimi_mask[adapter_name].to(hidden.dtype)
+        return up(hidden)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        base = result
+        for adapter_name in self.active_adapters:
+            delta = self.adapter_delta(adapter_name, base)
+            if delta is not None:
+                result = result + delta.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "mimi." + super().__repr__()

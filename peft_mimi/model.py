@@ -1,0 +1,344 @@
+"""`MiMiModel`: the PEFT tuner that wraps the target Linears and runs MiMi's model-wide verbs.
+
+It walks the model (which modules get adapters, at which width), gathers scores from every layer, asks
+`peft_mimi.pruning` which neurons to remove, and tells each layer to mask or shrink itself. It also guards
+saving and loading: a saved adapter holds only live neurons plus the recorded widths, and a file whose tensors
+disagree with those widths is refused.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
+from .layer import MERGE_ERROR, Linear, MiMiLayer
+from .pruning import (
+    budget_for_compression,
+    initial_width,
+    num_rounds,
+    select_neurons,
+    total_params,
+)
+
+_PEFT_PREFIX = "base_model.model."
+
+
+class MiMiModel(BaseTuner):
+    """MiMi adapters on a pretrained model (see `MiMiConfig`), created by ``peft.get_peft_model``.
+
+    Model-wide verbs, all taking an optional ``adapter_name`` (default: the active adapter):
+    ``adapter_widths()``, ``budget()``, ``live_params()``, ``num_rounds()``, ``neuron_scores()``,
+    ``prune_round()`` and ``compact()``.
+    """
+
+    prefix: str = "mimi_"
+    tuner_layer_cls = MiMiLayer
+    target_module_mapping = TARGET_MODULES_BY_MODEL_TYPE
+
+    # ------------------------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: MiMiConfig, model_config: dict) -> MiMiConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in TARGET_MODULES_BY_MODEL_TYPE:
+                raise ValueError(
+                    f"MiMi has no default target_modules for model type {model_type!r} (defaults exist for "
+                    f"{sorted(TARGET_MODULES_BY_MODEL_TYPE)}). Name the Linear layers to adapt with "
+                    f"MiMiConfig(target_modules=[...]); this model's Linear layers end in: "
+                    f"{_linear_name_suffixes(self.model)}."
+                )
+            peft_config.target_modules = set(TARGET_MODULES_BY_MODEL_TYPE[model_type])
+        return peft_config
+
+    def _create_and_replace(
+        self, mimi_config: MiMiConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module,
+        current_key: str, **optional_kwargs,
+    ) -> None:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"target_modules matched {current_key!r}, a {type(base).__name__}; MiMi adapts nn.Linear layers "
+                f"only. Narrow target_modules to Linear layers (this model's end in: "
+                f"{_linear_name_suffixes(self.model)})."
+            )
+        width = self._starting_width(mimi_config, current_key, base.out_features)
+        layer_kwargs = dict(
+            init_weights=mimi_config.init_weights,
+            activation=mimi_config.activation,
+            bias=mimi_config.adapter_bias,
+            score=mimi_config.score,
+        )
+        if isinstance(target, MiMiLayer):
+            target.update_layer(adapter_name, width, **layer_kwargs)
+        else:
+            new_module = Linear(target, adapter_name, width, **layer_kwargs)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _starting_width(config: MiMiConfig, key: str, d: int) -> int:
+        if config.adapter_widths is not None and key in config.adapter_widths:
+            return config.adapter_widths[key]
+        if config.inference_mode and config.adapter_widths:
+            raise ValueError(
+                f"The adapter's adapter_widths has no entry for module {key!r}, which its target_modules match: "
+                "the adapter was saved for a different model. Load it onto the backbone it was trained on."
+            )
+        return initial_width(d, config.init_compression)
+
+    def _post_injection_hook(self, model: nn.Module, config: MiMiConfig, adapter_name: str) -> None:
+        layers = dict(self._layers(adapter_name))
+        if config.adapter_widths:
+            unknown = sorted(set(config.adapter_widths) - set(layers))
+            if unknown:
+                raise ValueError(
+                    f"adapter_widths names {len(unknown)} module(s) that this model has no adapter for, e.g. "
+                    f"{unknown[:3]}: the adapter was made for a different backbone (other depth or layout). "
+                    f"This model's adapted modules are e.g. {sorted(layers)[:3]}."
+                )
+        self._record_widths(adapter_name)
+        if config.target_params is not None and config.target_params >= self.live_params(adapter_name):
+            warnings.warn(
+                f"target_params={config.target_params} is at or above the adapters' initial size "
+                f"({self.live_params(adapter_name)} parameters): MiMi will not prune.",
+                stacklevel=2,
+            )
+
+    def _check_merge_allowed(self):
+        raise NotImplementedError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            raise NotImplementedError(MERGE_ERROR)
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # --------------------------------------------------------------------------------- inspection
+    def _adapter(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            active = self.active_adapters
+            if len(active) != 1:
+                raise ValueError(f"Several adapters are active ({active}); pass adapter_name explicitly.")
+            adapter_name = active[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}.")
+        return adapter_name
+
+    def _layers(self, adapter_name: str) -> Iterator[tuple[str, MiMiLayer]]:
+        """(module name, layer) for every layer carrying ``adapter_name``, in model order."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, MiMiLayer) and adapter_name in module.mimi_width:
+                yield name, module
+
+    def _record_widths(self, adapter_name: str) -> None:
+        self.peft_config[adapter_name].adapter_widths = {
+            name: layer.physical_width(adapter_name) for name, layer in self._layers(adapter_name)
+        }
+
+    def adapter_widths(self, adapter_name: str | None = None) -> dict[str, int]:
+        """``{module name: live width}`` for every adapted module; 0 = the adapter was removed."""
+        adapter_name = self._adapter(adapter_name)
+        return {name: layer.live_width(adapter_name) for name, layer in self._layers(adapter_name)}
+
+    def feature_sizes(self, adapter_name: str | None = None) -> dict[str, int]:
+        """``{module name: d}``: the feature size each adapter reads and writes."""
+        adapter_name = self._adapter(adapter_name)
+        return {name: layer.feature_size for name, layer in self._layers(adapter_name)}
+
+    def live_params(self, adapter_name: str | None = None) -> int:
+        """Parameters held by the live neurons of the adapters (the head is not counted)."""
+        adapter_name = self._adapter(adapter_name)
+        dims, widths = self._dims_and_widths(adapter_name)
+        return total_params(dims, widths, self.peft_config[adapter_name].adapter_bias)
+
+    def initial_params(self, adapter_name: str | None = None) -> int:
+        """Parameters of the adapters at their starting widths ``floor(d / σ0)``: where the schedule starts."""
+        adapter_name = self._adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        dims = list(self.feature_sizes(adapter_name).values())
+        return budget_for_compression(dims, config.init_compression, config.adapter_bias)
+
+    def budget(self, adapter_name: str | None = None) -> int:
+        """The parameter budget MiMi prunes down to (``B(σt)`` or ``target_params``)."""
+        adapter_name = self._adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if config.target_params is not None:
+            return config.target_params
+        dims = list(self.feature_sizes(adapter_name).values())
+        return budget_for_compression(dims, config.target_compression, config.adapter_bias)
+
+    def num_rounds(self, adapter_name: str | None = None) -> int:
+        """Pruning rounds still needed to reach the budget: the rounds planned from the starting size minus
+        those already done (0 once the live parameters are within the budget)."""
+        adapter_name = self._adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        budget = self.budget(adapter_name)
+        if self.live_params(adapter_name) <= budget:
+            return 0
+        planned = num_rounds(self.initial_params(adapter_name), budget, config.prune_ratio)
+        return max(planned - config.rounds_done, 1)
+
+    def _dims_and_widths(self, adapter_name: str) -> tuple[list[int], list[int]]:
+        layers = list(self._layers(adapter_name))
+        return [layer.feature_size for _, layer in layers], [layer.live_width(adapter_name) for _, layer in layers]
+
+    def neuron_scores(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """``{module name: importance of each live neuron}`` with the configured score (float32, CPU)."""
+        adapter_name = self._adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + config.rounds_done)
+        scores = {}
+        for name, layer in self._layers(adapter_name):
+            if config.score == "gradient":
+                self._sum_gradient_scores_across_processes(layer, adapter_name)
+            scores[name] = layer.scores(adapter_name, generator=generator)
+        return scores
+
+    @staticmethod
+    def _sum_gradient_scores_across_processes(layer: MiMiLayer, adapter_name: str) -> None:
+        grad = layer.gradient_scores(adapter_name)
+        if grad is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(grad)
+
+    # -------------------------------------------------------------------------------------- pruning
+    @torch.no_grad()
+    def prune_round(self, adapter_name: str | None = None, *, compact: bool = True) -> dict[str, int]:
+        """One round of MiMi (Algorithm 1): score every live neuron, remove the lowest fraction ``prune_ratio``
+        (ranked across all adapters for ``selection="global"``); the last planned round removes exactly what is
+        needed to land on the budget. An adapter that loses all its neurons is removed.
+
+        ``compact=True`` shrinks the tensors (rebuild the optimizer afterwards); ``compact=False`` only masks
+        the neurons, keeping shapes so that a running optimizer (HF Trainer) is unaffected; call
+        :meth:`compact` at the end. Every process of a distributed run applies rank 0's decision.
+        Returns the new live widths.
+        """
+        adapter_name = self._adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        remaining = self.num_rounds(adapter_name)
+        if remaining == 0:
+            warnings.warn("The adapters are already within the budget; prune_round() removes nothing.", stacklevel=2)
+            return self.adapter_widths(adapter_name)
+        layers = list(self._layers(adapter_name))
+        scores = self.neuron_scores(adapter_name)
+        keep = select_neurons(
+            [scores[name] for name, _ in layers],
+            [layer.feature_size for _, layer in layers],
+            ratio=config.prune_ratio,
+            budget=self.budget(adapter_name),
+            selection=config.selection,
+            final=remaining == 1,
+            bias=config.adapter_bias,
+        )
+        keep = _same_on_every_process(keep)
+        for (_, layer), keep_live in zip(layers, keep):
+            if compact:
+                layer.keep_neurons(adapter_name, keep_live)
+            else:
+                layer.mask_neurons(adapter_name, keep_live)
+            layer.reset_gradient_scores(adapter_name)
+        config.rounds_done += 1
+        self._record_widths(adapter_name)
+        return self.adapter_widths(adapter_name)
+
+    @torch.no_grad()
+    def compact(self, adapter_name: str | None = None) -> dict[str, int]:
+        """Physically shrink every adapter to its live neurons (drops masked ones; width 0 removes the adapter).
+        Parameters are replaced: rebuild any optimizer afterwards. Returns the widths."""
+        adapter_name = self._adapter(adapter_name)
+        for _, layer in self._layers(adapter_name):
+            layer.keep_neurons(adapter_name)
+        self._record_widths(adapter_name)
+        return self.adapter_widths(adapter_name)
+
+    # ------------------------------------------------------------------------------ save and load
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # a mask with every neuron live carries no information: leave it out so a compact file has no masks
+        return {
+            key: value
+            for key, value in to_return.items()
+            if not (".mimi_mask." in key and bool(value.all()))
+        }
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict(keep_vars=True)
+        for name, layer in model.named_modules():
+            if not isinstance(layer, MiMiLayer) or adapter_name not in layer.mimi_width:
+                continue
+            module = name.removeprefix(_PEFT_PREFIX)
+            width = layer.physical_width(adapter_name)
+            keys = {
+                f"{name}.mimi_{part}.{adapter_name}.{tensor}": None
+                for part in ("down", "up")
+                for tensor in ("weight", "bias")
+            }
+            present = [k for k in keys if k in state_dict]
+            if width == 0:
+                if present:
+                    raise ValueError(
+                        f"Damaged adapter: module {module!r} has width 0 in adapter_config.json but the weights "
+                        f"file holds {present[0]!r} with shape {tuple(state_dict[present[0]].shape)}."
+                    )
+                continue
+            for key in keys:
+                expected = own.get(key)
+                if expected is None:
+                    continue
+                if key not in state_dict:
+                    raise ValueError(
+                        f"Damaged adapter: the weights file has no tensor for module {module!r} ({key}), but "
+                        f"adapter_config.json records width {width} there."
+                    )
+                got = tuple(state_dict[key].shape)
+                if got != tuple(expected.shape):
+                    raise ValueError(
+                        f"Adapter mismatch in module {module!r}: {key.rsplit('.', 3)[-3]}.{key.rsplit('.', 1)[-1]} "
+                        f"has shape {got} in the weights file but {tuple(expected.shape)} in the model built from "
+                        f"adapter_config.json (width {width}, feature size {layer.feature_size}). The file is "
+                        "damaged, or belongs to another backbone or another config."
+                    )
+            mask_key = f"{name}.mimi_mask.{adapter_name}"
+            if mask_key not in state_dict:
+                state_dict[mask_key] = torch.ones(width, dtype=torch.bool)
+            elif tuple(state_dict[mask_key].shape) != (width,):
+                raise ValueError(
+                    f"Damaged adapter: module {module!r} has a neuron mask of shape "
+                    f"{tuple(state_dict[mask_key].shape)} for width {width}."
+                )
+        return state_dict
+
+
+def _same_on_every_process(keep: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Make every process apply rank 0's pruning decision (identical widths on all ranks)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or not keep:
+        return keep
+    flat = torch.cat([k.to(torch.uint8) for k in keep])
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flat = flat.to(device)
+    torch.distributed.broadcast(flat, src=0)
+    out, start = [], 0
+    for k in keep:
+        out.append(flat[start : start + len(k)].bool().cpu())
+        start += len(k)
+    return out
+
+
+def _linear_name_suffixes(model: nn.Module) -> list[str]:
+    """The distinct last-two-component names of the model's Linear layers, e.g. ['attention.o_proj', ...]."""
+    suffixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            suffix = ".".join(p for p in name.split(".")[-2:] if not p.isdigit())
+            if suffix not in suffixes:
+                suffixes.append(suffix)
+    return suffixes
