@@ -194,15 +194,15 @@ class MiMiLayer(BaseTunerLayer):
         if self.mimi_score.get(adapter_name) != "gradient" or adapter_name not in self.mimi_down:
             return
         down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
-        self._grad_l1[adapter_name] = torch.zeros(down.out_features, device=down.weight.device)
 
-        def on_down(grad: torch.Tensor) -> None:
-            self._grad_l1[adapter_name] += grad.detach().abs().sum(dim=1).float()
+        def accumulate(per_neuron: torch.Tensor) -> None:
+            total = self._grad_l1.get(adapter_name)
+            self._grad_l1[adapter_name] = per_neuron.float() if total is None else total + per_neuron.float()
 
-        def on_up(grad: torch.Tensor) -> None:
-            self._grad_l1[adapter_name] += grad.detach().abs().sum(dim=0).float()
-
-        self._grad_hooks[adapter_name] = [down.weight.register_hook(on_down), up.weight.register_hook(on_up)]
+        self._grad_hooks[adapter_name] = [
+            down.weight.register_hook(lambda g: accumulate(g.detach().abs().sum(dim=1))),
+            up.weight.register_hook(lambda g: accumulate(g.detach().abs().sum(dim=0))),
+        ]
 
     def _untrack_gradients(self, adapter_name: str) -> None:
         for handle in self._grad_hooks.pop(adapter_name, []):
@@ -210,10 +210,11 @@ class MiMiLayer(BaseTunerLayer):
         self._grad_l1.pop(adapter_name, None)
 
     def reset_gradient_scores(self, adapter_name: str) -> None:
-        if adapter_name in self._grad_l1:
-            self._grad_l1[adapter_name].zero_()
+        """Forget the accumulated gradients (called after each round: scores are per round)."""
+        self._grad_l1.pop(adapter_name, None)
 
     def gradient_scores(self, adapter_name: str) -> torch.Tensor | None:
+        """Per-neuron accumulated L1 norm of the weight gradients since the last round, or None."""
         return self._grad_l1.get(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:

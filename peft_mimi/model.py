@@ -174,15 +174,19 @@ class MiMiModel(BaseTuner):
         return budget_for_compression(dims, config.target_compression, config.adapter_bias)
 
     def num_rounds(self, adapter_name: str | None = None) -> int:
-        """Pruning rounds still needed to reach the budget: the rounds planned from the starting size minus
-        those already done (0 once the live parameters are within the budget)."""
+        """Pruning rounds still to run: the rounds planned from the starting size ``floor(d/σ0)`` down to the
+        budget, minus those already done. The plan is fixed before training, so a round that finds the budget
+        already met (global selection may remove large neurons first) removes nothing but still counts."""
         adapter_name = self._adapter(adapter_name)
         config = self.peft_config[adapter_name]
         budget = self.budget(adapter_name)
-        if self.live_params(adapter_name) <= budget:
+        within_budget = self.live_params(adapter_name) <= budget
+        if config.rounds_done == 0 and within_budget:
             return 0
-        planned = num_rounds(self.initial_params(adapter_name), budget, config.prune_ratio)
-        return max(planned - config.rounds_done, 1)
+        remaining = num_rounds(self.initial_params(adapter_name), budget, config.prune_ratio) - config.rounds_done
+        if remaining <= 0:
+            return 0 if within_budget else 1
+        return remaining
 
     def _dims_and_widths(self, adapter_name: str) -> tuple[list[int], list[int]]:
         layers = list(self._layers(adapter_name))
@@ -222,7 +226,8 @@ class MiMiModel(BaseTuner):
         config = self.peft_config[adapter_name]
         remaining = self.num_rounds(adapter_name)
         if remaining == 0:
-            warnings.warn("The adapters are already within the budget; prune_round() removes nothing.", stacklevel=2)
+            warnings.warn("All planned rounds are done and the adapters are within the budget; prune_round() "
+                          "removes nothing.", stacklevel=2)
             return self.adapter_widths(adapter_name)
         layers = list(self._layers(adapter_name))
         scores = self.neuron_scores(adapter_name)

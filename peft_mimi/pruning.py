@@ -167,10 +167,21 @@ def select_neurons(
         candidates = [(a, j) for a, j in order if ranks[a][j] < quota[a]]
     live = list(widths)
     remaining = total_params(dims, live, bias)
+    removed = []
     for a, j in candidates:
         if remaining <= budget:
             break
         keep[a][j] = False
         live[a] -= 1
         remaining -= neuron_cost(dims[a], bias) + (dims[a] if bias and live[a] == 0 else 0)
+        removed.append((a, j))
+    if final:
+        # The greedy pass may overshoot when neurons differ in cost (2d): give back the most important removed
+        # neurons that still fit, so the result lands as close to the budget as the neuron sizes allow.
+        for a, j in reversed(removed):
+            cost = neuron_cost(dims[a], bias) + (dims[a] if bias and live[a] == 0 else 0)
+            if remaining + cost <= budget:
+                keep[a][j] = True
+                live[a] += 1
+                remaining += cost
     return keep
