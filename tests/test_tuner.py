@@ -274,7 +274,7 @@ def test_requires_grad_follows_set_adapter():
     model = get_peft_model(make_model("vit"), mimi())
     model.add_adapter("other", mimi())
     def trainable(adapter):
-        return {p.requires_grad for n, p in model.named_parameters() if f".mimi_" in n and n.endswith(
+        return {p.requires_grad for n, p in model.named_parameters() if ".mimi_" in n and n.endswith(
             (f".{adapter}.weight", f".{adapter}.bias"))}
     assert trainable("default") == {True} and trainable("other") == {False}
     model.set_adapter("other")
