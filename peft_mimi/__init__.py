@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import register_peft_method
 
 from ._peft_type import PeftType
+from .callback import MiMiPruningCallback, rounds_for_cosine_restarts
 from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
 from .layer import Linear, MiMiLayer
 from .model import MiMiModel
@@ -30,6 +31,8 @@ __all__ = [
     "MiMiConfig",
     "MiMiLayer",
     "MiMiModel",
+    "MiMiPruningCallback",
     "PeftType",
     "__version__",
+    "rounds_for_cosine_restarts",
 ]

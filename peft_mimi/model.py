@@ -173,17 +173,28 @@ class MiMiModel(BaseTuner):
         dims = list(self.feature_sizes(adapter_name).values())
         return budget_for_compression(dims, config.target_compression, config.adapter_bias)
 
+    def planned_rounds(self, adapter_name: str | None = None) -> int:
+        """All rounds of the schedule, done or not: from the starting size ``floor(d/σ0)`` to the budget."""
+        adapter_name = self._adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        # a new adapter that starts within the budget (e.g. given adapter_widths) needs no pruning; physical
+        # widths, not live ones, so that masks loaded from a mid-schedule checkpoint do not change the plan
+        layers = list(self._layers(adapter_name))
+        physical = total_params([layer.feature_size for _, layer in layers],
+                                [layer.physical_width(adapter_name) for _, layer in layers], config.adapter_bias)
+        if config.rounds_done == 0 and physical <= self.budget(adapter_name):
+            return 0
+        return max(num_rounds(self.initial_params(adapter_name), self.budget(adapter_name), config.prune_ratio),
+                   config.rounds_done)
+
     def num_rounds(self, adapter_name: str | None = None) -> int:
         """Pruning rounds still to run: the rounds planned from the starting size ``floor(d/σ0)`` down to the
         budget, minus those already done. The plan is fixed before training, so a round that finds the budget
         already met (global selection may remove large neurons first) removes nothing but still counts."""
         adapter_name = self._adapter(adapter_name)
         config = self.peft_config[adapter_name]
-        budget = self.budget(adapter_name)
-        within_budget = self.live_params(adapter_name) <= budget
-        if config.rounds_done == 0 and within_budget:
-            return 0
-        remaining = num_rounds(self.initial_params(adapter_name), budget, config.prune_ratio) - config.rounds_done
+        within_budget = self.live_params(adapter_name) <= self.budget(adapter_name)
+        remaining = self.planned_rounds(adapter_name) - config.rounds_done
         if remaining <= 0:
             return 0 if within_budget else 1
         return remaining

@@ -66,9 +66,9 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Built-in datasets
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_EXPECTED))
@@ -86,8 +86,7 @@ def test_builtin_dataset_features_and_split_sizes(name):
     example = dsdict["test"][0]
     assert example["image"].mode == "L" and example["image"].size == size
     for split in dsdict.values():  # every class appears on both sides
-        counts = Counter(split["label"])
-        assert sorted(counts) == list(range(len(names)))
+        assert np.unique(np.asarray(split["label"])).tolist() == list(range(len(names)))
     assert load_builtin_dataset(name) is dsdict  # built once per process
 
 
@@ -179,7 +178,8 @@ def test_damaged_idx_file_is_reported_with_its_path(monkeypatch, tmp_path):
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 28, 28)))
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01")  # 5 declared
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
-    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte is not a valid IDX file.*header says \(5,\)"):
+    damaged = r"train-labels-idx1-ubyte is not a valid IDX file.*header says \(5,\)"
+    with pytest.raises(ValueError, match=damaged):
         BUILTIN_DATASETS["fashion_mnist"].load()
 
 
@@ -201,9 +201,9 @@ def test_stratified_split_is_a_partition_with_per_class_proportions(counts, test
     np.testing.assert_array_equal(again[1], test)
 
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # load_image_dataset
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -256,18 +256,25 @@ def test_load_image_dataset_returns_builtins_with_their_fixed_split():
 def test_load_image_dataset_normalises_a_hub_style_dataset(monkeypatch):
     """A Hub dataset with other column names, an unlabelled test split and a validation split."""
     names = ["a", "b", "c"]
-    features = datasets.Features({"img": datasets.Image(), "fine": datasets.ClassLabel(names=names),
-                                  "coarse": datasets.ClassLabel(names=["x", "y"]), "id": datasets.Value("int64")})
+    features = datasets.Features({
+        "img": datasets.Image(),
+        "fine": datasets.ClassLabel(names=names),
+        "coarse": datasets.ClassLabel(names=["x", "y"]),
+        "id": datasets.Value("int64"),
+    })
 
     def split(labels):
         images = [Image.new("L", (4, 4), 10 * i) for i in range(len(labels))]
         return datasets.Dataset.from_dict({"img": images, "fine": labels, "coarse": [0] * len(labels),
                                            "id": list(range(len(labels)))}, features=features)
 
-    hub = datasets.DatasetDict({"train": split([0, 1, 2, 0]), "validation": split([2, 1]), "test": split([-1, -1])})
+    hub = datasets.DatasetDict(
+        {"train": split([0, 1, 2, 0]), "validation": split([2, 1]), "test": split([-1, -1])}
+    )
     monkeypatch.setattr(datasets, "load_dataset", lambda spec: hub)
 
-    with pytest.raises(ValueError, match=r"several ClassLabel columns \(fine, coarse\); choose one with label_column="):
+    several = r"several ClassLabel columns \(fine, coarse\); choose one with label_column="
+    with pytest.raises(ValueError, match=several):
         load_image_dataset("someone/pictures")
     dsdict = load_image_dataset("someone/pictures", label_column="fine")
 
@@ -296,9 +303,9 @@ def test_load_image_dataset_explains_an_unknown_spec(tmp_path, isolated_hf_cache
         load_image_dataset(str(tmp_path / "file.png"))
 
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # ImageTransform and the collate function
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.5, 1.0)
 
@@ -395,7 +402,8 @@ def test_train_transform_flips_about_half_the_time_and_crops_nothing_at_full_sca
 
 
 @settings(max_examples=100, deadline=None)
-@given(height=st.integers(1, 300), width=st.integers(1, 300), low=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
+@given(height=st.integers(1, 300), width=st.integers(1, 300), low=st.floats(0.05, 1.0),
+       seed=st.integers(0, 1000))
 def test_random_resized_crop_box_stays_inside_the_image(height, width, low, seed):
     top, left, crop_h, crop_w = random_resized_crop_box(height, width, (low, 1.0),
                                                         generator=torch.Generator().manual_seed(seed))
@@ -426,7 +434,8 @@ def test_transform_from_a_vit_processor_matches_the_processor_at_its_own_size():
 
 def test_transform_from_processor_uses_the_crop_size_when_the_processor_centre_crops():
     transformers = pytest.importorskip("transformers")
-    dinov2_like = transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 196},
+    dinov2_like = transformers.BitImageProcessor(size={"shortest_edge": 256},
+                                                 crop_size={"height": 224, "width": 196},
                                                  do_center_crop=True, image_mean=MEAN, image_std=STD)
     transform = ImageTransform.from_processor(dinov2_like, train=True, flip=False)
     assert transform.image_size == (224, 196) and transform.train and not transform.flip
@@ -440,7 +449,8 @@ def test_collate_makes_model_inputs_from_a_dataloader():
     require_source("digits")
     dsdict = load_builtin_dataset("digits")
     names, _, _ = dataset_labels(dsdict)
-    transform = ImageTransform(16, (0.5,) * 3, (0.5,) * 3, train=True, flip=BUILTIN_DATASETS["digits"].flip_ok)
+    flip = BUILTIN_DATASETS["digits"].flip_ok
+    transform = ImageTransform(16, (0.5,) * 3, (0.5,) * 3, train=True, flip=flip)
     loader = torch.utils.data.DataLoader(dsdict["train"], batch_size=8, shuffle=True,
                                          collate_fn=make_collate_fn(transform, num_labels=len(names)))
 
@@ -454,7 +464,7 @@ def test_collate_makes_model_inputs_from_a_dataloader():
 def test_collate_rejects_a_label_outside_the_head():
     collate = make_collate_fn(ImageTransform(4, MEAN, STD, train=False), num_labels=3)
     examples = [{"image": Image.new("L", (4, 4)), "label": 2}, {"image": Image.new("L", (4, 4)), "label": 3}]
-    with pytest.raises(ValueError, match=r"example 1 of the batch has label 3, outside \[0, 3\) for a head of 3"):
+    with pytest.raises(ValueError, match=r"example 1 of the batch has label 3, outside \[0, 3\) for a head"):
         collate(examples)
     with pytest.raises(ValueError, match="example 0 of the batch has label -1"):
         collate([{"image": Image.new("L", (4, 4)), "label": -1}])
