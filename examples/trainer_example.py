@@ -1,0 +1,79 @@
+"""MiMi with the Hugging Face Trainer: the pruning schedule runs from a callback.
+
+    python examples/trainer_example.py [--backbone fmnist-vit] [--data digits] [--epochs 6]
+
+The learning rate restarts at every round, as in the paper: ``cosine_with_restarts`` with one cycle per training
+segment (``R + 1`` of them) lines the restarts up with the pruning rounds that the callback spreads evenly.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from peft_mimi import MiMiConfig, MiMiPruningCallback, rounds_for_cosine_restarts
+from peft_mimi.backbones import load_backbone
+from peft_mimi.data import ImageTransform, dataset_labels, load_image_dataset, make_collate_fn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="fmnist-vit")
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--epochs", type=float, default=6)
+    parser.add_argument("--target-compression", type=float, default=32.0)
+    parser.add_argument("--output-dir", default="outputs/trainer_example")
+    args = parser.parse_args()
+
+    data = load_image_dataset(args.data)
+    names, id2label, label2id = dataset_labels(data)
+    backbone, processor = load_backbone(args.backbone, num_labels=len(names), id2label=id2label, label2id=label2id)
+    model = get_peft_model(backbone, MiMiConfig(target_compression=args.target_compression,
+                                                modules_to_save=["classifier"]))
+    model.print_trainable_parameters()
+
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=64,
+        learning_rate=2e-3,
+        weight_decay=0.05,
+        max_grad_norm=5.0,
+        lr_scheduler_type="cosine_with_restarts",
+        lr_scheduler_kwargs={"num_cycles": rounds_for_cosine_restarts(model)},
+        warmup_steps=0.05,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        data_collator=make_collate_fn(ImageTransform.from_processor(processor, train=True, flip=False),
+                                      num_labels=len(names)),
+    )
+    MiMiPruningCallback.attach(trainer)
+    trainer.train()
+
+    model.eval()
+    evaluate = make_collate_fn(ImageTransform.from_processor(processor, train=False), num_labels=len(names))
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data["test"]), 256):
+            batch = evaluate([data["test"][i] for i in range(start, min(start + 256, len(data["test"])))])
+            correct += (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).sum().item()
+    tuner = model.base_model
+    print(f"test accuracy {correct / len(data['test']):.4f} with {tuner.live_params():,} adapter parameters "
+          f"(budget {tuner.budget():,})")
+    for name, width in tuner.adapter_widths().items():
+        print(f"  {name:<50} width {width}")
+    model.save_pretrained(f"{args.output_dir}/adapter")
+
+
+if __name__ == "__main__":
+    main()
