@@ -1,0 +1,101 @@
+"""Bad input gets a clear error that names the problem and the fix; nothing unsafe is ever loaded."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import make_model
+from peft import PeftModel, get_peft_model
+
+from peft_mimi import MiMiConfig
+
+PACKAGE = Path(__file__).resolve().parents[1] / "peft_mimi"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one budget"),
+        ({"target_compression": 8.0, "target_params": 100}, "exactly one budget"),
+        ({"target_compression": 0}, r"target_compression must be a number > 0, got 0"),
+        ({"target_compression": float("nan")}, "target_compression must be a number > 0"),
+        ({"target_compression": "32"}, "target_compression must be a number > 0, got '32'"),
+        ({"target_params": -1}, "target_params must be an int >= 0, got -1"),
+        ({"target_params": 1.5}, "target_params must be an int >= 0"),
+        ({"target_compression": 8.0, "init_compression": -4}, "init_compression must be a number > 0"),
+        ({"target_compression": 8.0, "prune_ratio": 1.0}, r"prune_ratio must be in \(0, 1\), got 1.0"),
+        ({"target_compression": 8.0, "prune_ratio": 0}, r"prune_ratio must be in \(0, 1\)"),
+        ({"target_compression": 8.0, "selection": "greedy"}, r"selection='greedy' is not known; choose one of"),
+        ({"target_compression": 8.0, "score": "taylor"}, r"score='taylor' is not known; choose one of"),
+        ({"target_compression": 8.0, "activation": "swish"}, r"activation='swish' is not known"),
+        ({"target_compression": 8.0, "init_weights": "yes"}, "init_weights must be True or False"),
+        ({"target_compression": 8.0, "adapter_widths": {"a": -1}}, r"adapter_widths\['a'\] must be an int >= 0"),
+        ({"target_compression": 8.0, "adapter_widths": [1, 2]}, "adapter_widths must be a dict"),
+        ({"target_compression": 8.0, "rounds_done": -1}, "rounds_done must be an int >= 0"),
+    ],
+)
+def test_every_config_field_is_validated_with_the_field_value_and_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MiMiConfig(**kwargs)
+
+
+def test_a_budget_at_or_above_the_initial_size_means_no_pruning_with_a_warning():
+    with pytest.warns(UserWarning, match="will not prune"):
+        MiMiConfig(init_compression=4.0, target_compression=2.0)
+    with pytest.warns(UserWarning, match="will not prune"):
+        model = get_peft_model(make_model("vit"), MiMiConfig(target_params=10**9))
+    assert model.base_model.num_rounds() == 0
+
+
+def test_a_saved_config_with_a_malformed_value_is_refused_on_load(tmp_path):
+    get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["prune_ratio"] = 2
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"prune_ratio must be in \(0, 1\), got 2"):
+        PeftModel.from_pretrained(make_model("vit"), tmp_path)
+
+
+def test_a_config_from_a_newer_version_loads_with_a_warning(tmp_path):
+    get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["a_future_option"] = True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(make_model("vit"), tmp_path)
+    assert any("a_future_option" in str(w.message) for w in caught)
+    assert model.base_model.adapter_widths()
+
+
+def test_an_adapter_for_another_hidden_size_is_refused_naming_module_and_shapes(tmp_path):
+    get_peft_model(make_model("vit", hidden_size=32), MiMiConfig(target_compression=16.0)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"'vit.layers.0.attention.o_proj'.*\(8, 32\) in the weights file but "
+                                         r"\(8, 64\) in the model"):
+        PeftModel.from_pretrained(make_model("vit", hidden_size=64), tmp_path)
+
+
+def test_target_modules_that_match_nothing_or_a_non_linear_layer():
+    from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+
+    with pytest.raises(NoMatchingPeftModuleError, match="not found in the base model"):
+        get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, target_modules=["nothing"]))
+    with pytest.raises(TypeError, match=r"LayerNorm.*nn.Linear layers only.*attention.o_proj"):
+        get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, target_modules=["layernorm_before"]))
+
+
+def test_nothing_is_ever_unpickled():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"import pickle|from pickle|\bdill\b|pickle\.loads?\(", line):
+                offenders.append(f"{path.name}:{lineno}: {line.strip()}")
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path.name}:{lineno}: {line.strip()}")
+            if "trust_remote_code=True" in line:
+                offenders.append(f"{path.name}:{lineno}: {line.strip()}")
+    assert not offenders, offenders
