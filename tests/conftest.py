@@ -17,6 +17,9 @@ from transformers import (
     ViTForImageClassification,
 )
 
+# one thread per test process: `make test` runs two pytest workers on two cores, and tiny ops are much slower
+# when two processes each spin up several threads
+torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

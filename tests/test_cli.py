@@ -1,0 +1,124 @@
+"""The ``peft-mimi`` command line: train, eval and info end to end on a tiny ViT, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model
+from transformers import ViTImageProcessor
+
+import peft_mimi.train as train_module
+from peft_mimi.cli import main
+
+TINY = ["--data", "digits", "--target-compression", "16", "--epochs-per-round", "1", "--batch-size", "16",
+        "--max-train-samples", "64", "--max-eval-samples", "32", "--lr", "3e-3", "--checkpoint-every-steps", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is far faster than several contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-vit")
+    make_model("vit", num_labels=10).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+def exit_code(argv: list[str]) -> int:
+    """`main(argv)`'s exit code, whether it returns it or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def test_train_then_eval_then_info(backbone, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", backbone, "--output-dir", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracy = metrics[-1]["accuracy"]
+    assert f"accuracy {accuracy:.4f} after 2 pruning round(s)" in printed
+    assert f"adapter saved to {out / 'adapter'}" in printed
+
+    assert main(["eval", str(out / "adapter"), "--data", "digits", "--max-eval-samples", "32"]) == 0
+    assert f"accuracy {accuracy:.4f} on the test split of digits" in capsys.readouterr().out
+
+    assert main(["info", str(out / "adapter")]) == 0
+    printed = capsys.readouterr().out
+    widths = metrics[-1]["widths"]
+    for name, width in widths.items():
+        assert any(line.split() == [name, "32", str(width), f"{64 * width:,}"] for line in printed.splitlines())
+    assert f"total {sum(widths.values())} {metrics[-1]['live_params']:,}" in " ".join(printed.split())
+    assert "budget: 512 adapter parameters (target_compression 16); rounds done: 2" in printed
+
+    # a finished run resumes to the same result without training again
+    assert main(["train", "--model", backbone, "--output-dir", str(out), "--resume", *TINY]) == 0
+    assert f"accuracy {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_train_refuses_to_overwrite_a_run(backbone, tmp_path, capsys):
+    (tmp_path / "adapter").mkdir()
+    assert exit_code(["train", "--model", backbone, "--output-dir", str(tmp_path), *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_nan_loss_exits_with_1_and_says_where(backbone, tmp_path, capsys, monkeypatch):
+    real = train_module.make_collate_fn
+
+    def nan_images(transform, num_labels=None):
+        collate = real(transform, num_labels)
+        return (lambda examples: {**collate(examples), "pixel_values": torch.full((len(examples), 3, 32, 32),
+                                                                                    float("nan"))}
+                ) if transform.train else collate
+
+    monkeypatch.setattr(train_module, "make_collate_fn", nan_images)
+    assert exit_code(["train", "--model", backbone, "--output-dir", str(tmp_path), *TINY]) == 1
+    assert "training loss became nan in round 0, epoch 0, batch 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--model", "m", "--data", "digits", "--output-dir", "o"], "one of the arguments --target"),
+        (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "8",
+          "--target-params", "100"], "not allowed with argument"),
+        (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "8",
+          "--prune-ratio", "1.5"], "expected a number in (0, 1)"),
+        (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "0"],
+         "expected a finite number > 0"),
+        (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "8",
+          "--selection", "best"], "invalid choice: 'best'"),
+        (["eval", "no/such/dir", "--data", "digits"], "no/such/dir is not a directory"),
+        (["info", "no/such/dir"], "no/such/dir is not a directory"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_with_2_and_a_message(argv, message, capsys):
+    assert exit_code(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_inputs_exit_with_2(tmp_path, capsys):
+    assert exit_code(["info", str(tmp_path)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+    assert exit_code(["train", "--model", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o"), *TINY]) == 2
+    assert "is not a built-in backbone" in capsys.readouterr().err
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "peft-mimi"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "{train,eval,info}" in done.stdout

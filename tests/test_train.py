@@ -1,0 +1,295 @@
+"""`peft_mimi.train.train`: MiMi's whole schedule with accelerate, on a tiny ViT and the bundled `digits` data.
+
+One shared run (the `run` fixture) is inspected by several tests; the resume, NaN, crash and two-process tests
+start their own runs with the same settings so that their results can be compared with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model
+from huggingface_hub import ModelCard
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import ViTImageProcessor
+
+import peft_mimi.train as train_module
+from peft_mimi import MiMiConfig
+from peft_mimi.card import is_hub_model_id, model_card
+from peft_mimi.train import latest_checkpoint, load_adapter, train
+
+# 96 training images in batches of 16: 6 optimizer steps per epoch. d = 32, σ0 = 4, σt = 16: widths 8 -> 2,
+# 2048 -> 512 adapter parameters in R = 2 rounds, so 3 rounds of training.
+SETTINGS = dict(data="digits", target_compression=16.0, epochs_per_round=1, batch_size=16, lr=3e-3,
+                max_train_samples=96, max_eval_samples=48, seed=0, checkpoint_every_steps=4)
+STEPS_PER_ROUND = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is far faster than several contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory) -> str:
+    """A tiny randomly initialised ViT saved as a local checkpoint directory, with its image processor."""
+    path = tmp_path_factory.mktemp("tiny-vit")
+    make_model("vit", num_labels=10).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+class HubRecorder:
+    """Stands in for `huggingface_hub.HfApi`: records what would be uploaded, uploads nothing."""
+
+    calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        readme = (Path(folder_path) / "README.md").read_text()
+        self.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, "readme": readme, **kwargs}))
+
+
+@pytest.fixture(scope="module")
+def run(backbone, tmp_path_factory):
+    """One uninterrupted run, pushed to a stand-in Hub."""
+    HubRecorder.calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "HfApi", HubRecorder)
+        result = train(backbone, output_dir=tmp_path_factory.mktemp("run") / "out", push_to_hub="me/tiny-mimi",
+                       **SETTINGS)
+    return result
+
+
+class Interrupt(Exception):
+    """Raised from the data pipeline to simulate a process killed in the middle of training."""
+
+
+def failing_data_after(batches: int, failure: str):
+    """A `make_collate_fn` whose training batches, from number `batches` on, raise (`failure="kill"`) or hold NaN
+    pixels (`failure="nan"`)."""
+    real = train_module.make_collate_fn
+    count = {"n": 0}
+
+    def make_collate_fn(transform, num_labels=None):
+        collate = real(transform, num_labels)
+        if not transform.train:
+            return collate
+
+        def failing(examples):
+            count["n"] += 1
+            batch = collate(examples)
+            if count["n"] >= batches:
+                if failure == "kill":
+                    raise Interrupt(f"killed at batch {count['n']}")
+                batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+            return batch
+
+        return failing
+
+    return make_collate_fn
+
+
+# --------------------------------------------------------------------------------------------- the schedule
+def test_widths_land_on_the_budget_after_the_planned_rounds(run):
+    assert run.rounds == 2
+    assert run.live_params <= run.budget == 512
+    assert run.live_params > run.budget - 2 * 32  # as close as one neuron allows
+    assert set(run.widths) == {f"vit.layers.{i}.{m}" for i in (0, 1) for m in ("attention.o_proj", "mlp.fc2")}
+
+
+def test_every_round_trains_including_after_the_last_pruning(run):
+    metrics = [json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in metrics] == [0, 1, 2]  # R + 1 rounds of training
+    assert [row["global_step"] for row in metrics] == [STEPS_PER_ROUND * (r + 1) for r in range(3)]
+    assert [row["live_params"] for row in metrics] == [2048, 1024, run.live_params]
+    assert metrics[-1]["widths"] == run.widths
+    for row in metrics:
+        assert {"round", "epoch", "widths", "live_params", "budget", "accuracy", "loss", "seconds"} <= set(row)
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["loss"] > 0 and row["seconds"] > 0
+    assert metrics == run.history
+
+
+def test_the_saved_adapter_reloads_with_identical_predictions(run):
+    adapter = load_file(run.adapter_dir / "adapter_model.safetensors")
+    config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert config["adapter_widths"] == run.widths and config["rounds_done"] == 2
+    assert Path(config["base_model_name_or_path"]).is_dir()  # the backbone the run used, as an absolute path
+    for name, width in run.widths.items():  # compact: only live neurons are stored
+        key = f"base_model.model.{name}.mimi_down.weight"
+        assert (key in adapter) == (width > 0) and (width == 0 or adapter[key].shape[0] == width)
+
+    reloaded, _ = load_adapter(run.adapter_dir)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=images).logits, run.model(pixel_values=images).logits)
+    accuracy = train_module.evaluate_adapter(run.adapter_dir, "digits", max_eval_samples=48)
+    assert accuracy == run.accuracy
+
+
+def test_the_model_card_describes_the_adapter(run):
+    text = (run.adapter_dir / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.library_name == "peft"
+    assert {"mimi", "peft", "image-classification"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local path is not a Hub id: it stays out of the front matter
+    assert card.data.eval_results[0].metric_value == pytest.approx(run.accuracy)
+    for name, width in run.widths.items():
+        assert f"| `{name}` | 32 | {width} | {64 * width:,} |" in text
+    assert "import peft_mimi" in text and "PeftModel.from_pretrained" in text
+    assert "budget" in text and "512" in text and "| 2 | 3 |" in text  # round 2 after 3 epochs
+
+
+def test_push_to_hub_uploads_adapter_and_card(run):
+    (create, created), (upload, uploaded) = HubRecorder.calls
+    assert (create, upload) == ("create_repo", "upload_folder")
+    assert created["repo_id"] == uploaded["repo_id"] == "me/tiny-mimi"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(uploaded["files"])
+    assert 'PeftModel.from_pretrained(base, "me/tiny-mimi")' in uploaded["readme"]
+    assert not any("token" in name.lower() for name in uploaded["files"])
+
+
+def test_a_run_is_not_overwritten_without_resume(run):
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(run.model.peft_config["default"].base_model_name_or_path, output_dir=run.output_dir, **SETTINGS)
+
+
+# ------------------------------------------------------------------------------------------------ crash safety
+def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(run, backbone, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:  # killed in round 1, after the checkpoint at optimizer step 8
+        patch.setattr(train_module, "make_collate_fn", failing_data_after(11, "kill"))
+        with pytest.raises(Interrupt):
+            train(backbone, output_dir=out, **SETTINGS)
+    state = json.loads((latest_checkpoint(out) / "state.json").read_text())["position"]
+    assert (state["round"], state["global_step"], state["batch"]) == (1, 8, 2)  # resumes inside an epoch
+
+    resumed = train(backbone, output_dir=out, resume=True, **SETTINGS)
+    assert resumed.widths == run.widths
+
+    def without_time(history):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    assert without_time(resumed.history) == without_time(run.history)  # same losses, accuracies, widths
+    ours, theirs = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (resumed, run))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(backbone, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(train_module, "make_collate_fn", failing_data_after(7, "nan"))
+    with pytest.raises(FloatingPointError, match=r"loss became nan in round 1.*ckpt-00002"):
+        train(backbone, output_dir=out, **SETTINGS)
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint.name == "ckpt-00002"  # step 4 and the end of round 0; nothing written after the NaN
+    state = json.loads((checkpoint / "state.json").read_text())["position"]
+    assert (state["round"], state["global_step"]) == (1, 6)
+    adapter = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(run, backbone, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_save, saves = torch.save, {"n": 0}
+
+    def crashing_save(obj, path, *args, **kwargs):
+        if Path(path).name == "rng-0.pt":  # written by every checkpoint
+            saves["n"] += 1
+            if saves["n"] == 3:  # checkpoints: step 4, end of round 0, step 8 <- killed while writing
+                raise Interrupt("killed while writing checkpoint 3")
+        return real_save(obj, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", crashing_save)
+        with pytest.raises(Interrupt):
+            train(backbone, output_dir=out, **SETTINGS)
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-ckpt-00003", "ckpt-00002"]
+    assert latest_checkpoint(out).name == "ckpt-00002"
+    # the end of round 0, after its pruning: the next round starts with a new optimizer, so none is saved
+    assert {p.name for p in (root / "ckpt-00002").iterdir()} == {"state.json", "rng-0.pt", "adapter"}
+
+    resumed = train(backbone, output_dir=out, resume=True, **SETTINGS)
+    assert resumed.widths == run.widths and len(resumed.history) == 3
+    assert [row["accuracy"] for row in resumed.history] == [row["accuracy"] for row in run.history]
+    assert sorted(p.name for p in root.iterdir()) == [latest_checkpoint(out).name]  # the leftover is gone
+
+
+def test_resuming_with_other_settings_is_refused(run):
+    settings = {**SETTINGS, "lr": 1e-3}
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 in the checkpoint, 0.001 now\)"):
+        train(run.model.peft_config["default"].base_model_name_or_path, output_dir=run.output_dir, resume=True,
+              **settings)
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="epochs_per_round must be an int >= 1"):
+        train("fmnist-vit", "digits", tmp_path, target_compression=8.0, epochs_per_round=0)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        train("fmnist-vit", "digits", tmp_path, target_compression=8.0, warmup_ratio=1.5)
+
+
+# -------------------------------------------------------------------------------------------- the model card
+def test_model_card_front_matter_and_tables_without_training():
+    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, modules_to_save=["classifier"]))
+    model.base_model.prune_round()
+    text = model_card(model, base_model="google/vit-base-patch16-224", dataset="digits",
+                      history=[{"round": 0, "epoch": 2, "live_params": 2048, "accuracy": 0.5, "loss": 1.0,
+                                "seconds": 1.0}], repo_id="me/adapter")
+    card = ModelCard(text)
+    assert card.data.base_model == "google/vit-base-patch16-224"
+    assert card.data.library_name == "peft" and "mimi" in card.data.tags
+    assert text.count("| `vit.layers.") == 4
+    assert is_hub_model_id("owner/name") and not is_hub_model_id("fmnist-vit") and not is_hub_model_id("/tmp/x")
+
+
+# --------------------------------------------------------------------------------------------- two processes
+@pytest.mark.slow
+def test_two_cpu_processes_make_the_same_pruning_decisions(backbone, tmp_path):
+    script = tmp_path / "two_ranks.py"
+    out = tmp_path / "out"
+    script.write_text(textwrap.dedent(f"""
+        import json
+        from peft_mimi.train import train
+        result = train({backbone!r}, output_dir={str(out)!r}, **{SETTINGS!r})
+        from accelerate import PartialState
+        state = PartialState()
+        with open({str(tmp_path)!r} + f"/rank{{state.process_index}}.json", "w") as f:
+            json.dump({{"widths": result.widths, "processes": state.num_processes,
+                        "accuracy": [row["accuracy"] for row in result.history]}}, f)
+    """))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is configured
+    # (huggingface/accelerate#2741); the torchrun launcher (--multi_gpu) with ACCELERATE_USE_CPU=1 starts two CPU
+    # processes that talk over gloo (DistributedType.MULTI_CPU).
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["processes"] == ranks[1]["processes"] == 2
+    assert ranks[0]["widths"] == ranks[1]["widths"] and ranks[0]["accuracy"] == ranks[1]["accuracy"]
+    assert sum(64 * w for w in ranks[0]["widths"].values()) <= 512
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["adapter_widths"] == ranks[0]["widths"]
+    assert sorted(p.name for p in latest_checkpoint(out).iterdir() if p.name.startswith("rng")) == [
+        "rng-0.pt", "rng-1.pt"]
