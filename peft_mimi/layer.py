@@ -5,11 +5,15 @@ adapter has a *physical* width (the rows of ``W_down``) and a bool mask over tho
 the number of unmasked neurons. Masking keeps tensor shapes fixed (so an optimizer built over them keeps
 working, as in HF `Trainer`); shrinking (``keep_neurons``) rebuilds the Linear pair with only the kept neurons.
 An adapter of width 0 has no tensors at all and costs nothing.
+
+Mixed-task batches: ``forward(x, adapter_names=[...])`` (one adapter name per image, ``"__base__"`` for none, as
+in PEFT's LoRA) adds to each image's rows the delta of that image's adapter only, whatever adapters are active.
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -18,6 +22,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .pruning import importance_scores
+
+BASE_ADAPTER_NAME = "__base__"  # in adapter_names: this image goes through the base model, without adapters
 
 MERGE_ERROR = (
     "MiMi adapters cannot be merged into the base weights: W_up · act(W_down · y) is non-linear in y. Keep the "
@@ -269,10 +275,14 @@ class Linear(nn.Module, MiMiLayer):
             hidden = hidden * self.mimi_mask[adapter_name].to(hidden.dtype)
         return up(hidden)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        """The base layer's output plus the deltas of the active adapters, or, with ``adapter_names`` (one name
+        per image of the batch), plus the delta of each image's own adapter (see :meth:`_mixed_batch_forward`)."""
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
+        if adapter_names is not None:
+            return self._mixed_batch_forward(result, adapter_names)
         base = result
         for adapter_name in self.active_adapters:
             delta = self.adapter_delta(adapter_name, base)
@@ -280,5 +290,45 @@ class Linear(nn.Module, MiMiLayer):
                 result = result + delta.to(result.dtype)
         return result
 
+    def _mixed_batch_forward(self, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """``result`` (the base output, first dim = rows) plus, on the rows of each image, the delta of that image's
+        adapter. The rows of image ``i`` are ``i*k .. i*k+k-1`` with ``k = rows / len(adapter_names)``: the layout
+        of any batch-major reshape, e.g. Swin's attention, which sees every window of an image as a row. Rows are
+        gathered per adapter (one index_select and one index_add per adapter present in the batch); an image whose
+        adapter is ``"__base__"``, has width 0 or does not reach this layer gets no delta and costs nothing."""
+        rows, images = result.shape[0], len(adapter_names)
+        if images == 0 or rows % images:
+            raise ValueError(
+                f"adapter_names has {images} names but {self.__class__.__name__} received {rows} rows: give one "
+                "adapter name per image of the batch."
+            )
+        indices, deltas = [], []
+        for adapter_name, index in _rows_by_adapter(tuple(adapter_names), rows // images, result.device):
+            delta = self.adapter_delta(adapter_name, result.index_select(0, index))
+            if delta is not None:
+                indices.append(index)
+                deltas.append(delta.to(result.dtype))
+        if not deltas:
+            return result
+        # one scatter for all adapters: an index_add per adapter would copy the whole output each time
+        return result.index_add(0, torch.cat(indices), torch.cat(deltas))
+
     def __repr__(self) -> str:
         return "mimi." + super().__repr__()
+
+
+@lru_cache(maxsize=32)
+def _rows_by_adapter(
+    adapter_names: tuple[str, ...], rows_per_image: int, device: torch.device
+) -> tuple[tuple[str, torch.Tensor], ...]:
+    """``((adapter name, LongTensor of its rows), ...)`` for every adapter in ``adapter_names`` but ``"__base__"``.
+    Cached: every MiMi layer of one forward pass asks for the same grouping."""
+    images: dict[str, list[int]] = {}
+    for i, name in enumerate(adapter_names):
+        if name != BASE_ADAPTER_NAME:
+            images.setdefault(name, []).append(i)
+    offsets = torch.arange(rows_per_image)
+    return tuple(
+        (name, (torch.tensor(idx)[:, None] * rows_per_image + offsets).flatten().to(device))
+        for name, idx in images.items()
+    )

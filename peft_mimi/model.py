@@ -3,20 +3,25 @@
 It walks the model (which modules get adapters, at which width), gathers scores from every layer, asks
 `peft_mimi.pruning` which neurons to remove, and tells each layer to mask or shrink itself. It also guards
 saving and loading: a saved adapter holds only live neurons plus the recorded widths, and a file whose tensors
-disagree with those widths is refused.
+disagree with those widths is refused. A classification head in ``modules_to_save`` is loaded at the size it was
+saved with, so that adapters for tasks with different numbers of classes can share one backbone; and
+``peft_model(pixel_values, adapter_names=[...])`` runs a mixed-task batch (`MiMiModel._enable_peft_forward_hooks`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
-from .layer import MERGE_ERROR, Linear, MiMiLayer
+from .layer import BASE_ADAPTER_NAME, MERGE_ERROR, Linear, MiMiLayer
 from .pruning import (
     budget_for_compression,
     initial_width,
@@ -34,6 +39,12 @@ class MiMiModel(BaseTuner):
     Model-wide verbs, all taking an optional ``adapter_name`` (default: the active adapter):
     ``adapter_widths()``, ``budget()``, ``live_params()``, ``num_rounds()``, ``neuron_scores()``,
     ``prune_round()`` and ``compact()``.
+
+    Mixed-task batches (inference only): ``peft_model(pixel_values, adapter_names=[...])``, one adapter name per
+    image (``"__base__"``: the base model), sends every image through its own adapters and its own head in one
+    forward pass, as PEFT's LoRA does. When the heads' numbers of classes differ, the logits have as many columns
+    as the widest head and an image's columns beyond its own head's classes are ``-inf`` (argmax and softmax
+    ignore them); ``peft_mimi.serving.classify_mixed`` returns each image's logits at its own head's size.
     """
 
     prefix: str = "mimi_"
@@ -108,6 +119,53 @@ class MiMiModel(BaseTuner):
                 f"({self.live_params(adapter_name)} parameters): MiMi will not prune.",
                 stacklevel=2,
             )
+
+    # ----------------------------------------------------------------------------- mixed-task batches
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Called by ``PeftModel.forward`` around the base model's forward. With ``adapter_names`` in ``kwargs``
+        (one per image), registers for the duration of the call forward pre-hooks that pass those names to every
+        MiMi layer and every ``modules_to_save`` wrapper, and pads narrower heads' logits with ``-inf`` to the
+        widest head's number of classes. Raises ``ValueError`` for a wrong length, an unknown adapter name or a
+        model in training mode."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        adapter_names = self._check_adapter_names(adapter_names, _batch_size(args, kwargs))
+        handles = []
+        try:
+            for module in self.model.modules():
+                if isinstance(module, MiMiLayer):
+                    hook = partial(_pass_adapter_names, adapter_names=adapter_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                elif isinstance(module, ModulesToSaveWrapper):
+                    handles.extend(_route_heads(module, adapter_names))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _check_adapter_names(self, adapter_names, batch_size: int | None) -> list[str]:
+        if self.training:
+            raise ValueError("adapter_names (a mixed-task batch) is for inference: call model.eval() first. To train "
+                             "several adapters, train each one on its own batches with set_adapter().")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not all(
+            isinstance(name, str) for name in adapter_names
+        ):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per image; got {adapter_names!r}.")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER_NAME})
+        if unknown:
+            raise ValueError(
+                f"adapter_names has unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)} "
+                f"(and {BASE_ADAPTER_NAME!r} for the base model without adapters)."
+            )
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} names for a batch of {batch_size} images: give exactly one "
+                "adapter name per image."
+            )
+        return list(adapter_names)
 
     def _check_merge_allowed(self):
         raise NotImplementedError(MERGE_ERROR)
@@ -286,6 +344,7 @@ class MiMiModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        _fit_heads_to_checkpoint(model, adapter_name, state_dict)
         own = model.state_dict(keep_vars=True)
         for name, layer in model.named_modules():
             if not isinstance(layer, MiMiLayer) or adapter_name not in layer.mimi_width:
@@ -304,6 +363,8 @@ class MiMiModel(BaseTuner):
                         f"Damaged adapter: module {module!r} has width 0 in adapter_config.json but the weights "
                         f"file holds {present[0]!r} with shape {tuple(state_dict[present[0]].shape)}."
                     )
+                # the (empty) mask of a removed adapter is never saved; supply it so PEFT does not report it missing
+                state_dict[f"{name}.mimi_mask.{adapter_name}"] = torch.ones(0, dtype=torch.bool)
                 continue
             for key in keys:
                 expected = own.get(key)
@@ -331,6 +392,60 @@ class MiMiModel(BaseTuner):
                     f"{tuple(state_dict[mask_key].shape)} for width {width}."
                 )
         return state_dict
+
+
+def _pass_adapter_names(module: nn.Module, args, kwargs, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _pad_logits(module: nn.Module, args, output: torch.Tensor, width: int) -> torch.Tensor:
+    return nn.functional.pad(output, (0, width - output.shape[-1]), value=float("-inf"))
+
+
+def _route_heads(wrapper: ModulesToSaveWrapper, adapter_names: list[str]) -> list:
+    """Hooks that make a ``modules_to_save`` wrapper (e.g. the classifier) run each image through its adapter's
+    copy (the original module for ``"__base__"`` and for adapters without a copy here), with Linear heads of fewer
+    classes padded with ``-inf`` to the widest head, so that PEFT's mixed-batch forward can stack the rows."""
+    names = [name if name in wrapper.modules_to_save else BASE_ADAPTER_NAME for name in adapter_names]
+    handles = [wrapper.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=names), with_kwargs=True)]
+    heads = [wrapper.original_module, *wrapper.modules_to_save.values()]
+    if all(isinstance(head, nn.Linear) for head in heads):
+        width = max(head.out_features for head in heads)
+        for head in heads:
+            if head.out_features < width:
+                handles.append(head.register_forward_hook(partial(_pad_logits, width=width)))
+    return handles
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The number of images of a forward call: the length of its first tensor argument (``pixel_values``)."""
+    first = kwargs.get("pixel_values")
+    if first is None:
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    return None if first is None else len(first)
+
+
+def _fit_heads_to_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Rebuild this adapter's copy of each Linear head in ``modules_to_save`` with the number of classes of the
+    saved head (the copy starts as the base model's head, which may classify other classes). Mutates ``model``."""
+    for name, wrapper in model.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper) or adapter_name not in wrapper.modules_to_save:
+            continue
+        head = wrapper.modules_to_save[adapter_name]
+        saved = state_dict.get(f"{name}.modules_to_save.{adapter_name}.weight")
+        if type(head) is not nn.Linear or saved is None or tuple(saved.shape) == tuple(head.weight.shape):
+            continue
+        if saved.ndim != 2 or saved.shape[1] != head.in_features:
+            raise ValueError(
+                f"Head mismatch in {name.removeprefix(_PEFT_PREFIX)!r}: the saved head has weight shape "
+                f"{tuple(saved.shape)} but this backbone's head takes {head.in_features} features. The adapter "
+                "belongs to another backbone; load it onto the one it was trained on."
+            )
+        new_head = nn.Linear(head.in_features, saved.shape[0], bias=head.bias is not None,
+                             device=head.weight.device, dtype=head.weight.dtype)
+        new_head.requires_grad_(head.weight.requires_grad)
+        wrapper.modules_to_save[adapter_name] = new_head
 
 
 def _same_on_every_process(keep: list[torch.Tensor]) -> list[torch.Tensor]:

