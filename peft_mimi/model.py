@@ -133,11 +133,11 @@ class MiMiModel(BaseTuner):
             yield
             return
         adapter_names = self._check_adapter_names(adapter_names, _batch_size(args, kwargs))
+        hook = partial(_pass_adapter_names, adapter_names=adapter_names)
         handles = []
         try:
             for module in self.model.modules():
                 if isinstance(module, MiMiLayer):
-                    hook = partial(_pass_adapter_names, adapter_names=adapter_names)
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                 elif isinstance(module, ModulesToSaveWrapper):
                     handles.extend(_route_heads(module, adapter_names))
