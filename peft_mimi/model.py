@@ -113,7 +113,8 @@ class MiMiModel(BaseTuner):
                     f"This model's adapted modules are e.g. {sorted(layers)[:3]}."
                 )
         self._record_widths(adapter_name)
-        if config.target_params is not None and config.target_params >= self.live_params(adapter_name):
+        is_new = config.rounds_done == 0 and not config.inference_mode
+        if is_new and config.target_params is not None and config.target_params >= self.live_params(adapter_name):
             warnings.warn(
                 f"target_params={config.target_params} is at or above the adapters' initial size "
                 f"({self.live_params(adapter_name)} parameters): MiMi will not prune.",

@@ -92,6 +92,14 @@ def _resolve(name_or_path: str) -> str | Path:
     )
 
 
+def _from_pretrained(loader: Any, source: str | Path, name_or_path: str, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as err:
+        where = "the Hugging Face Hub" if isinstance(source, str) else str(source)
+        raise OSError(f"Could not load the backbone '{name_or_path}' from {where}: {err}") from err
+
+
 def _dtype_kwarg(torch_dtype: torch.dtype | str | None) -> dict[str, Any]:
     if torch_dtype is None:
         return {}
@@ -115,8 +123,9 @@ def load_backbone(
     ``dinov2-s14``) always gets a fresh one and needs ``num_labels``. When the size matches, the pretrained head
     is kept and only ``id2label``/``label2id`` are replaced (if given). Labels default to ``LABEL_i``.
     """
-    source = _resolve(str(name_or_path))
-    config = AutoConfig.from_pretrained(source)
+    name_or_path = str(name_or_path)
+    source = _resolve(name_or_path)
+    config = _from_pretrained(AutoConfig, source, name_or_path)
     if id2label is not None:
         id2label = {int(i): str(label) for i, label in id2label.items()}
         if num_labels is not None and num_labels != len(id2label):
@@ -140,10 +149,5 @@ def load_backbone(
         raise ValueError("label2id needs id2label (or a num_labels that changes the head).")
     if fresh_head:
         kwargs["ignore_mismatched_sizes"] = True
-    try:
-        model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(source)
-    except OSError as err:
-        where = "the Hugging Face Hub" if isinstance(source, str) else str(source)
-        raise OSError(f"Could not load the backbone '{name_or_path}' from {where}: {err}") from err
-    return model, image_processor
+    model = _from_pretrained(AutoModelForImageClassification, source, name_or_path, **kwargs)
+    return model, _from_pretrained(AutoImageProcessor, source, name_or_path)

