@@ -57,3 +57,15 @@ def make_images(n: int = 4, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory) -> str:
+    """A tiny randomly initialised ViT saved as a local checkpoint directory, with its image processor: what
+    `load_backbone`, `train` and the CLI accept as a model path."""
+    from transformers import ViTImageProcessor
+
+    path = tmp_path_factory.mktemp("tiny-vit")
+    make_model("vit", num_labels=10).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)

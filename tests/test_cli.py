@@ -9,31 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
-from transformers import ViTImageProcessor
 
 import peft_mimi.train as train_module
 from peft_mimi.cli import main
 
 TINY = ["--data", "digits", "--target-compression", "16", "--epochs-per-round", "1", "--batch-size", "16",
         "--max-train-samples", "64", "--max-eval-samples", "32", "--lr", "3e-3", "--checkpoint-every-steps", "2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is far faster than several contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-vit")
-    make_model("vit", num_labels=10).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
 
 
 def exit_code(argv: list[str]) -> int:

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_model
-from transformers import ViTImageProcessor
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -16,16 +14,13 @@ pytest.importorskip("matplotlib")
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 
 
-def test_demo_runs_end_to_end_and_reloads_identically(tmp_path, capsys):
-    backbone = tmp_path / "backbone"
-    make_model("vit", num_labels=10).save_pretrained(backbone)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(backbone)
+def test_demo_runs_end_to_end_and_reloads_identically(tmp_path, capsys, backbone):
     spec = importlib.util.spec_from_file_location("demo", DEMO)
     demo = importlib.util.module_from_spec(spec)
     sys.modules["demo"] = demo
     spec.loader.exec_module(demo)
 
-    out = demo.main(["--backbone", str(backbone), "--max-train-samples", "128", "--epochs-per-round", "1",
+    out = demo.main(["--backbone", backbone, "--max-train-samples", "128", "--epochs-per-round", "1",
                      "--target-compression", "16", "--output-dir", str(tmp_path / "demo")])
 
     printed = capsys.readouterr().out

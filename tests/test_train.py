@@ -20,7 +20,6 @@ from conftest import make_model
 from huggingface_hub import ModelCard
 from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import ViTImageProcessor
 
 import peft_mimi.train as train_module
 from peft_mimi import MiMiConfig
@@ -32,24 +31,6 @@ from peft_mimi.train import latest_checkpoint, load_adapter, train
 SETTINGS = dict(data="digits", target_compression=16.0, epochs_per_round=1, batch_size=16, lr=3e-3,
                 max_train_samples=96, max_eval_samples=48, seed=0, checkpoint_every_steps=4)
 STEPS_PER_ROUND = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is far faster than several contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def backbone(tmp_path_factory) -> str:
-    """A tiny randomly initialised ViT saved as a local checkpoint directory, with its image processor."""
-    path = tmp_path_factory.mktemp("tiny-vit")
-    make_model("vit", num_labels=10).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
 
 
 class HubRecorder:
