@@ -33,6 +33,9 @@ SETTINGS = dict(data="digits", target_compression=16.0, epochs_per_round=1, batc
 STEPS_PER_ROUND = 6
 
 
+SECRET_TOKEN = "hf_" + "SeCrEt0123456789" * 2
+
+
 class HubRecorder:
     """Stands in for `huggingface_hub.HfApi`: records what would be uploaded, uploads nothing."""
 
@@ -53,6 +56,7 @@ def run(backbone, tmp_path_factory):
     HubRecorder.calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "HfApi", HubRecorder)
+        patch.setenv("HF_TOKEN", SECRET_TOKEN)  # must never be written anywhere
         result = train(backbone, output_dir=tmp_path_factory.mktemp("run") / "out", push_to_hub="me/tiny-mimi",
                        **SETTINGS)
     return result
@@ -144,6 +148,13 @@ def test_push_to_hub_uploads_adapter_and_card(run):
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(uploaded["files"])
     assert 'PeftModel.from_pretrained(base, "me/tiny-mimi")' in uploaded["readme"]
     assert not any("token" in name.lower() for name in uploaded["files"])
+
+
+def test_the_hub_token_is_never_written_or_uploaded(run):
+    for path in run.output_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET_TOKEN.encode() not in path.read_bytes(), path
+    assert SECRET_TOKEN not in repr(HubRecorder.calls)
 
 
 def test_a_run_is_not_overwritten_without_resume(run):
