@@ -23,6 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 from peft_mimi.backbones import load_backbone
 from peft_mimi.data import ImageTransform, dataset_labels, load_image_dataset, make_collate_fn
 from peft_mimi.plots import plot_widths
+from peft_mimi.pruning import adapter_params, initial_width
 from peft_mimi.train import train
 
 
@@ -88,14 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['round']:>5}  {row['accuracy']:8.4f}  {row['live_params']:>11,}  {row['budget']:>6,}")
 
     dims = result.model.base_model.feature_sizes()
+    config = result.model.peft_config["default"]
     print(f"\n{'module':<45} {'d':>4} {'width':>5} {'params':>7}")
     for name, width in result.widths.items():
-        print(f"{name:<45} {dims[name]:>4} {width:>5} {2 * dims[name] * width:>7,}")
+        print(f"{name:<45} {dims[name]:>4} {width:>5} {adapter_params(dims[name], width, config.adapter_bias):>7,}")
     removed = sum(w == 0 for w in result.widths.values())
     print(f"{len(result.widths)} adapters, {removed} removed, {result.live_params:,} parameters "
           f"(budget {result.budget:,})")
 
-    initial = {name: max(1, d // 4) for name, d in dims.items()}
+    initial = {name: initial_width(d, config.init_compression) for name, d in dims.items()}
     plot = plot_widths(result.widths, Path(args.output_dir) / "widths.png", initial=initial,
                        title=f"MiMi on {args.data} ({args.backbone})")
     weights = result.adapter_dir / "adapter_model.safetensors"

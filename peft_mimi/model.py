@@ -238,13 +238,11 @@ class MiMiModel(BaseTuner):
         config = self.peft_config[adapter_name]
         # a new adapter that starts within the budget (e.g. given adapter_widths) needs no pruning; physical
         # widths, not live ones, so that masks loaded from a mid-schedule checkpoint do not change the plan
-        layers = list(self._layers(adapter_name))
-        physical = total_params([layer.feature_size for _, layer in layers],
-                                [layer.physical_width(adapter_name) for _, layer in layers], config.adapter_bias)
-        if config.rounds_done == 0 and physical <= self.budget(adapter_name):
+        budget = self.budget(adapter_name)
+        if config.rounds_done == 0 and total_params(*self._dims_and_widths(adapter_name, live=False),
+                                                    config.adapter_bias) <= budget:
             return 0
-        return max(num_rounds(self.initial_params(adapter_name), self.budget(adapter_name), config.prune_ratio),
-                   config.rounds_done)
+        return max(num_rounds(self.initial_params(adapter_name), budget, config.prune_ratio), config.rounds_done)
 
     def num_rounds(self, adapter_name: str | None = None) -> int:
         """Pruning rounds still to run: the rounds planned from the starting size ``floor(d/σ0)`` down to the
@@ -258,9 +256,11 @@ class MiMiModel(BaseTuner):
             return 0 if within_budget else 1
         return remaining
 
-    def _dims_and_widths(self, adapter_name: str) -> tuple[list[int], list[int]]:
-        layers = list(self._layers(adapter_name))
-        return [layer.feature_size for _, layer in layers], [layer.live_width(adapter_name) for _, layer in layers]
+    def _dims_and_widths(self, adapter_name: str, live: bool = True) -> tuple[list[int], list[int]]:
+        """Feature sizes and widths (live, or physical with ``live=False``) of the adapters, in model order."""
+        layers = [layer for _, layer in self._layers(adapter_name)]
+        width = MiMiLayer.live_width if live else MiMiLayer.physical_width
+        return [layer.feature_size for layer in layers], [width(layer, adapter_name) for layer in layers]
 
     def neuron_scores(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """``{module name: importance of each live neuron}`` with the configured score (float32, CPU)."""
@@ -352,11 +352,8 @@ class MiMiModel(BaseTuner):
                 continue
             module = name.removeprefix(_PEFT_PREFIX)
             width = layer.physical_width(adapter_name)
-            keys = {
-                f"{name}.mimi_{part}.{adapter_name}.{tensor}": None
-                for part in ("down", "up")
-                for tensor in ("weight", "bias")
-            }
+            keys = [f"{name}.mimi_{part}.{adapter_name}.{tensor}"
+                    for part in ("down", "up") for tensor in ("weight", "bias")]
             present = [k for k in keys if k in state_dict]
             if width == 0:
                 if present:

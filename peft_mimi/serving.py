@@ -28,7 +28,7 @@ from .layer import BASE_ADAPTER_NAME
 
 __all__ = [
     "BASE_ADAPTER_NAME",
-    "LABELS_FILE",
+    "RUN_FILE",
     "Prediction",
     "classify_mixed",
     "head_sizes",
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # The run summary `peft_mimi.train` writes next to the adapter; its "labels" list names the head's classes.
-LABELS_FILE = "mimi_run.json"
+RUN_FILE = "mimi_run.json"  # written by peft_mimi.train next to every adapter it saves
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def read_task_labels(adapter_dirs: Mapping[str, str | os.PathLike]) -> dict[str,
     tasks whose directory has none are left out (their predictions are named by class index)."""
     labels = {}
     for task, path in adapter_dirs.items():
-        run_file = Path(path) / LABELS_FILE
+        run_file = Path(path) / RUN_FILE
         if run_file.is_file():
             names = json.loads(run_file.read_text()).get("labels")
             if names:

@@ -50,13 +50,13 @@ from .backbones import load_backbone
 from .card import model_card
 from .config import MiMiConfig
 from .data import BUILTIN_DATASETS, ImageTransform, dataset_labels, load_image_dataset, make_collate_fn
+from .serving import RUN_FILE
 
 __all__ = ["TrainResult", "build_optimizer", "evaluate", "evaluate_adapter", "latest_checkpoint", "train"]
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
-RUN_FILE = "mimi_run.json"
 _CHECKPOINT_FORMAT = 1
 
 
