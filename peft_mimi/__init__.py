@@ -10,6 +10,7 @@ from peft.utils import register_peft_method
 from ._peft_type import PeftType
 from .callback import MiMiPruningCallback, rounds_for_cosine_restarts
 from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
+from .files import check_adapter_weights, save_adapter
 from .layer import Linear, MiMiLayer
 from .model import MiMiModel
 
@@ -34,5 +35,7 @@ __all__ = [
     "MiMiPruningCallback",
     "PeftType",
     "__version__",
+    "check_adapter_weights",
     "rounds_for_cosine_restarts",
+    "save_adapter",
 ]

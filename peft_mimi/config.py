@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -10,6 +11,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from ._peft_type import PeftType
+from .files import check_adapter_weights
 from .pruning import SCORES, SELECTIONS
 
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
@@ -87,6 +89,16 @@ class MiMiConfig(PeftConfig):
     )
     rounds_done: int = field(default=0, metadata={"help": "Pruning rounds already applied (recorded by MiMi)."})
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' score, so that ranks agree."})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loader, plus: a local adapter whose weights file is damaged is refused here, naming the file,
+        before PEFT reads it (``PeftModel.from_pretrained`` and ``load_adapter`` load the config first)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(directory):
+            check_adapter_weights(directory)
+        return config
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftModuleError
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
@@ -52,6 +52,15 @@ class MiMiModel(BaseTuner):
     target_module_mapping = TARGET_MODULES_BY_MODEL_TYPE
 
     # ------------------------------------------------------------------------------------ injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as error:  # PEFT's message names the patterns, not what the model has
+            raise NoMatchingPeftModuleError(
+                f"{error} This model's Linear layers end in: {_linear_name_suffixes(model)}; MiMi's usual targets "
+                "are the attention output projection and the second MLP Linear of every block."
+            ) from None
+
     def _prepare_adapter_config(self, peft_config: MiMiConfig, model_config: dict) -> MiMiConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")

@@ -50,6 +50,7 @@ from .backbones import load_backbone
 from .card import model_card
 from .config import MiMiConfig
 from .data import BUILTIN_DATASETS, ImageTransform, dataset_labels, load_image_dataset, make_collate_fn
+from .files import fsync_dir, fsync_tree
 from .serving import RUN_FILE
 
 __all__ = ["TrainResult", "build_optimizer", "evaluate", "evaluate_adapter", "latest_checkpoint", "train"]
@@ -531,9 +532,9 @@ def _save_checkpoint(
                                          "position": dataclasses.asdict(pos)})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in root.iterdir():
             if old != final and (old.name.startswith("ckpt-") or old.name.startswith(".tmp-ckpt-")):
                 shutil.rmtree(old, ignore_errors=True)
@@ -584,13 +585,13 @@ def _save_adapter(
         card = model_card(peft_model, dataset=settings.data, history=history, base_model=settings.model,
                           repo_id=repo_id, num_labels=len(run.labels), settings=dataclasses.asdict(settings))
         (tmp / "README.md").write_text(card)  # after save_pretrained, which writes PEFT's generic card
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = output_dir / f".old-{ADAPTER_DIR}"
         if adapter_dir.exists():
             os.replace(adapter_dir, old)
         os.replace(tmp, adapter_dir)
         shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(output_dir)
+        fsync_dir(output_dir)
     accelerator.wait_for_everyone()
     return adapter_dir
 
@@ -626,24 +627,6 @@ def _write_json(path: Path, value: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync_dir(path)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers

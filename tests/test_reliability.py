@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_model
 from peft import PeftModel, get_peft_model
 
@@ -82,7 +83,8 @@ def test_an_adapter_for_another_hidden_size_is_refused_naming_module_and_shapes(
 def test_target_modules_that_match_nothing_or_a_non_linear_layer():
     from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 
-    with pytest.raises(NoMatchingPeftModuleError, match="not found in the base model"):
+    with pytest.raises(NoMatchingPeftModuleError, match=r"not found in the base model.*Linear layers end in: "
+                                                        r"\[.*'attention.o_proj'.*'mlp.fc2'"):
         get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, target_modules=["nothing"]))
     with pytest.raises(TypeError, match=r"LayerNorm.*nn.Linear layers only.*attention.o_proj"):
         get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, target_modules=["layernorm_before"]))
@@ -99,3 +101,85 @@ def test_nothing_is_ever_unpickled():
             if "trust_remote_code=True" in line:
                 offenders.append(f"{path.name}:{lineno}: {line.strip()}")
     assert not offenders, offenders
+
+
+def _saved_adapter(path: Path) -> Path:
+    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0))
+    model.save_pretrained(path)
+    return path / "adapter_model.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda raw: raw[: len(raw) // 2], "file not fully covered"),  # a save or copy cut short
+        (lambda raw: raw[:5], "header"),  # cut inside the header
+        (lambda raw: raw[:8] + b"\x00" + raw[9:], "invalid JSON in header"),  # a flipped header byte
+        (lambda raw: raw + b"\x00" * 16, "file not fully covered"),  # trailing bytes
+    ],
+)
+def test_a_damaged_weights_file_is_refused_naming_the_file(tmp_path, damage, reason):
+    weights = _saved_adapter(tmp_path / "adapter")
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))} \(.* bytes\) is damaged .*{reason}.*save the "
+                                         r"adapter again|download it again"):
+        PeftModel.from_pretrained(make_model("vit"), tmp_path / "adapter")
+    # the same check guards a second adapter loaded into a model that already has one
+    model = PeftModel.from_pretrained(make_model("vit"), _saved_adapter(tmp_path / "good").parent)
+    with pytest.raises(ValueError, match="is damaged"):
+        model.load_adapter(tmp_path / "adapter", adapter_name="other")
+
+
+def test_save_adapter_that_fails_midway_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    import peft.peft_model
+
+    from peft_mimi import save_adapter
+
+    target = tmp_path / "adapter"
+    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0))
+    save_adapter(model, target)
+    (target / "notes.txt").write_text("the user's own file")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    real_save_file = peft.peft_model.safe_save_file  # what PeftModel.save_pretrained writes with
+
+    def disk_full(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata)
+        with open(filename, "r+b") as handle:  # half of the file reached the disk, then the disk was full
+            handle.truncate(Path(filename).stat().st_size // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "mimi_up" in n).add_(1.0)  # a newer state to save
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(model, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not list(tmp_path.glob(".tmp-*")), "the staging directory is removed"
+    monkeypatch.undo()
+    PeftModel.from_pretrained(make_model("vit"), target)  # the previous adapter still loads
+
+    save_adapter(model, target)  # a save that succeeds replaces the adapter and keeps the user's file
+    assert (target / "notes.txt").read_text() == "the user's own file"
+    assert (target / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
+
+
+def test_loading_without_importing_peft_mimi_fails_in_peft_and_the_card_says_what_to_import(tmp_path):
+    import subprocess
+    import sys
+
+    from peft_mimi.card import model_card
+
+    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0))
+    model.save_pretrained(tmp_path)
+    tests, path = str(Path(__file__).parent), str(tmp_path)
+    script = (
+        f"import sys; sys.path.insert(0, {tests!r}); from conftest import make_model; from peft import PeftModel\n"
+        f"try:\n    PeftModel.from_pretrained(make_model('vit'), {path!r})\n"
+        "except KeyError as error:\n    print('KeyError', error)\n"
+        f"import peft_mimi\nPeftModel.from_pretrained(make_model('vit'), {path!r}); print('loaded after import')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "KeyError 'MIMI'" in out.stdout and "loaded after import" in out.stdout
+    assert "import peft_mimi" in model_card(model)
