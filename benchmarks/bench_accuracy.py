@@ -14,6 +14,7 @@ Results are rewritten after every run, so an interrupted run leaves its finished
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,6 +35,7 @@ def methods_at(budget_sigma: float, lora_rank: int) -> list[Method]:
         Method("adapter", f"Adapters σ={s} (vanilla, uniform)", init_compression=budget_sigma,
                target_compression=budget_sigma),
         Method("lora", f"LoRA r={lora_rank} (≈B(σt={s}))", lora_rank=lora_rank),
+        Method("adalora", f"AdaLoRA r̄={lora_rank} (from r={4 * lora_rank}, ≈B(σt={s}))", lora_rank=lora_rank),
     ]
 
 
@@ -58,23 +60,45 @@ def run_grid(args, backbone: str, task: str, entries: list[tuple[Method, int, fl
              write) -> list[dict]:
     """Run every (method, total epochs, budget σt) for every seed; call ``write(rows)`` after each run."""
     rows = []
+    max_train = train_limit(args, task)
     for seed in args.seeds:
         for method, total_epochs, sigma in entries:
             done = [r for r in args.previous.get(name, []) if (r["task"], r["label"], r["seed"], r["budget_sigma"])
-                    == (task, method.label, seed, sigma)]
+                    == (task, method.label, seed, sigma) and total_epochs in (None, r["epochs"])
+                    and r.get("max_train", args.max_train) == max_train]
             if done:  # --resume: a finished run of the same settings, recorded in the previous results
                 rows.append(done[0])
                 continue
-            data = common.task_tensors(task, args.processor, args.max_train, args.max_test)
+            if method.kind == "widths":  # the final widths of this seed's global / mimi run at this budget
+                source = next(r for r in rows if (r["label"], r["seed"], r["budget_sigma"]) == ("global / mimi", seed,
+                                                                                              sigma))
+                method = dataclasses.replace(method, widths=source["widths"])
+            data = common.task_tensors(task, args.processor, max_train, args.max_test)
             result = common.run(method, backbone, data, seed=seed, epochs_per_round=args.epochs_per_round,
-                                total_epochs=total_epochs, lr=lr_for(method, args), batch_size=args.batch_size)
+                                total_epochs=total_epochs, lr=lr_for(method, args), batch_size=args.batch_size,
+                                image_size=args.image_size)
             row = {"task": task, "budget_sigma": sigma, "label": method.label, "method": asdict(method),
-                   "seed": seed, "lr": lr_for(method, args), **asdict(result)}
+                   "seed": seed, "lr": lr_for(method, args), "max_train": max_train, "n_train": len(data[1]),
+                   **asdict(result)}
             rows.append(row)
             print(f"[{name}] {task} seed={seed} {method.label}: acc={result.accuracy:.4f} "
                   f"params={result.method_params} epochs={result.epochs} wall={result.wall_s:.0f}s", flush=True)
             write(rows)
     return rows
+
+
+def with_pending(args, name: str, rows: list[dict]) -> list[dict]:
+    """``rows`` plus the --resume rows not reached yet (same task list, a label still to run), so that rewriting
+    the results file while a run is going never drops finished work that a restart would have to redo."""
+    key = lambda r: (r["task"], r["label"], r["seed"], r["budget_sigma"])  # noqa: E731
+    done = {key(r) for r in rows}
+    return rows + [r for r in args.previous.get(name, []) if r["task"] in args.tasks and r["label"] in args.labels
+                   and key(r) not in done]
+
+
+def train_limit(args, task: str) -> int | None:
+    """The training-set cap for ``task``: its --task-max-train entry, else --max-train."""
+    return args.task_max_train.get(task, args.max_train)
 
 
 def summarise(rows: list[dict], backbone_size: int) -> list[dict]:
@@ -136,18 +160,22 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         total = (rounds + 1) * args.epochs_per_round
         max_epochs = max(max_epochs, total)
         rank = common.lora_rank_for_budget(probe_model, common.adapter_budget(probe_model, sigma))
-        entries += [(m, total, sigma) for m in methods_at(sigma, rank)]
+        entries += [(m, total, sigma) for m in methods_at(sigma, rank) if m.kind in args.methods]
     entries += [(m, max_epochs, None) for m in FIXED if m.kind in args.fixed]
+    args.labels = {m.label for m, *_ in entries}
     started = time.time()
 
     def write(rows: list[dict], final: bool = False) -> None:
+        rows = with_pending(args, "accuracy", rows)
         summary = summarise(rows, backbone_size)
         table_rows = [[s["task"], "—" if s["budget_sigma"] is None else f"{s['budget_sigma']:g}", s["label"],
                        f"{statistics_mean(s['method_params']):,.0f}", f"{s['params_pct']:.2f}%", s["epochs"],
                        fmt(s["accuracy"]), len(s["seeds"])] for s in summary]
         md = [f"# Accuracy at matched budgets ({'final' if final else 'PARTIAL: run still going or interrupted'})",
-              "", f"Backbone `{args.backbone}` ({backbone_size:,} parameters without head), tasks {args.tasks} "
-              f"(train ≤ {args.max_train}, test ≤ {args.max_test}), seeds {args.seeds}, E = {args.epochs_per_round} "
+              "", f"Backbone `{args.backbone}` ({backbone_size:,} parameters without head"
+              f"{f', at {args.image_size} px' if args.image_size else ''}), tasks {args.tasks} "
+              f"(train ≤ {args.max_train}{''.join(f', {t} ≤ {n}' for t, n in args.task_max_train.items())}, "
+              f"test ≤ {args.max_test}), seeds {args.seeds}, E = {args.epochs_per_round} "
               f"epoch(s) per MiMi segment, batch {args.batch_size}, AdamW lr {args.lr} (full FT {args.lr_full}), "
               "wd 0.05, cosine with 10% warm-up, no augmentation. Params = trained parameters besides the "
               "classification head (every method also trains the head: "
@@ -168,33 +196,45 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
     write(rows, final=True)
 
 
+ABLATION = [("global", "mimi"), ("local", "mimi"), ("global", "l1"), ("global", "down_l1"), ("global", "gradient"),
+            ("global", "random")]
+FROM_SCRATCH = "MiMi's widths, from scratch"
+
+
 def ablation_part(args, out: Path, backbone_size: int) -> None:
-    sigma = args.ablation_budget
-    variants = [("global", "mimi"), ("local", "mimi"), ("global", "l1"), ("global", "random")]
-    if args.smoke:
-        variants = variants[:2]
-    entries = [(Method("mimi", f"{sel} / {score}", target_compression=sigma,
-                       mimi_options={"selection": sel, "score": score}), None, sigma) for sel, score in variants]
-    vanilla_rounds = common.planned_rounds(args.backbone, args.num_labels, Method("mimi", "", target_compression=sigma))
-    entries.append((Method("adapter", f"vanilla σ={sigma:g}", init_compression=sigma, target_compression=sigma),
-                    (vanilla_rounds + 1) * args.epochs_per_round, sigma))
+    """At each budget in --ablation-budgets: MiMi with each (selection, score), vanilla adapters, and MiMi's final
+    widths (of the same seed's global/mimi run) trained from scratch as fixed adapters for the same epochs."""
+    variants = ABLATION[:2] if args.smoke else ABLATION
+    entries = []
+    for sigma in args.ablation_budgets:
+        entries += [(Method("mimi", f"{sel} / {score}", target_compression=sigma,
+                            mimi_options={"selection": sel, "score": score}), None, sigma) for sel, score in variants]
+        rounds = common.planned_rounds(args.backbone, args.num_labels, Method("mimi", "", target_compression=sigma))
+        total = (rounds + 1) * args.epochs_per_round
+        entries += [(Method("adapter", f"vanilla σ={sigma:g}", init_compression=sigma, target_compression=sigma),
+                     total, sigma), (Method("widths", FROM_SCRATCH), total, sigma)]
+    args.labels = {m.label for m, *_ in entries}
     started = time.time()
 
     def write(rows: list[dict], final: bool = False) -> None:
+        rows = with_pending(args, "ablation", rows)
         summary = summarise(rows, backbone_size)
         table_rows = []
         for s in summary:
-            removed = [sum(w == 0 for w in r["widths"].values()) for r in rows
-                       if r["label"] == s["label"] and r["task"] == s["task"] and r["widths"]]
-            table_rows.append([s["task"], s["label"], f"{statistics_mean(s['method_params']):,.0f}", s["epochs"],
-                               fmt(s["accuracy"]), (f"{statistics_mean(removed):.1f}" if removed else "—"),
-                               len(s["seeds"])])
-        md = [f"# Ablation: selection and score at σt = {sigma:g} "
+            removed = [sum(w == 0 for w in r["widths"].values()) for r in rows if r["widths"] and
+                       (r["label"], r["task"], r["budget_sigma"]) == (s["label"], s["task"], s["budget_sigma"])]
+            table_rows.append([s["task"], f"{s['budget_sigma']:g}", s["label"],
+                               f"{statistics_mean(s['method_params']):,.0f}", s["epochs"], fmt(s["accuracy"]),
+                               (f"{statistics_mean(removed):.1f}" if removed else "—"), len(s["seeds"])])
+        md = [f"# Ablation: selection, score, and allocation vs pruning "
               f"({'final' if final else 'PARTIAL: run still going or interrupted'})", "",
               f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4, ρ = 0.5, "
               f"E = {args.epochs_per_round}; same loop and settings as accuracy.md. 'l1' = the eq. 3 numerator "
-              "without the 2·d normalisation.", "",
-              common.table(["task", "selection / score", "params", "epochs", "accuracy %", "adapters removed",
+              "without the 2·d normalisation; 'down_l1' = W_down only; 'gradient' = |w·∂L/∂w| summed per neuron. "
+              f"'{FROM_SCRATCH}' = fixed adapters with the final per-layer widths of the same seed's global / mimi "
+              "run, trained from the start for the same number of epochs (separates what the allocation buys from "
+              "what training large and then pruning buys).", "",
+              common.table(["task", "σt", "selection / score", "params", "epochs", "accuracy %", "adapters removed",
                             "seeds"], table_rows)]
         if args.notes:
             md += ["", args.notes]
@@ -207,12 +247,57 @@ def ablation_part(args, out: Path, backbone_size: int) -> None:
     write(rows, final=True)
 
 
+def sweep_part(args, out: Path, backbone_size: int) -> None:
+    """At one extreme budget (--sweep-budget): MiMi's epochs per round E, the training after the last cut and the
+    prune ratio ρ, each against vanilla adapters of the same budget trained for the same total epochs."""
+    sigma = args.sweep_budget
+    settings = [(e, None, 0.5) for e in args.sweep_epochs] + [(2, f, 0.5) for f in args.sweep_final_epochs]
+    settings += [(2, None, rho) for rho in args.sweep_ratios]
+    entries = []
+    for e, final, rho in settings:
+        label = f"MiMi E={e}" + (f", {final} epochs after the last cut" if final else "") + f", ρ={rho:g}"
+        method = Method("mimi", label, target_compression=sigma, final_epochs=final, mimi_options={"prune_ratio": rho})
+        rounds = common.planned_rounds(args.backbone, args.num_labels, method)
+        total = rounds * e + (final or e)
+        entries.append((method, None, sigma, e))
+        vanilla = Method("adapter", f"vanilla σ={sigma:g}, {total} epochs", init_compression=sigma,
+                         target_compression=sigma)
+        if all(m.label != vanilla.label for m, *_ in entries):
+            entries.append((vanilla, total, sigma, e))
+    args.labels = {m.label for m, *_ in entries}
+    started = time.time()
+
+    def write(rows: list[dict], final: bool = False) -> None:
+        rows = with_pending(args, "sweep", rows)
+        summary = summarise(rows, backbone_size)
+        table_rows = [[s["task"], s["label"], f"{statistics_mean(s['method_params']):,.0f}", s["epochs"],
+                       fmt(s["accuracy"]), len(s["seeds"])] for s in summary]
+        md = [f"# Sweep at σt = {sigma:g}: epochs per round, training after the last cut, prune ratio "
+              f"({'final' if final else 'PARTIAL: run still going or interrupted'})", "",
+              f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4; same loop and settings "
+              "as accuracy.md. Each MiMi setting is followed by vanilla adapters of the same budget trained for the "
+              "same total epochs.", "",
+              common.table(["task", "setting", "params", "epochs", "accuracy %", "seeds"], table_rows)]
+        if args.notes:
+            md += ["", args.notes]
+        common.write_results(out, "sweep", {"config": vars_for_json(args), "rows": rows, "summary": summary,
+                                            "elapsed_s": time.time() - started, "final": final}, "\n".join(md))
+
+    rows = []
+    for task in args.tasks:
+        for method, total, sigma_, e in entries:
+            grid_args = argparse.Namespace(**{**vars(args), "epochs_per_round": e})
+            rows += run_grid(grid_args, args.backbone, task, [(method, total, sigma_)], "sweep",
+                             lambda r, done=rows: write(done + r))
+    write(rows, final=True)
+
+
 def allocation_part(args, out: Path) -> None:
-    """Final per-layer widths of MiMi at σt = --ablation-budget on each task: from the MiMi rows (first seed) of
-    an accuracy.json given with --from-json, else from fresh runs."""
+    """Final per-layer widths of MiMi at the first σt of --ablation-budgets on each task: from the MiMi rows (first
+    seed) of an accuracy.json given with --from-json, else from fresh runs."""
     from peft_mimi.plots import plot_widths
 
-    sigma = args.ablation_budget
+    sigma = args.ablation_budgets[0]
     recorded = {}
     if args.from_json:
         for row in json.loads(Path(args.from_json).read_text())["rows"]:
@@ -223,10 +308,10 @@ def allocation_part(args, out: Path) -> None:
         if task in recorded:
             row, source = recorded[task], str(args.from_json)
         else:
-            data = common.task_tensors(task, args.processor, args.max_train, args.max_test)
+            data = common.task_tensors(task, args.processor, train_limit(args, task), args.max_test)
             row = asdict(common.run(Method("mimi", "MiMi", target_compression=sigma), args.backbone, data,
                                     seed=args.seeds[0], epochs_per_round=args.epochs_per_round, total_epochs=None,
-                                    lr=args.lr, batch_size=args.batch_size))
+                                    lr=args.lr, batch_size=args.batch_size, image_size=args.image_size))
             source = "this run"
         path = plot_widths(row["widths"], out / f"allocation_{task}.png", initial=row["initial_widths"],
                            title=f"MiMi on {args.backbone}/{task}, σt={sigma:g}, acc {100 * row['accuracy']:.1f}%")
@@ -242,7 +327,7 @@ def allocation_part(args, out: Path) -> None:
                                                      indent=1) + "\n")
 
 
-RESUME_KEYS = ("backbone", "epochs_per_round", "batch_size", "lr", "lr_full", "max_train", "max_test")
+RESUME_KEYS = ("backbone", "epochs_per_round", "batch_size", "lr", "lr_full", "max_train", "max_test", "image_size")
 
 
 def vars_for_json(args) -> dict:
@@ -251,12 +336,21 @@ def vars_for_json(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--what", nargs="+", default=["accuracy"], choices=["accuracy", "ablation", "allocation"])
+    parser.add_argument("--what", nargs="+", default=["accuracy"],
+                        choices=["accuracy", "ablation", "allocation", "sweep"])
     parser.add_argument("--backbone", default="fmnist-vit")
     parser.add_argument("--tasks", nargs="+", default=["digits"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[16.0, 64.0])
-    parser.add_argument("--ablation-budget", type=float, default=64.0)
-    parser.add_argument("--fixed", nargs="*", default=["adapter", "linear", "bitfit", "full"])
+    parser.add_argument("--ablation-budgets", nargs="+", type=float, default=[64.0, 256.0])
+    parser.add_argument("--sweep-budget", type=float, default=256.0)
+    parser.add_argument("--sweep-epochs", nargs="*", type=int, default=[1, 2, 4], help="sweep: E values")
+    parser.add_argument("--sweep-final-epochs", nargs="*", type=int, default=[6],
+                        help="sweep: epochs after the last cut (E=2 before it)")
+    parser.add_argument("--sweep-ratios", nargs="*", type=float, default=[0.75], help="sweep: ρ values (E=2)")
+    parser.add_argument("--methods", nargs="+", default=["mimi", "adapter", "lora", "adalora"],
+                        help="the methods run at each budget")
+    parser.add_argument("--fixed", nargs="*", default=["adapter", "linear", "bitfit", "full"],
+                        help="the budget-free methods (adapter = vanilla adapters at σ=4)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs-per-round", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -264,7 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr-full", type=float, default=3e-4)
     parser.add_argument("--max-train", type=int, default=1500)
     parser.add_argument("--max-test", type=int, default=1000)
+    parser.add_argument("--task-max-train", nargs="*", default=[], metavar="TASK=N",
+                        help="a smaller training-set cap for some tasks, e.g. mnist=500 (CPU time)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="run the backbone at this resolution (ViT-like backbones interpolate positions)")
     parser.add_argument("--from-json", default=None, help="allocation: take MiMi widths from this accuracy.json")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs already recorded in <out>/<what>.json with the same settings")
@@ -274,18 +372,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.backbone, args.seeds, args.budgets, args.max_train, args.max_test = common.SMOKE, [0], [16.0], 48, 32
-        args.ablation_budget = 16.0
-        args.what = ["accuracy", "ablation", "allocation"]
+        args.ablation_budgets, args.sweep_budget = [16.0], 16.0
+        args.sweep_epochs, args.sweep_final_epochs, args.sweep_ratios = [1], [2], [0.75]
+        args.what = ["accuracy", "ablation", "allocation", "sweep"]
         args.fixed = ["linear"]
+    args.task_max_train = {t: int(n) for t, n in (item.split("=") for item in args.task_max_train)}
     torch.set_num_threads(args.threads)
     args.previous = {}
-    for what in ("accuracy", "ablation"):
+    for what in ("accuracy", "ablation", "sweep"):
         path = args.out / f"{what}.json"
         if args.resume and path.is_file():
             previous = json.loads(path.read_text())
             same = all(previous["config"].get(k) == getattr(args, k) for k in RESUME_KEYS)
             args.previous[what] = previous["rows"] if same else []
-    probe_model, args.processor = common.load_model(args.backbone, 10)
+    probe_model, args.processor = common.load_model(args.backbone, 10, args.image_size)
     backbone_size = common.backbone_params(probe_model)
     first = common.task_tensors(args.tasks[0], args.processor, args.max_train, args.max_test)
     args.num_labels = first[4]
@@ -295,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         ablation_part(args, args.out, backbone_size)
     if "allocation" in args.what:
         allocation_part(args, args.out)
+    if "sweep" in args.what:
+        sweep_part(args, args.out, backbone_size)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,9 @@ def task_tensors(dataset: str, processor: Any, max_train: int | None = None, max
 # ---------------------------------------------------------------------------------------------- methods
 @dataclass
 class Method:
-    """A fine-tuning method at a budget: ``kind`` in mimi | adapter | lora | linear | bitfit | full."""
+    """A fine-tuning method at a budget: ``kind`` in mimi | adapter | widths | lora | adalora | linear | bitfit |
+    full.
+    ``lora_rank`` is LoRA's rank, and AdaLoRA's target average rank (it starts at 4x that rank and prunes)."""
 
     kind: str
     label: str
@@ -124,6 +126,8 @@ class Method:
     target_compression: float | None = None
     lora_rank: int = 0
     mimi_options: dict = field(default_factory=dict)  # selection / score / prune_ratio overrides (ablation)
+    widths: dict[str, int] | None = None  # kind "widths": fixed adapters of these per-layer widths, never pruned
+    final_epochs: int | None = None  # MiMi: epochs after the last cut (default: epochs_per_round)
 
 
 def build(method: Method, model: nn.Module, seed: int) -> nn.Module:
@@ -138,14 +142,48 @@ def build(method: Method, model: nn.Module, seed: int) -> nn.Module:
                             target_compression=method.target_compression or method.init_compression,
                             modules_to_save=["classifier"], seed=seed, **method.mimi_options)
         return get_peft_model(model, config)
+    if method.kind == "widths":  # MiMi's final allocation trained from scratch: a budget it already meets
+        from peft_mimi.pruning import adapter_params
+
+        dims = {n: m.out_features for n, m in model.named_modules() if n in method.widths}
+        config = MiMiConfig(adapter_widths=dict(method.widths), modules_to_save=["classifier"], seed=seed,
+                            target_params=sum(adapter_params(dims[n], w) for n, w in method.widths.items()))
+        return get_peft_model(model, config)
     if method.kind == "lora":
         config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_rank, target_modules=TARGET_MODULES,
                             modules_to_save=["classifier"])
         return get_peft_model(model, config)
+    if method.kind == "adalora":
+        raise ValueError("AdaLoRA needs its step count: use build_adalora(method, model, seed, total_steps)")
     for name, p in model.named_parameters():
         head = name.startswith("classifier")
         p.requires_grad_(method.kind == "full" or head or (method.kind == "bitfit" and name.endswith(".bias")))
     return model
+
+
+def build_adalora(method: Method, model: nn.Module, seed: int, total_steps: int) -> nn.Module:
+    """PEFT AdaLoRA with target average rank ``method.lora_rank``, starting at 4x that rank; its three phases
+    over ``total_steps``: 10 % warm-up at the initial rank, budget shrinking, the last 20 % at the final ranks."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    init_r = 4 * method.lora_rank
+    config = AdaLoraConfig(init_r=init_r, target_r=method.lora_rank, lora_alpha=init_r,
+                           target_modules=TARGET_MODULES, modules_to_save=["classifier"], total_step=total_steps,
+                           tinit=max(1, total_steps // 10), tfinal=max(1, total_steps // 5),
+                           deltaT=max(1, total_steps // 50))
+    return get_peft_model(model, config)
+
+
+def adalora_live_params(model: nn.Module) -> int:
+    """Parameters of AdaLoRA's surviving ranks: each rank kept (``lora_E`` non-zero) holds a row of A, a column of
+    B and its singular value, ``in + out + 1`` numbers."""
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
+            kept = int((module.lora_E["default"].detach() != 0).sum())
+            total += kept * (module.in_features + module.out_features + 1)
+    return total
 
 
 def method_params(model: nn.Module) -> int:
@@ -156,6 +194,8 @@ def method_params(model: nn.Module) -> int:
     base = getattr(model, "base_model", None)
     if isinstance(base, MiMiModel):
         return base.live_params()
+    if type(base).__name__ == "AdaLoraModel":
+        return adalora_live_params(model)
     return sum(p.numel() for n, p in model.named_parameters()
                if p.requires_grad and "classifier" not in n)
 
@@ -204,16 +244,19 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def train_segment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
                   generator: torch.Generator, weight_decay: float = 0.05, warmup_ratio: float = 0.1,
-                  clip: float = 5.0) -> dict:
-    """``epochs`` epochs of AdamW + cosine (fresh optimizer) over the trainable parameters. Returns timings."""
+                  clip: float = 5.0, after_step: Callable[[int], None] | None = None) -> dict:
+    """``epochs`` epochs of AdamW + cosine (fresh optimizer) over the trainable parameters. Returns timings.
+
+    The loss is the model's own (``labels=`` passed), so a method that adds a regulariser to it (AdaLoRA's
+    orthogonality term) gets it; ``after_step(step)`` runs after each optimizer step, before the next zero_grad."""
     from peft_mimi.train import build_optimizer
 
     steps_per_epoch = math.ceil(len(x) / batch_size)
     optimizer, scheduler = build_optimizer(model, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                                            num_training_steps=epochs * steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = nn.CrossEntropyLoss()
     epoch_s, losses = [], []
+    step = 0
     model.train()
     for _ in range(epochs):
         start = time.perf_counter()
@@ -221,12 +264,15 @@ def train_segment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
         total = 0.0
         for i in range(0, len(x), batch_size):
             idx = order[i : i + batch_size]
-            loss = loss_fn(model(pixel_values=x[idx]).logits, y[idx])
+            loss = model(pixel_values=x[idx], labels=y[idx]).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step(step)
+            step += 1
             total += loss.item() * len(idx)
         epoch_s.append(time.perf_counter() - start)
         losses.append(total / len(x))
@@ -241,7 +287,12 @@ def run(method: Method, backbone: str, data: tuple, *, seed: int, epochs_per_rou
     (pass MiMi's total for matched-epoch comparisons) in one cosine schedule."""
     x_train, y_train, x_test, y_test, num_labels = data
     model, _ = load_model(backbone, num_labels, image_size)
-    model = build(method, model, seed)
+    after_step = None
+    if method.kind == "adalora":
+        model = build_adalora(method, model, seed, total_epochs * math.ceil(len(x_train) / batch_size))
+        after_step = model.base_model.update_and_allocate
+    else:
+        model = build(method, model, seed)
     generator = torch.Generator().manual_seed(seed)
     kwargs = dict(lr=lr, batch_size=batch_size, generator=generator)
     start = time.perf_counter()
@@ -254,7 +305,8 @@ def run(method: Method, backbone: str, data: tuple, *, seed: int, epochs_per_rou
         for r in range(rounds + 1):
             if r > 0:
                 tuner.prune_round(compact=True)
-            seg = train_segment(model, x_train, y_train, epochs=epochs_per_round, **kwargs)
+            epochs = method.final_epochs if r == rounds and method.final_epochs else epochs_per_round
+            seg = train_segment(model, x_train, y_train, epochs=epochs, **kwargs)
             seg.update(round=r, live_params=tuner.live_params(), adapters_alive=sum(
                 w > 0 for w in tuner.adapter_widths().values()))
             if eval_each_segment:
@@ -262,7 +314,7 @@ def run(method: Method, backbone: str, data: tuple, *, seed: int, epochs_per_rou
             segments.append(seg)
         widths = dict(tuner.adapter_widths())
     else:
-        segments.append(train_segment(model, x_train, y_train, epochs=total_epochs, **kwargs))
+        segments.append(train_segment(model, x_train, y_train, epochs=total_epochs, after_step=after_step, **kwargs))
     wall = time.perf_counter() - start
     acc = accuracy(model, x_test, y_test)
     return RunResult(accuracy=acc, method_params=method_params(model), head_params=head_params(model),

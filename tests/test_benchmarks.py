@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("bench_inference.py", [], ["inference.md", "inference.json"]),
         ("bench_storage.py", [], ["storage.md", "storage.json"]),
-        ("bench_accuracy.py", ["--what", "accuracy"], ["accuracy.md", "accuracy.json"]),
         ("bench_training_cost.py", [], ["training_cost.md", "training_cost.json"]),
     ],
 )
@@ -31,3 +30,37 @@ def test_benchmark_smoke_mode_writes_its_results(script, extra, outputs, tmp_pat
         assert (tmp_path / name).stat().st_size > 0, name
     raw = json.loads((tmp_path / outputs[1]).read_text())
     assert raw, "empty results"
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_smoke_runs_every_part_and_the_summary_pairs_seeds(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "smoke-vit"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_accuracy.py"), "--smoke", "--out", str(out)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert {r["method"]["kind"] for r in accuracy["rows"]} == {"mimi", "adapter", "lora", "adalora", "linear"}
+    at_budget = [r for r in accuracy["rows"] if r["budget_sigma"] is not None]
+    assert len({r["epochs"] for r in at_budget}) == 1, "every method at a budget trains MiMi's epochs"
+    adalora = next(r for r in at_budget if r["method"]["kind"] == "adalora")
+    assert 0 < adalora["method_params"] <= 4 * next(r for r in at_budget if r["method"]["kind"] == "lora")[
+        "method_params"], "AdaLoRA's count is its surviving ranks, not its initial 4x rank"
+
+    ablation = json.loads((out / "ablation.json").read_text())["rows"]
+    mimi = next(r for r in ablation if r["label"] == "global / mimi")
+    scratch = next(r for r in ablation if r["method"]["kind"] == "widths")
+    assert scratch["method"]["widths"] == mimi["widths"] and scratch["method_params"] == mimi["method_params"]
+    assert scratch["epochs"] == mimi["epochs"]
+
+    sweep = json.loads((out / "sweep.json").read_text())["rows"]
+    for row in (r for r in sweep if r["method"]["kind"] == "mimi"):  # each setting has a same-epochs vanilla run
+        assert any(v["method"]["kind"] == "adapter" and v["epochs"] == row["epochs"] for v in sweep), row["label"]
+    assert (out / "allocation.json").is_file() and (out / "accuracy.png").is_file()
+
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--results", str(tmp_path)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    cell = summary["backbones"]["smoke-vit"]["cells"][0]
+    diff = cell["mimi_minus_adapter"]
+    assert diff["wins"] + diff["ties"] + diff["losses"] == 1
+    assert abs(diff["mean_diff"] - 100 * (cell["accuracy_mimi"][0] - cell["accuracy_adapter"][0])) < 1e-9

@@ -101,5 +101,5 @@ def test_missing_inputs_exit_with_2(tmp_path, capsys):
 
 def test_the_console_script_is_installed():
     script = Path(sys.executable).parent / "peft-mimi"
-    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "{train,eval,info}" in done.stdout
