@@ -96,6 +96,17 @@ def with_pending(args, name: str, rows: list[dict]) -> list[dict]:
                    and key(r) not in done]
 
 
+def publish(args, out: Path, name: str, title: str, intro: str, header: list[str], table_rows: list[list],
+            rows: list[dict], summary: list[dict], started: float, final: bool) -> None:
+    """``<out>/<name>.md`` (title, intro, table, --notes) and ``<out>/<name>.json`` (config, every row)."""
+    md = [f"# {title} ({'final' if final else 'PARTIAL: run still going or interrupted'})", "", intro, "",
+          common.table(header, table_rows)]
+    if args.notes:
+        md += ["", args.notes]
+    common.write_results(out, name, {"config": vars_for_json(args), "rows": rows, "summary": summary,
+                                     "elapsed_s": time.time() - started, "final": final}, "\n".join(md))
+
+
 def train_limit(args, task: str) -> int | None:
     """The training-set cap for ``task``: its --task-max-train entry, else --max-train."""
     return args.task_max_train.get(task, args.max_train)
@@ -171,22 +182,18 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         table_rows = [[s["task"], "—" if s["budget_sigma"] is None else f"{s['budget_sigma']:g}", s["label"],
                        f"{statistics_mean(s['method_params']):,.0f}", f"{s['params_pct']:.2f}%", s["epochs"],
                        fmt(s["accuracy"]), len(s["seeds"])] for s in summary]
-        md = [f"# Accuracy at matched budgets ({'final' if final else 'PARTIAL: run still going or interrupted'})",
-              "", f"Backbone `{args.backbone}` ({backbone_size:,} parameters without head"
-              f"{f', at {args.image_size} px' if args.image_size else ''}), tasks {args.tasks} "
-              f"(train ≤ {args.max_train}{''.join(f', {t} ≤ {n}' for t, n in args.task_max_train.items())}, "
-              f"test ≤ {args.max_test}), seeds {args.seeds}, E = {args.epochs_per_round} "
-              f"epoch(s) per MiMi segment, batch {args.batch_size}, AdamW lr {args.lr} (full FT {args.lr_full}), "
-              "wd 0.05, cosine with 10% warm-up, no augmentation. Params = trained parameters besides the "
-              "classification head (every method also trains the head: "
+        intro = (f"Backbone `{args.backbone}` ({backbone_size:,} parameters without head"
+                 f"{f', at {args.image_size} px' if args.image_size else ''}), tasks {args.tasks} "
+                 f"(train ≤ {args.max_train}{''.join(f', {t} ≤ {n}' for t, n in args.task_max_train.items())}, "
+                 f"test ≤ {args.max_test}), seeds {args.seeds}, E = {args.epochs_per_round} "
+                 f"epoch(s) per MiMi segment, batch {args.batch_size}, AdamW lr {args.lr} (full FT {args.lr_full}), "
+                 "wd 0.05, cosine with 10% warm-up, no augmentation. Params = trained parameters besides the "
+                 "classification head (every method also trains the head: "
               f"{summary[0]['head_params'] if summary else '?'} parameters). Accuracy = test top-1 %, mean ± std "
-              "over seeds.", "",
-              common.table(["task", "σt", "method", "params", "% of backbone", "epochs", "accuracy %", "seeds"],
-                           table_rows)]
-        if args.notes:
-            md += ["", args.notes]
-        common.write_results(out, "accuracy", {"config": vars_for_json(args), "rows": rows, "summary": summary,
-                                               "elapsed_s": time.time() - started, "final": final}, "\n".join(md))
+                 "over seeds.")
+        publish(args, out, "accuracy", "Accuracy at matched budgets", intro,
+                ["task", "σt", "method", "params", "% of backbone", "epochs", "accuracy %", "seeds"], table_rows,
+                rows, summary, started, final)
         if summary:
             plot_accuracy(summary, out / "accuracy.png", args.backbone)
 
@@ -226,20 +233,15 @@ def ablation_part(args, out: Path, backbone_size: int) -> None:
             table_rows.append([s["task"], f"{s['budget_sigma']:g}", s["label"],
                                f"{statistics_mean(s['method_params']):,.0f}", s["epochs"], fmt(s["accuracy"]),
                                (f"{statistics_mean(removed):.1f}" if removed else "—"), len(s["seeds"])])
-        md = [f"# Ablation: selection, score, and allocation vs pruning "
-              f"({'final' if final else 'PARTIAL: run still going or interrupted'})", "",
-              f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4, ρ = 0.5, "
-              f"E = {args.epochs_per_round}; same loop and settings as accuracy.md. 'l1' = the eq. 3 numerator "
-              "without the 2·d normalisation; 'down_l1' = W_down only; 'gradient' = |w·∂L/∂w| summed per neuron. "
-              f"'{FROM_SCRATCH}' = fixed adapters with the final per-layer widths of the same seed's global / mimi "
-              "run, trained from the start for the same number of epochs (separates what the allocation buys from "
-              "what training large and then pruning buys).", "",
-              common.table(["task", "σt", "selection / score", "params", "epochs", "accuracy %", "adapters removed",
-                            "seeds"], table_rows)]
-        if args.notes:
-            md += ["", args.notes]
-        common.write_results(out, "ablation", {"config": vars_for_json(args), "rows": rows, "summary": summary,
-                                               "elapsed_s": time.time() - started, "final": final}, "\n".join(md))
+        intro = (f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4, ρ = 0.5, "
+                 f"E = {args.epochs_per_round}; same loop and settings as accuracy.md. 'l1' = the eq. 3 numerator "
+                 "without the 2·d normalisation; 'down_l1' = W_down only; 'gradient' = |w·∂L/∂w| summed per neuron. "
+                 f"'{FROM_SCRATCH}' = fixed adapters with the final per-layer widths of the same seed's global / "
+                 "mimi run, trained from the start for the same number of epochs (separates what the allocation buys "
+                 "from what training large and then pruning buys).")
+        publish(args, out, "ablation", "Ablation: selection, score, and allocation vs pruning", intro,
+                ["task", "σt", "selection / score", "params", "epochs", "accuracy %", "adapters removed", "seeds"],
+                table_rows, rows, summary, started, final)
 
     rows = []
     for task in args.tasks:
@@ -272,16 +274,12 @@ def sweep_part(args, out: Path, backbone_size: int) -> None:
         summary = summarise(rows, backbone_size)
         table_rows = [[s["task"], s["label"], f"{statistics_mean(s['method_params']):,.0f}", s["epochs"],
                        fmt(s["accuracy"]), len(s["seeds"])] for s in summary]
-        md = [f"# Sweep at σt = {sigma:g}: epochs per round, training after the last cut, prune ratio "
-              f"({'final' if final else 'PARTIAL: run still going or interrupted'})", "",
-              f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4; same loop and settings "
-              "as accuracy.md. Each MiMi setting is followed by vanilla adapters of the same budget trained for the "
-              "same total epochs.", "",
-              common.table(["task", "setting", "params", "epochs", "accuracy %", "seeds"], table_rows)]
-        if args.notes:
-            md += ["", args.notes]
-        common.write_results(out, "sweep", {"config": vars_for_json(args), "rows": rows, "summary": summary,
-                                            "elapsed_s": time.time() - started, "final": final}, "\n".join(md))
+        intro = (f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4; same loop and "
+                 "settings as accuracy.md. Each MiMi setting is followed by vanilla adapters of the same budget "
+                 "trained for the same total epochs.")
+        publish(args, out, "sweep", f"Sweep at σt = {sigma:g}: epochs per round, training after the last cut, "
+                "prune ratio", intro, ["task", "setting", "params", "epochs", "accuracy %", "seeds"], table_rows,
+                rows, summary, started, final)
 
     rows = []
     for task in args.tasks:
