@@ -79,8 +79,9 @@ _TENSORS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 def task_tensors(dataset: str, processor: Any, max_train: int | None = None, max_test: int | None = None,
                  cache_dir: Path | None = Path("/tmp/peft_mimi_bench_cache")) -> tuple[torch.Tensor, ...]:
     """``(x_train, y_train, x_test, y_test, num_labels)``: the built-in dataset's split through the eval transform
-    of ``processor``, once per (dataset, transform, sizes); kept in memory and in ``cache_dir``. ``max_train``
-    keeps a class-stratified prefix (the split is already shuffled by the loader's fixed seed)."""
+    of ``processor``, once per (dataset, transform, sizes); kept in memory and in ``cache_dir``. ``max_train`` /
+    ``max_test`` keep a class-balanced subset (:func:`balanced_subset`): the built-in splits keep their source's
+    order, which is sorted by class for mnist, textures and faces, so a plain prefix would drop whole classes."""
     from peft_mimi.data import ImageTransform, dataset_labels, load_builtin_dataset
 
     transform = ImageTransform.from_processor(processor, train=False)
@@ -90,10 +91,10 @@ def task_tensors(dataset: str, processor: Any, max_train: int | None = None, max
     path = None
     if cache_dir is not None:
         digest = hashlib.sha256(repr(transform).encode()).hexdigest()[:12]  # str hash() varies per process
-        tag = f"{dataset}-{digest}-{max_train}-{max_test}.pt"
+        tag = f"{dataset}-{digest}-balanced-{max_train}-{max_test}.pt"
         path = cache_dir / tag
         if path.is_file():
-            _TENSORS[key] = tuple(torch.load(path))
+            _TENSORS[key] = tuple(torch.load(path, weights_only=True))
             return _TENSORS[key]
     data = load_builtin_dataset(dataset)
     num_labels = len(dataset_labels(data["train"])[0])
@@ -101,7 +102,7 @@ def task_tensors(dataset: str, processor: Any, max_train: int | None = None, max
     for split, limit in (("train", max_train), ("test", max_test)):
         part = data[split]
         if limit is not None and limit < len(part):
-            part = part.select(range(limit))
+            part = part.select(balanced_subset(part["label"], limit))
         images = [part[i]["image"] for i in range(len(part))]
         x = torch.cat([transform(images[i : i + 256]) for i in range(0, len(images), 256)])
         out += [x, torch.tensor(part["label"], dtype=torch.long)]
@@ -111,6 +112,18 @@ def task_tensors(dataset: str, processor: Any, max_train: int | None = None, max
         torch.save(result, path)
     _TENSORS[key] = result
     return result
+
+
+def balanced_subset(labels: list[int], limit: int) -> list[int]:
+    """``limit`` indices taking the classes in turn (the 1st example of every class, then the 2nd, ...), each class
+    in its original order; sorted, so the subset keeps the split's order."""
+    seen: dict[int, int] = {}
+    rank = []
+    for label in labels:
+        rank.append(seen.get(label, 0))
+        seen[label] = rank[-1] + 1
+    order = sorted(range(len(labels)), key=lambda i: (rank[i], labels[i]))
+    return sorted(order[:limit])
 
 
 # ---------------------------------------------------------------------------------------------- methods

@@ -64,3 +64,14 @@ def test_accuracy_benchmark_smoke_runs_every_part_and_the_summary_pairs_seeds(tm
     diff = cell["mimi_minus_adapter"]
     assert diff["wins"] + diff["ties"] + diff["losses"] == 1
     assert abs(diff["mean_diff"] - 100 * (cell["accuracy_mimi"][0] - cell["accuracy_adapter"][0])) < 1e-9
+
+
+def test_training_subsets_keep_every_class_even_when_the_split_is_sorted_by_class():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import balanced_subset
+
+    labels = [0] * 400 + [1] * 400 + [2] * 400  # mnist's built-in split is ordered like this
+    chosen = balanced_subset(labels, 90)
+    assert [sum(labels[i] == c for i in chosen) for c in range(3)] == [30, 30, 30]
+    assert chosen == sorted(chosen) and len(set(chosen)) == 90
+    assert balanced_subset([1, 1, 0], 2) == [0, 2], "the first example of each class, in the split's order"
