@@ -182,6 +182,7 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         table_rows = [[s["task"], "—" if s["budget_sigma"] is None else f"{s['budget_sigma']:g}", s["label"],
                        f"{statistics_mean(s['method_params']):,.0f}", f"{s['params_pct']:.2f}%", s["epochs"],
                        fmt(s["accuracy"]), len(s["seeds"])] for s in summary]
+        heads = {s["task"]: s["head_params"] for s in summary}
         intro = (f"Backbone `{args.backbone}` ({backbone_size:,} parameters without head"
                  f"{f', at {args.image_size} px' if args.image_size else ''}), tasks {args.tasks} "
                  f"(train ≤ {args.max_train}{''.join(f', {t} ≤ {n}' for t, n in args.task_max_train.items())}, "
@@ -189,8 +190,8 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
                  f"epoch(s) per MiMi segment, batch {args.batch_size}, AdamW lr {args.lr} (full FT {args.lr_full}), "
                  "wd 0.05, cosine with 10% warm-up, no augmentation. Params = trained parameters besides the "
                  "classification head (every method also trains the head: "
-              f"{summary[0]['head_params'] if summary else '?'} parameters). Accuracy = test top-1 %, mean ± std "
-                 "over seeds.")
+                 f"{', '.join(f'{t} {h}' for t, h in heads.items())} parameters). Accuracy = test top-1 %, "
+                 "mean ± std over seeds.")
         publish(args, out, "accuracy", "Accuracy at matched budgets", intro,
                 ["task", "σt", "method", "params", "% of backbone", "epochs", "accuracy %", "seeds"], table_rows,
                 rows, summary, started, final)
