@@ -1,11 +1,13 @@
-"""Accuracy at matched parameter budgets (paper Table 1 / Fig. 3, reduced), the ablation (Table 2, reduced) and
-the per-layer allocation (Fig. 5), on a small pretrained backbone and CPU-sized tasks.
+"""Accuracy at matched parameter budgets (paper Table 1 / Fig. 3, reduced), the ablation (Table 2, reduced), the
+per-layer allocation (Fig. 5) and a sweep of MiMi's schedule, on small pretrained backbones and CPU-sized tasks.
 
-    python benchmarks/bench_accuracy.py --what accuracy     # -> results/accuracy.{md,json,png}
-    python benchmarks/bench_accuracy.py --what ablation     # -> results/ablation.{md,json}
-    python benchmarks/bench_accuracy.py --what allocation   # -> results/allocation_<task>.png (+ allocation.json)
-    python benchmarks/bench_accuracy.py --smoke --out /tmp/x   # all three, tiny random ViT, seconds
+    python benchmarks/bench_accuracy.py --what accuracy --out DIR   # -> DIR/accuracy.{md,json,png}
+    python benchmarks/bench_accuracy.py --what ablation             # -> results/ablation.{md,json}
+    python benchmarks/bench_accuracy.py --what sweep                # -> results/sweep.{md,json}
+    python benchmarks/bench_accuracy.py --what allocation           # -> results/allocation_<task>.png (+ .json)
+    python benchmarks/bench_accuracy.py --smoke --out /tmp/x        # all four, tiny random ViT, under a minute
 
+The exact commands behind results/ are in benchmarks/README.md.
 Every method goes through `common.run` (same tensors, batch order, epochs, optimizer and schedule). MiMi trains
 ``(R+1)·E`` epochs; the other methods at a budget train the same number of epochs in one cosine schedule.
 Results are rewritten after every run, so an interrupted run leaves its finished rows (marked partial).
