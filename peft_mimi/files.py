@@ -12,19 +12,28 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 
 
 def check_adapter_weights(directory: str | os.PathLike) -> None:
     """Raise ``ValueError`` naming the file when ``directory``'s adapter weights are not a complete safetensors
     file (truncated, header damaged, trailing bytes). Checks the header against the file size: cheap, no tensor is
-    read. A directory without the file is left to PEFT's own "can't find weights" error."""
+    read. A directory without any weights file only warns (a config may be read on its own); PEFT's loader, which
+    then tries the directory name as a Hub repository id, fails after the warning."""
     path = Path(directory) / SAFETENSORS_WEIGHTS_NAME
     if not path.is_file():
+        if not (Path(directory) / WEIGHTS_NAME).is_file():
+            warnings.warn(
+                f"{Path(directory)} holds adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME}: loading the adapter "
+                "from it will fail. The save was interrupted or the weights were not copied; save the adapter again "
+                "(peft_mimi.save_adapter) or put the weights file next to its config.",
+                stacklevel=3,
+            )
         return
     try:
         with safe_open(str(path), framework="pt") as weights:

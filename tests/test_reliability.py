@@ -130,6 +130,14 @@ def test_a_damaged_weights_file_is_refused_naming_the_file(tmp_path, damage, rea
         model.load_adapter(tmp_path / "adapter", adapter_name="other")
 
 
+def test_a_missing_weights_file_is_named_before_peft_fails(tmp_path):
+    _saved_adapter(tmp_path).unlink()
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(tmp_path))} holds adapter_config.json but no "
+                                         r"adapter_model.safetensors.*save the adapter again"):
+        with pytest.raises(Exception):  # noqa: B017, PT011  (PEFT then tries the path as a Hub repo id)
+            PeftModel.from_pretrained(make_model("vit"), tmp_path)
+
+
 def test_save_adapter_that_fails_midway_leaves_the_previous_files_whole(tmp_path, monkeypatch):
     import peft.peft_model
 
