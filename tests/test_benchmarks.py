@@ -75,3 +75,11 @@ def test_training_subsets_keep_every_class_even_when_the_split_is_sorted_by_clas
     assert [sum(labels[i] == c for i in chosen) for c in range(3)] == [30, 30, 30]
     assert chosen == sorted(chosen) and len(set(chosen)) == 90
     assert balanced_subset([1, 1, 0], 2) == [0, 2], "the first example of each class, in the split's order"
+
+
+def test_plots_are_drawn_from_the_committed_results(tmp_path):
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_results.py"), "--out", str(tmp_path)],
+                          check=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    for name in ("ablation", "sweep", "inference", "storage", "training_cost"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000, done.stdout
