@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -123,13 +124,9 @@ def summarise(rows: list[dict], backbone_size: int) -> list[dict]:
         params = [r["method_params"] for r in rs]
         out.append({"task": task, "budget_sigma": sigma, "label": label, "seeds": [r["seed"] for r in rs],
                     "accuracy": [r["accuracy"] for r in rs], "method_params": params,
-                    "params_pct": 100 * statistics_mean(params) / backbone_size, "epochs": rs[0]["epochs"],
+                    "params_pct": 100 * statistics.fmean(params) / backbone_size, "epochs": rs[0]["epochs"],
                     "head_params": rs[0]["head_params"], "wall_s": [r["wall_s"] for r in rs]})
     return out
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def plot_accuracy(summary: list[dict], path: Path, backbone: str) -> None:
@@ -147,7 +144,7 @@ def plot_accuracy(summary: list[dict], path: Path, backbone: str) -> None:
                 continue
             family = s["label"].split(" ")[0] if s["budget_sigma"] is not None else s["label"]
             mean, std = common.mean_std([a * 100 for a in s["accuracy"]])
-            families.setdefault(family, []).append((max(statistics_mean(s["method_params"]), 1), mean, std))
+            families.setdefault(family, []).append((max(statistics.fmean(s["method_params"]), 1), mean, std))
         for family, points in sorted(families.items()):
             points.sort()
             xs, ys, es = zip(*points)
@@ -182,7 +179,7 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         rows = with_pending(args, "accuracy", rows)
         summary = summarise(rows, backbone_size)
         table_rows = [[s["task"], "—" if s["budget_sigma"] is None else f"{s['budget_sigma']:g}", s["label"],
-                       f"{statistics_mean(s['method_params']):,.0f}", f"{s['params_pct']:.2f}%", s["epochs"],
+                       f"{statistics.fmean(s['method_params']):,.0f}", f"{s['params_pct']:.2f}%", s["epochs"],
                        fmt(s["accuracy"]), len(s["seeds"])] for s in summary]
         heads = {s["task"]: s["head_params"] for s in summary}
         intro = (f"Backbone `{args.backbone}` ({backbone_size:,} parameters without head"
@@ -234,8 +231,8 @@ def ablation_part(args, out: Path, backbone_size: int) -> None:
             removed = [sum(w == 0 for w in r["widths"].values()) for r in rows if r["widths"] and
                        (r["label"], r["task"], r["budget_sigma"]) == (s["label"], s["task"], s["budget_sigma"])]
             table_rows.append([s["task"], f"{s['budget_sigma']:g}", s["label"],
-                               f"{statistics_mean(s['method_params']):,.0f}", s["epochs"], fmt(s["accuracy"]),
-                               (f"{statistics_mean(removed):.1f}" if removed else "—"), len(s["seeds"])])
+                               f"{statistics.fmean(s['method_params']):,.0f}", s["epochs"], fmt(s["accuracy"]),
+                               (f"{statistics.fmean(removed):.1f}" if removed else "—"), len(s["seeds"])])
         intro = (f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4, ρ = 0.5, "
                  f"E = {args.epochs_per_round}; same loop and settings as accuracy.md. 'l1' = the eq. 3 numerator "
                  "without the 2·d normalisation; 'down_l1' = W_down only; 'gradient' = |w·∂L/∂w| summed per neuron. "
@@ -275,7 +272,7 @@ def sweep_part(args, out: Path, backbone_size: int) -> None:
     def write(rows: list[dict], final: bool = False) -> None:
         rows = with_pending(args, "sweep", rows)
         summary = summarise(rows, backbone_size)
-        table_rows = [[s["task"], s["label"], f"{statistics_mean(s['method_params']):,.0f}", s["epochs"],
+        table_rows = [[s["task"], s["label"], f"{statistics.fmean(s['method_params']):,.0f}", s["epochs"],
                        fmt(s["accuracy"]), len(s["seeds"])] for s in summary]
         intro = (f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4; same loop and "
                  "settings as accuracy.md. Each MiMi setting is followed by vanilla adapters of the same budget "

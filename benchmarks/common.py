@@ -143,9 +143,10 @@ class Method:
     final_epochs: int | None = None  # MiMi: epochs after the last cut (default: epochs_per_round)
 
 
-def build(method: Method, model: nn.Module, seed: int) -> nn.Module:
-    """Wrap (or unfreeze parts of) ``model`` for ``method``; returns the module to train."""
-    from peft import LoraConfig, get_peft_model
+def build(method: Method, model: nn.Module, seed: int, total_steps: int | None = None) -> nn.Module:
+    """Wrap (or unfreeze parts of) ``model`` for ``method``; returns the module to train. AdaLoRA needs the
+    ``total_steps`` of its training."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     from peft_mimi import MiMiConfig
 
@@ -166,26 +167,18 @@ def build(method: Method, model: nn.Module, seed: int) -> nn.Module:
         config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_rank, target_modules=TARGET_MODULES,
                             modules_to_save=["classifier"])
         return get_peft_model(model, config)
-    if method.kind == "adalora":
-        raise ValueError("AdaLoRA needs its step count: use build_adalora(method, model, seed, total_steps)")
+    if method.kind == "adalora":  # its three phases over total_steps: 10 % warm-up at 4x the target rank, budget
+        # shrinking, the last 20 % at the final ranks
+        init_r = 4 * method.lora_rank
+        config = AdaLoraConfig(init_r=init_r, target_r=method.lora_rank, lora_alpha=init_r,
+                               target_modules=TARGET_MODULES, modules_to_save=["classifier"], total_step=total_steps,
+                               tinit=max(1, total_steps // 10), tfinal=max(1, total_steps // 5),
+                               deltaT=max(1, total_steps // 50))
+        return get_peft_model(model, config)
     for name, p in model.named_parameters():
         head = name.startswith("classifier")
         p.requires_grad_(method.kind == "full" or head or (method.kind == "bitfit" and name.endswith(".bias")))
     return model
-
-
-def build_adalora(method: Method, model: nn.Module, seed: int, total_steps: int) -> nn.Module:
-    """PEFT AdaLoRA with target average rank ``method.lora_rank``, starting at 4x that rank; its three phases
-    over ``total_steps``: 10 % warm-up at the initial rank, budget shrinking, the last 20 % at the final ranks."""
-    from peft import AdaLoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    init_r = 4 * method.lora_rank
-    config = AdaLoraConfig(init_r=init_r, target_r=method.lora_rank, lora_alpha=init_r,
-                           target_modules=TARGET_MODULES, modules_to_save=["classifier"], total_step=total_steps,
-                           tinit=max(1, total_steps // 10), tfinal=max(1, total_steps // 5),
-                           deltaT=max(1, total_steps // 50))
-    return get_peft_model(model, config)
 
 
 def adalora_live_params(model: nn.Module) -> int:
@@ -300,12 +293,8 @@ def run(method: Method, backbone: str, data: tuple, *, seed: int, epochs_per_rou
     (pass MiMi's total for matched-epoch comparisons) in one cosine schedule."""
     x_train, y_train, x_test, y_test, num_labels = data
     model, _ = load_model(backbone, num_labels, image_size)
-    after_step = None
-    if method.kind == "adalora":
-        model = build_adalora(method, model, seed, total_epochs * math.ceil(len(x_train) / batch_size))
-        after_step = model.base_model.update_and_allocate
-    else:
-        model = build(method, model, seed)
+    model = build(method, model, seed, total_steps=(total_epochs or 0) * math.ceil(len(x_train) / batch_size))
+    after_step = model.base_model.update_and_allocate if method.kind == "adalora" else None
     generator = torch.Generator().manual_seed(seed)
     kwargs = dict(lr=lr, batch_size=batch_size, generator=generator)
     start = time.perf_counter()

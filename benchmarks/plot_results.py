@@ -22,10 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _grouped_accuracy(raw: dict) -> dict[tuple, list[float]]:
     groups: dict[tuple, list[float]] = {}
     for row in raw["rows"]:
@@ -39,7 +35,7 @@ def plot_ablation(raw: dict, ax) -> None:
     labels = list(dict.fromkeys(label for _, label, _ in groups))
     width = 0.8 / len(budgets)
     for b, sigma in enumerate(budgets):
-        stats = [_mean_std(next((v for (s, lab, _), v in groups.items() if s == sigma and lab == label), [0.0]))
+        stats = [common.mean_std(next((v for (s, lab, _), v in groups.items() if s == sigma and lab == label), [0.0]))
                  for label in labels]
         ax.bar([i + b * width for i in range(len(labels))], [m for m, _ in stats], width, yerr=[s for _, s in stats],
                capsize=2, label=f"σt = {sigma:g}")
@@ -54,7 +50,7 @@ def plot_ablation(raw: dict, ax) -> None:
 def plot_sweep(raw: dict, ax) -> None:
     points: dict[str, list] = {"MiMi": [], "vanilla": []}
     for (_, label, epochs), values in _grouped_accuracy(raw).items():
-        mean, std = _mean_std(values)
+        mean, std = common.mean_std(values)
         points["MiMi" if label.startswith("MiMi") else "vanilla"].append((epochs, mean, std, label))
     for family, marker in (("MiMi", "o"), ("vanilla", "s")):
         for epochs, mean, std, label in points[family]:
@@ -105,7 +101,7 @@ def plot_storage(raw: dict, ax) -> None:
 def plot_training_cost(raw: dict, axes) -> None:
     runs = raw["runs"]
     labels = list(runs)
-    walls = [_mean_std([r["wall_s"] for r in runs[label]]) for label in labels]
+    walls = [common.mean_std([r["wall_s"] for r in runs[label]]) for label in labels]
     axes[0].bar(range(len(labels)), [m for m, _ in walls], yerr=[s for _, s in walls], capsize=3)
     axes[0].set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
     axes[0].set_ylabel(f"wall seconds for {raw['epochs']} epochs")

@@ -21,11 +21,10 @@ FIXED = (("adapter", "adapters σ=4"), ("linear", "linear probe"), ("bitfit", "B
 
 
 def _acc(rows: list[dict]) -> str:
-    values = [100 * r["accuracy"] for r in rows]
-    if not values:
+    if not rows:
         return "—"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+    mean, std = common.mean_std([100 * r["accuracy"] for r in rows])
+    return f"{mean:.1f} ± {std:.1f}"
 
 
 def _paired(mimi: list[dict], rival: list[dict]) -> tuple[str, dict]:

@@ -67,6 +67,19 @@ def save_adapter(model: Any, save_directory: str | os.PathLike, **kwargs: Any) -
     return target
 
 
+def publish_directory(staging: Path, target: Path) -> None:
+    """Replace ``target`` by the complete directory ``staging`` (fsynced first): a reader sees the old directory or
+    the new one, never a mix. An existing ``target`` is moved aside and deleted after the rename."""
+    fsync_tree(staging)
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)
+
+
 def fsync_tree(root: Path) -> None:
     """Flush every file and directory under ``root`` (and ``root``) to disk, so that a rename that follows
     publishes complete files even after a power loss."""

@@ -50,7 +50,7 @@ from .backbones import load_backbone
 from .card import model_card
 from .config import MiMiConfig
 from .data import BUILTIN_DATASETS, ImageTransform, dataset_labels, load_image_dataset, make_collate_fn
-from .files import fsync_dir, fsync_tree
+from .files import publish_directory
 from .serving import RUN_FILE
 
 __all__ = ["TrainResult", "build_optimizer", "evaluate", "evaluate_adapter", "latest_checkpoint", "train"]
@@ -532,9 +532,7 @@ def _save_checkpoint(
                                          "position": dataclasses.asdict(pos)})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        fsync_tree(tmp)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        publish_directory(tmp, final)
         for old in root.iterdir():
             if old != final and (old.name.startswith("ckpt-") or old.name.startswith(".tmp-ckpt-")):
                 shutil.rmtree(old, ignore_errors=True)
@@ -585,13 +583,7 @@ def _save_adapter(
         card = model_card(peft_model, dataset=settings.data, history=history, base_model=settings.model,
                           repo_id=repo_id, num_labels=len(run.labels), settings=dataclasses.asdict(settings))
         (tmp / "README.md").write_text(card)  # after save_pretrained, which writes PEFT's generic card
-        fsync_tree(tmp)
-        old = output_dir / f".old-{ADAPTER_DIR}"
-        if adapter_dir.exists():
-            os.replace(adapter_dir, old)
-        os.replace(tmp, adapter_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(output_dir)
+        publish_directory(tmp, adapter_dir)
     accelerator.wait_for_everyone()
     return adapter_dir
 
