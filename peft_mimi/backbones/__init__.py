@@ -114,14 +114,18 @@ def load_backbone(
     id2label: dict[int, str] | None = None,
     label2id: dict[str, int] | None = None,
     torch_dtype: torch.dtype | str | None = None,
+    pretrained_head: bool = False,
 ) -> tuple[PreTrainedModel, Any]:
     """Load an image classifier and its image processor: ``(model, image_processor)``.
 
-    ``name_or_path`` is a built-in name (:func:`list_backbones`), a local directory or a Hub id. With
-    ``num_labels`` (or just ``id2label``) different from the checkpoint's head, the head is replaced by a
-    freshly initialised one of that size, everything else pretrained; a checkpoint without a head (like
-    ``dinov2-s14``) always gets a fresh one and needs ``num_labels``. When the size matches, the pretrained head
-    is kept and only ``id2label``/``label2id`` are replaced (if given). Labels default to ``LABEL_i``.
+    ``name_or_path`` is a built-in name (:func:`list_backbones`), a local directory or a Hub id. Giving the
+    task's labels (``num_labels`` or ``id2label``) means a new task: the head is freshly initialised (the
+    family's own initialisation) for that many classes, everything else pretrained, even when the checkpoint's
+    head has the same size, because a head trained on another task's classes starts far from chance (on
+    Fashion-MNIST's head, digits start at a loss of 5.4 instead of ln 10 = 2.3). ``pretrained_head=True`` keeps
+    the checkpoint's head instead (its size must match); it only relabels it. A checkpoint without a head (like
+    ``dinov2-s14``) needs ``num_labels``. Without labels the checkpoint's own classifier is returned as it is.
+    Labels default to ``LABEL_i``.
     """
     name_or_path = str(name_or_path)
     source = _resolve(name_or_path)
@@ -138,7 +142,14 @@ def load_backbone(
     kwargs = _dtype_kwarg(torch_dtype)
     if num_labels is not None and num_labels < 1:
         raise ValueError(f"num_labels must be at least 1, got {num_labels}.")
-    fresh_head = num_labels is not None and (not has_head or num_labels != config.num_labels)
+    if pretrained_head and not has_head:
+        raise ValueError(f"pretrained_head=True, but '{name_or_path}' has no classification head to keep; leave "
+                         "pretrained_head=False to get a fresh one.")
+    if pretrained_head and num_labels is not None and num_labels != config.num_labels:
+        raise ValueError(f"pretrained_head=True keeps the checkpoint's head of {config.num_labels} classes, but "
+                         f"{num_labels} labels were given. Leave pretrained_head=False for a fresh head of that size.")
+    fresh_head = num_labels is not None and not pretrained_head
+    resized = fresh_head and (not has_head or num_labels != config.num_labels)
     if fresh_head or id2label is not None:
         id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
         label2id = label2id or {label: i for i, label in id2label.items()}
@@ -147,7 +158,28 @@ def load_backbone(
         kwargs.update(num_labels=len(id2label), id2label=id2label, label2id=label2id)
     elif label2id is not None:
         raise ValueError("label2id needs id2label (or a num_labels that changes the head).")
-    if fresh_head:
+    if resized:
         kwargs["ignore_mismatched_sizes"] = True
     model = _from_pretrained(AutoModelForImageClassification, source, name_or_path, **kwargs)
+    if fresh_head and not resized:  # same size as the pretrained head: loaded, so initialise it anew
+        _reinitialise(model, _classification_head(model))
     return model, _from_pretrained(AutoImageProcessor, source, name_or_path)
+
+
+def _classification_head(model: PreTrainedModel) -> torch.nn.Module:
+    for name in ("classifier", "head", "fc"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise ValueError(f"Cannot find the classification head of {type(model).__name__} (looked for 'classifier', "
+                     "'head', 'fc').")
+
+
+def _reinitialise(model: PreTrainedModel, module: torch.nn.Module) -> None:
+    """Initialise ``module`` as the model family initialises a new one. transformers 5 marks loaded weights as
+    initialised so that ``_init_weights`` skips them; the marks are removed first."""
+    for sub in module.modules():
+        for item in (sub, *sub.parameters(recurse=False), *sub.buffers(recurse=False)):
+            if hasattr(item, "_is_hf_initialized"):
+                del item._is_hf_initialized
+        model._init_weights(sub)
