@@ -13,96 +13,85 @@ Exit codes: 0 success, 1 training failed (e.g. the loss became NaN), 2 bad argum
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+from .config import ACTIVATIONS, MiMiConfig
 from .pruning import SCORES, SELECTIONS, adapter_params
+from .train import TrainingRecipe
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+# MiMi's method fields as CLI options: the fields, defaults and help texts are MiMiConfig's own
+_MIMI_FIELDS = ("target_compression", "target_params", "init_compression", "prune_ratio", "selection", "score",
+                "activation", "adapter_bias", "init_weights")
+_CHOICES = {"selection": SELECTIONS, "score": SCORES, "activation": ACTIVATIONS}
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+@dataclass
+class RunArguments:
+    """What to train on what, and where the run goes."""
+
+    model: str = field(metadata={"help": "backbone: a built-in name (fmnist-vit, fmnist-swin, dinov2-s14), a local "
+                                         "directory or a Hub id"})
+    data: str = field(metadata={"help": "dataset: a built-in name (digits, mnist, faces, textures, fashion_mnist), "
+                                        "an image folder or a Hub dataset id"})
+    output_dir: str = field(metadata={"help": "where metrics.jsonl, checkpoints/ and the final adapter/ go"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --output-dir"})
+    push_to_hub: Optional[str] = field(default=None, metadata={
+        "help": "upload the adapter to this Hub model repository (uses your saved Hub login)", "metavar": "REPO"})
 
 
-def _ratio(text: str) -> float:
-    value = _positive_float(text)
-    if not value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
+def _mimi_options() -> type:
+    """A dataclass of MiMiConfig's method fields (same names, types, defaults and help), for the parser."""
+    fields = {f.name: f for f in dataclasses.fields(MiMiConfig)}
+    made = []
+    for name in _MIMI_FIELDS:
+        metadata = dict(fields[name].metadata)
+        if name in _CHOICES:
+            metadata["choices"] = list(_CHOICES[name])
+        made.append((name, fields[name].type, field(default=fields[name].default, metadata=metadata)))
+    options = dataclasses.make_dataclass("MiMiOptions", made)
+    options.__module__ = __name__
+    return options
+
+
+def train_parser():
+    """The parser of ``peft-mimi train``: :class:`RunArguments`, MiMiConfig's method fields and
+    :class:`~peft_mimi.train.TrainingRecipe`, each option declared once, in its dataclass."""
+    from typing import get_type_hints
+
+    from transformers import HfArgumentParser
+
+    options = _mimi_options()
+    options.__annotations__ = {n: get_type_hints(MiMiConfig)[n] for n in _MIMI_FIELDS}
+    for f in dataclasses.fields(options):
+        f.type = options.__annotations__[f.name]
+    return HfArgumentParser((RunArguments, options, TrainingRecipe), prog="peft-mimi train",
+                            description="Run MiMi's schedule: train, prune, ..., train; save the adapter. Give one "
+                                        "budget: --target-compression or --target-params.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``peft-mimi`` (subcommands ``train``, ``eval``, ``info``)."""
+    """The argument parser of ``peft-mimi`` (subcommands ``train``, ``eval``, ``info``); ``train``'s own options
+    come from :func:`train_parser`."""
     parser = argparse.ArgumentParser(
         prog="peft-mimi", description="MiMi (Mini but Mighty) adapters for Vision Transformers, with PEFT.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info}")
-
-    train = commands.add_parser("train", help="run MiMi's schedule: train, prune, ..., train; save the adapter",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--model", required=True, help="backbone: a built-in name (fmnist-vit, fmnist-swin, "
-                       "dinov2-s14), a local directory or a Hub id")
-    train.add_argument("--data", required=True, help="dataset: a built-in name (digits, mnist, faces, textures, "
-                       "fashion_mnist), an image folder or a Hub dataset id")
-    train.add_argument("--output-dir", required=True, type=Path,
-                       help="where metrics.jsonl, checkpoints/ and the final adapter/ go")
-    budget = train.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--target-compression", type=_positive_float, help="σt: prune to the size of uniform "
-                        "adapters of width d/σt")
-    budget.add_argument("--target-params", type=_positive_int, help="prune to at most this many adapter parameters")
-    train.add_argument("--init-compression", type=_positive_float, default=4.0, help="σ0: start width d/σ0")
-    train.add_argument("--prune-ratio", type=_ratio, default=0.5, help="ρ: fraction of neurons removed per round")
-    train.add_argument("--selection", choices=SELECTIONS, default="global", help="rank neurons across all "
-                       "adapters (global, MiMi) or within each (local)")
-    train.add_argument("--score", choices=SCORES, default="mimi", help="neuron importance score")
-    train.add_argument("--epochs-per-round", type=_positive_int, default=2, help="E: epochs trained per round")
-    train.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per process")
-    train.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
-    train.add_argument("--lr", type=_positive_float, default=None,
-                       help="peak learning rate (default: 5e-4 x effective batch / 512)")
-    train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases)")
-    train.add_argument("--warmup-ratio", type=float, default=0.1, help="warm-up fraction of each round's steps")
-    train.add_argument("--max-grad-norm", type=_positive_float, default=5.0, help="gradient clipping")
-    train.add_argument("--image-size", type=_positive_int, default=None,
-                       help="train and evaluate at this size (default: the backbone's)")
-    train.add_argument("--no-flip", dest="flip", action="store_false", default=None,
-                       help="no horizontal flips (default: flip unless the dataset forbids it)")
-    train.add_argument("--max-train-samples", type=_positive_int, default=None, help="use a random subset")
-    train.add_argument("--max-eval-samples", type=_positive_int, default=None, help="use a random subset")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    train.add_argument("--checkpoint-every-steps", type=_positive_int, default=None,
-                       help="also checkpoint every N optimizer steps (always at the end of each round)")
-    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
-                       help="default: accelerate's configuration")
-    train.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    train.add_argument("--push-to-hub", metavar="REPO", default=None,
-                       help="upload the adapter to this Hub model repository (uses your saved Hub login)")
+    commands.add_parser("train", help="run MiMi's schedule: train, prune, ..., train; save the adapter "
+                                      "(peft-mimi train --help lists its options)", add_help=False)
 
     evaluate = commands.add_parser("eval", help="accuracy of a saved adapter on a dataset's test split")
     evaluate.add_argument("adapter_dir", type=Path, help="a saved MiMi adapter (OUTPUT_DIR/adapter)")
     evaluate.add_argument("--data", required=True, help="dataset, as for train")
     evaluate.add_argument("--model", default=None, help="backbone (default: the one recorded in the adapter)")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=64)
-    evaluate.add_argument("--max-eval-samples", type=_positive_int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--max-eval-samples", type=int, default=None)
 
     info = commands.add_parser("info", help="per-layer widths, parameter counts, budget and rounds of an adapter")
     info.add_argument("adapter_dir", type=Path, help="a saved MiMi adapter (OUTPUT_DIR/adapter)")
@@ -112,13 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peft-mimi`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        try:
+            return _train(argv[1:])
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as err:
+            print(f"peft-mimi train: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except FloatingPointError as err:
+            print(f"peft-mimi train: training failed: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            print("peft-mimi train: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "adapter_dir", None) is not None and not args.adapter_dir.is_dir():
         parser.error(f"{args.adapter_dir} is not a directory; pass the adapter directory that `peft-mimi train` "
                      "writes (OUTPUT_DIR/adapter)")
     try:
-        return {"train": _train, "eval": _eval, "info": _info}[args.command](args)
+        return {"eval": _eval, "info": _info}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as err:
         print(f"peft-mimi {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -130,20 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(argv: list[str]) -> int:
     from .train import train
 
-    result = train(
-        args.model, args.data, args.output_dir, target_compression=args.target_compression,
-        target_params=args.target_params, init_compression=args.init_compression, prune_ratio=args.prune_ratio,
-        selection=args.selection, score=args.score, epochs_per_round=args.epochs_per_round,
-        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-        image_size=args.image_size, flip=args.flip, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples, seed=args.seed, mixed_precision=args.mixed_precision,
-        resume=args.resume, checkpoint_every_steps=args.checkpoint_every_steps, push_to_hub=args.push_to_hub,
-        num_workers=args.num_workers,
-    )
+    run, options, recipe = train_parser().parse_args_into_dataclasses(args=argv)
+    mimi = MiMiConfig(**dataclasses.asdict(options))
+    result = train(run.model, run.data, run.output_dir, recipe, mimi=mimi, resume=run.resume,
+                   push_to_hub=run.push_to_hub)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -1,24 +1,38 @@
-"""MiMi's whole schedule with `accelerate`: train, prune, train, ..., prune, train (METHOD.md section 4).
+"""The one training loop of peft_mimi: MiMi's schedule (train, prune, train, ..., prune, train; METHOD.md section
+4) with `accelerate`, and the same loop, without pruning rounds, for any other classifier.
 
-:func:`train` loads a backbone and an image dataset, wraps the backbone with MiMi adapters (the classification
-head trains in full), then for every round ``r = 0..R`` trains ``epochs_per_round`` epochs, measures test
-accuracy and, except after the last round, runs one pruning round that physically shrinks the adapters (so
-the next round is cheaper) and rebuilds the optimizer and the learning-rate schedule. It runs unchanged on
-one CPU or under ``accelerate launch`` (every process applies rank 0's pruning decision; only the main
-process writes files).
+:func:`train` takes a model and a dataset, as objects or by name, and a :class:`TrainingRecipe`:
+
+* ``model``: a ``PeftModel`` with a MiMi adapter (pruned round by round), any other PEFT model or plain
+  classifier with its trainable parameters set (one round, no pruning: the baselines of the benchmarks), or a
+  backbone name (built-in, local directory, Hub id), which is loaded with a fresh head for the dataset's labels
+  and wrapped with ``mimi`` (a :class:`~peft_mimi.MiMiConfig`);
+* ``data``: a ``datasets.DatasetDict`` with ``"train"`` and ``"test"`` splits (columns ``image`` and ``label``,
+  see :func:`peft_mimi.data.load_image_dataset`) or a name that function resolves.
+
+For every round ``r = 0..R`` it trains ``epochs_per_round`` epochs, measures test accuracy and, except after the
+last round, runs one pruning round that physically shrinks the adapters (so the next round is cheaper) and
+rebuilds the optimizer and its warm-up + cosine schedule (the paper's per-round restart). It runs unchanged on
+one CPU or under ``accelerate launch`` (every process applies rank 0's pruning decision; only the main process
+writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/`` and every benchmark train through it.
 
 The output directory holds::
 
     metrics.jsonl                 one JSON line per round (round, epoch, widths, live_params, budget, ...)
     adapter/                      the final adapter: adapter_model.safetensors (live neurons only),
                                   adapter_config.json (widths, rounds_done, base model), README.md (model
-                                  card), preprocessor_config.json and mimi_run.json (labels, settings, metrics)
-    checkpoints/ckpt-NNNNN/       the latest checkpoint: adapter, optimizer, scheduler, RNG states, position
+                                  card), preprocessor_config.json and mimi_run.json (labels, settings, metrics);
+                                  a model that is not a PEFT model is saved whole, with save_pretrained
+    checkpoints/ckpt-NNNNN/       the latest checkpoint: trainable tensors, widths, optimizer, scheduler, RNG
+                                  states, position
 
 Checkpoints are written to a temporary directory, synced and renamed into place, so a crash at any moment
-leaves the previous complete checkpoint. ``resume=True`` continues from the latest one and, with the same
-settings and the same number of processes, ends where an uninterrupted run ends: data order depends only on
-``(seed, round, epoch)``, already-done batches of the interrupted epoch are skipped, and RNG states are restored.
+leaves the previous complete checkpoint. They hold only the trainable tensors (about 1 MB for DINOv2-S with
+MiMi; ``accelerate``'s ``save_state`` would write the whole model, 88 MB, at every checkpoint), so they are
+written by hand with ``accelerate``'s process helpers. ``resume=True`` continues from the latest one and, with
+the same settings and the same number of processes, ends where an uninterrupted run ends: data order depends
+only on ``(seed, round, epoch)``, already-done batches of the interrupted epoch are skipped, and RNG states are
+restored.
 """
 
 from __future__ import annotations
@@ -33,14 +47,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from huggingface_hub import HfApi
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -49,59 +65,111 @@ from transformers import get_cosine_schedule_with_warmup
 from .backbones import load_backbone
 from .card import model_card
 from .config import MiMiConfig
-from .data import BUILTIN_DATASETS, ImageTransform, dataset_labels, load_image_dataset, make_collate_fn
+from .data import (
+    BUILTIN_DATASETS,
+    ImageTransform,
+    dataset_labels,
+    load_image_dataset,
+    make_collate_fn,
+    processor_at_size,
+)
 from .files import publish_directory
+from .model import MiMiModel
 from .serving import RUN_FILE
 
-__all__ = ["TrainResult", "build_optimizer", "evaluate", "evaluate_adapter", "latest_checkpoint", "train"]
+__all__ = ["TrainResult", "TrainingRecipe", "build_optimizer", "evaluate", "evaluate_adapter", "latest_checkpoint",
+           "train"]
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
-_CHECKPOINT_FORMAT = 1
+_CHECKPOINT_FORMAT = 2
+# Chosen by benchmarks/lr_sweep.py (results/lr_sweep.md): the best peak learning rate of AdamW for adapters
+# and head on short schedules (2 epochs per round), over two backbones and three tasks.
+DEFAULT_LR = 2e-3
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything that decides what a run computes; a resumed run must use the same settings."""
+@dataclass
+class TrainingRecipe:
+    """How to train: epochs, batches, optimizer, schedule, preprocessing. Every field has a default that the
+    project's own measurements chose for short schedules on small datasets (the paper's recipe is 100 epochs per
+    round at ``lr = 5e-4 x batch / 512``, with mixup, cutmix and RandAugment)."""
 
-    model: str
-    data: str
-    target_compression: float | None
-    target_params: int | None
-    init_compression: float
-    prune_ratio: float
-    selection: str
-    score: str
-    epochs_per_round: int
-    batch_size: int
-    gradient_accumulation_steps: int
-    lr: float
-    weight_decay: float
-    warmup_ratio: float
-    max_grad_norm: float
-    image_size: int | None
-    flip: bool | None
-    max_train_samples: int | None
-    max_eval_samples: int | None
-    seed: int
+    epochs_per_round: int = field(default=2, metadata={"help": "E: epochs trained in each round (MiMi trains "
+                                                               "(R+1)·E epochs; a model without rounds trains E)."})
+    batch_size: int = field(default=64, metadata={"help": "Images per batch on each process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    lr: float = field(default=DEFAULT_LR, metadata={"help": "Peak learning rate of AdamW (adapters, and the head "
+                                                            "unless head_lr is given)."})
+    head_lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate of the classification "
+                                                                     "head (default: lr)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D "
+                                                                "weights)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up, as a fraction of each round's "
+                                                               "steps; then cosine decay to 0."})
+    max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping (the paper's 5.0)."})
+    image_size: Optional[int] = field(default=None, metadata={
+        "help": "Train and evaluate at this size (default: the backbone's); resize and crop keep the image "
+                "processor's ratio."})
+    flip: Optional[bool] = field(default=None, metadata={
+        "help": "Random horizontal flips in training (default: unless the built-in dataset forbids them)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={
+        "help": "Train on a class-balanced random subset of this many images."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={
+        "help": "Evaluate on a class-balanced subset of this many images."})
+    seed: int = field(default=0, metadata={"help": "Seed of the head, the adapters, data order and augmentation."})
+    mixed_precision: Optional[str] = field(default=None, metadata={
+        "help": "'no', 'fp16' or 'bf16' (default: accelerate's configuration)."})
+    checkpoint_every_steps: Optional[int] = field(default=None, metadata={
+        "help": "Also checkpoint every N optimizer steps (always at the end of each round)."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs_per_round", "batch_size", "gradient_accumulation_steps"):
+            _check_int(name, getattr(self, name), optional=False)
+        for name in ("image_size", "max_train_samples", "max_eval_samples", "checkpoint_every_steps"):
+            _check_int(name, getattr(self, name), optional=True)
+        for name in ("lr", "head_lr", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise ValueError(f"TrainingRecipe.{name} must be a number > 0, got {value!r}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainingRecipe.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainingRecipe.weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"TrainingRecipe.mixed_precision must be 'no', 'fp16' or 'bf16', got "
+                             f"{self.mixed_precision!r}.")
+        if self.num_workers < 0:
+            raise ValueError(f"TrainingRecipe.num_workers must be >= 0, got {self.num_workers!r}.")
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that decide what a run computes (a resumed run must use the same)."""
+        skip = ("mixed_precision", "checkpoint_every_steps", "num_workers")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: final accuracy and widths, parameter counts, the per-round history, paths, and
-    the trained model (in eval mode, the same as the saved adapter)."""
+    """What :func:`train` returns: final accuracy, widths (MiMi only) and parameter counts, the per-round
+    history, paths, and the trained model (in eval mode, the same as the saved one)."""
 
     accuracy: float
-    widths: dict[str, int]
-    live_params: int
-    budget: int
+    widths: dict[str, int] | None
+    live_params: int  # MiMi: parameters of the live adapter neurons; other models: trainable parameters
+    budget: int | None
     rounds: int
     history: list[dict[str, Any]]
     output_dir: Path
     adapter_dir: Path
     hub_url: str | None = None
-    model: PeftModel | None = field(default=None, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def seconds(self) -> float:
+        """Training and evaluation time of every round (resumed runs included)."""
+        return sum(row["seconds"] for row in self.history)
 
 
 @dataclass
@@ -119,6 +187,7 @@ class _Position:
     loss_count: int = 0
     seconds: float = 0.0  # time spent in the current round before the last checkpoint
     finished: bool = False
+    widths: dict[str, int] | None = None  # MiMi: physical widths of the checkpointed adapters
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def add_batch(self, loss: float) -> None:
@@ -126,84 +195,57 @@ class _Position:
 
 
 def train(
-    model: str,
-    data: str,
+    model: str | nn.Module,
+    data: str | datasets.DatasetDict,
     output_dir: str | os.PathLike,
+    recipe: TrainingRecipe | None = None,
     *,
-    target_compression: float | None = None,
-    target_params: int | None = None,
-    init_compression: float = 4.0,
-    prune_ratio: float = 0.5,
-    selection: str = "global",
-    score: str = "mimi",
-    epochs_per_round: int = 2,
-    batch_size: int = 64,
-    gradient_accumulation_steps: int = 1,
-    lr: float | None = None,
-    weight_decay: float = 0.05,
-    warmup_ratio: float = 0.1,
-    max_grad_norm: float = 5.0,
-    image_size: int | None = None,
-    flip: bool | None = None,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    seed: int = 0,
-    mixed_precision: str | None = None,
+    mimi: MiMiConfig | None = None,
+    processor: Any = None,
     resume: bool = False,
-    checkpoint_every_steps: int | None = None,
     push_to_hub: str | None = None,
-    num_workers: int = 0,
 ) -> TrainResult:
-    """Run MiMi's schedule on backbone ``model`` (a built-in name, a local directory or a Hub id) and dataset
-    ``data`` (see :func:`peft_mimi.data.load_image_dataset`); write metrics, checkpoints and the final adapter
-    under ``output_dir`` (layout in the module docstring) and return a :class:`TrainResult`.
+    """Train ``model`` on ``data`` with ``recipe`` (defaults: :class:`TrainingRecipe`); write metrics,
+    checkpoints and the final adapter under ``output_dir`` (layout in the module docstring); return a
+    :class:`TrainResult`.
 
-    Give one budget: ``target_compression`` (σt) or ``target_params``. ``batch_size`` is per process;
-    ``lr`` defaults to ``5e-4 * effective batch / 512`` (effective batch = batch_size x processes x
-    gradient_accumulation_steps). ``flip`` (horizontal flips in training) defaults to the dataset's own setting.
-    ``mixed_precision`` ("no", "fp16", "bf16") defaults to accelerate's configuration. ``push_to_hub`` names a
-    Hub repository to upload the adapter folder to, with the token huggingface_hub finds (never written to disk).
+    ``model`` given by name is loaded with a fresh head for the dataset's labels and wrapped with ``mimi``
+    (required then: it holds the budget). A model object is trained as it is; ``processor`` (its image
+    processor) is then required. ``push_to_hub`` names a Hub repository to upload the adapter folder to, with
+    the token huggingface_hub finds (never written to disk).
 
     Raises ``FileExistsError`` when ``output_dir`` already holds a run and ``resume`` is False, ``ValueError`` for
     bad settings or a checkpoint made with other settings, ``FloatingPointError`` when the loss becomes NaN or
     infinite (the last good checkpoint is kept).
     """
-    _check_arguments(epochs_per_round=epochs_per_round, batch_size=batch_size,
-                     gradient_accumulation_steps=gradient_accumulation_steps, lr=lr,
-                     checkpoint_every_steps=checkpoint_every_steps, max_train_samples=max_train_samples,
-                     max_eval_samples=max_eval_samples, image_size=image_size, warmup_ratio=warmup_ratio)
-    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision)
-    effective_batch = batch_size * gradient_accumulation_steps * accelerator.num_processes
-    settings = TrainSettings(
-        model=_model_reference(model), data=data, target_compression=target_compression,
-        target_params=target_params, init_compression=init_compression, prune_ratio=prune_ratio,
-        selection=selection, score=score, epochs_per_round=epochs_per_round, batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        lr=lr if lr is not None else 5e-4 * effective_batch / 512, weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, image_size=image_size, flip=flip,
-        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, seed=seed,
-    )
+    recipe = recipe if recipe is not None else TrainingRecipe()
+    if not isinstance(recipe, TrainingRecipe):
+        raise TypeError(f"recipe must be a TrainingRecipe, got {type(recipe).__name__}.")
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                              mixed_precision=recipe.mixed_precision)
     output_dir = Path(output_dir)
     checkpoint = _find_run(output_dir, resume)
-    run = _load_run(settings, checkpoint, accelerator, num_workers)
-    peft_model, tuner, pos = run.model, run.model.base_model, run.position
+    run = _load_run(model, data, recipe, mimi, processor, checkpoint, accelerator)
+    peft_model, tuner, pos = run.model, run.tuner, run.position
     eval_loader = accelerator.prepare(run.eval_loader)
     # optimizer steps per epoch on each process (every epoch has the same number of batches)
-    steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / gradient_accumulation_steps)
-    progress = tqdm(total=(pos.total_rounds + 1) * epochs_per_round * steps_per_epoch, initial=pos.global_step,
-                    disable=not accelerator.is_local_main_process, desc="MiMi")
+    steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / recipe.gradient_accumulation_steps)
+    progress = tqdm(total=(pos.total_rounds + 1) * recipe.epochs_per_round * steps_per_epoch, initial=pos.global_step,
+                    disable=not accelerator.is_local_main_process, desc="MiMi" if tuner else "train")
+    adaptive_lora = getattr(getattr(peft_model, "base_model", None), "update_and_allocate", None)  # AdaLoRA
 
     while not pos.finished:  # round r trains at the widths left by r pruning rounds
         optimizer, scheduler = build_optimizer(  # accelerate steps the schedule once per process and optimizer step
-            peft_model, lr=settings.lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-            num_training_steps=steps_per_epoch * epochs_per_round * accelerator.num_processes)
+            peft_model, lr=recipe.lr, head_lr=recipe.head_lr, weight_decay=recipe.weight_decay,
+            warmup_ratio=recipe.warmup_ratio,
+            num_training_steps=steps_per_epoch * recipe.epochs_per_round * accelerator.num_processes)
         model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
         if checkpoint is not None:  # the first round of a resumed run continues the saved optimizer and schedule
             _load_optimizer_state(checkpoint, optimizer, scheduler)
         started = time.perf_counter() - pos.seconds
-        for epoch in range(pos.epoch, epochs_per_round):
+        for epoch in range(pos.epoch, recipe.epochs_per_round):
             loader = accelerator.prepare(run.epoch_loader(pos.round, epoch))
-            set_seed(_seed(seed, pos.round, epoch), device_specific=True)  # dropout and other global RNG use
+            set_seed(_seed(recipe.seed, pos.round, epoch), device_specific=True)  # dropout and other global RNG
             if checkpoint is not None and pos.batch > 0:  # resume inside this epoch where the checkpoint stopped
                 _load_rng_state(checkpoint, accelerator)
                 loader = accelerator.skip_first_batches(loader, pos.batch)
@@ -215,25 +257,29 @@ def train(
                     mean_loss = _mean_finite_loss(accelerator, loss, pos, epoch, output_dir)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                        accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
+                    if adaptive_lora is not None and accelerator.sync_gradients:
+                        adaptive_lora(pos.global_step)  # AdaLoRA's budget schedule: after step, before zero_grad
                     optimizer.zero_grad()
                 pos.add_batch(mean_loss)
                 if accelerator.sync_gradients:
                     pos.global_step += 1
                     progress.update()
                     progress.set_postfix(round=pos.round, loss=f"{mean_loss:.4f}")
-                    if checkpoint_every_steps and pos.global_step % checkpoint_every_steps == 0:
+                    if recipe.checkpoint_every_steps and pos.global_step % recipe.checkpoint_every_steps == 0:
                         pos.epoch, pos.seconds = epoch, time.perf_counter() - started
-                        _save_checkpoint(accelerator, output_dir, peft_model, optimizer, scheduler, pos, settings)
+                        _save_checkpoint(accelerator, output_dir, peft_model, optimizer, scheduler, pos, run)
             pos.epoch, pos.batch = epoch + 1, 0
         checkpoint = None
         accuracy = evaluate(model, eval_loader, accelerator, **run.forward_kwargs)
-        pos.history.append(_round_metrics(tuner, pos, accuracy, time.perf_counter() - started, epochs_per_round))
+        pos.history.append(_round_metrics(peft_model, tuner, pos, accuracy, time.perf_counter() - started,
+                                          recipe.epochs_per_round))
         if accelerator.is_local_main_process:
-            progress.write(f"round {pos.round}/{pos.total_rounds}: accuracy {accuracy:.4f}, "
-                           f"{pos.history[-1]['live_params']:,} adapter parameters (budget {tuner.budget():,})")
+            size = (f"{pos.history[-1]['live_params']:,} adapter parameters (budget {tuner.budget():,})" if tuner
+                    else f"{pos.history[-1]['live_params']:,} trainable parameters")
+            progress.write(f"round {pos.round}/{pos.total_rounds}: accuracy {accuracy:.4f}, {size}")
         if pos.round == pos.total_rounds:
             pos.finished = True
         else:  # prune, then the next round trains a smaller model with a fresh optimizer and schedule
@@ -243,33 +289,39 @@ def train(
             pos.round, pos.epoch = pos.round + 1, 0
         pos.loss_sum, pos.loss_count, pos.seconds = 0.0, 0, 0.0
         _write_metrics(accelerator, output_dir, pos.history)
-        _save_checkpoint(accelerator, output_dir, peft_model, None, None, pos, settings)  # next round: new optimizer
+        _save_checkpoint(accelerator, output_dir, peft_model, None, None, pos, run)  # next round: new optimizer
     progress.close()
 
     peft_model = accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
-    adapter_dir = _save_adapter(accelerator, output_dir, peft_model, run, settings, pos.history, push_to_hub)
+    adapter_dir = _save_adapter(accelerator, output_dir, peft_model, run, pos.history, push_to_hub)
     hub_url = _push_to_hub(accelerator, adapter_dir, push_to_hub, pos.history) if push_to_hub else None
     return TrainResult(
-        accuracy=pos.history[-1]["accuracy"], widths=tuner.adapter_widths(), live_params=tuner.live_params(),
-        budget=tuner.budget(), rounds=pos.total_rounds, history=pos.history, output_dir=output_dir,
-        adapter_dir=adapter_dir, hub_url=hub_url, model=peft_model.eval(),
+        accuracy=pos.history[-1]["accuracy"], widths=tuner.adapter_widths() if tuner else None,
+        live_params=pos.history[-1]["live_params"], budget=tuner.budget() if tuner else None,
+        rounds=pos.total_rounds, history=pos.history, output_dir=output_dir, adapter_dir=adapter_dir,
+        hub_url=hub_url, model=peft_model.eval(),
     )
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
 def build_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, warmup_ratio: float, num_training_steps: int
+    model: nn.Module, *, lr: float, weight_decay: float, warmup_ratio: float, num_training_steps: int,
+    head_lr: float | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (betas 0.9, 0.999) over the trainable parameters, weight decay on matrices only (none on biases and
-    1-D weights), and a cosine schedule with linear warm-up over ``num_training_steps`` scheduler steps."""
+    1-D weights), peak ``lr`` (``head_lr`` for the classification head when given), and a cosine schedule with
+    linear warm-up over ``num_training_steps`` scheduler steps."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("The model has no trainable parameters: every adapter was removed and there is no head. "
                          "Use a larger budget (target_compression / target_params).")
-    groups = [
-        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    heads = set(_head_modules(model.get_base_model() if isinstance(model, PeftModel) else model, required=False))
+    groups = []
+    for is_head in (False, True):
+        chosen = [p for name, p in trainable if bool(heads & set(name.split("."))) == is_head]
+        rate = head_lr if is_head and head_lr is not None else lr
+        groups += [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": weight_decay, "lr": rate},
+                   {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": rate}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
     warmup = math.floor(warmup_ratio * num_training_steps)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, num_training_steps)
@@ -302,7 +354,7 @@ def evaluate_adapter(
     accelerator = Accelerator()
     dataset = load_image_dataset(data)
     peft_model, processor = load_adapter(adapter_dir, model=model, num_labels=len(dataset_labels(dataset)[0]))
-    test = _subset(dataset["test"], max_eval_samples, seed=0)
+    test = _balanced_subset(dataset["test"], max_eval_samples, seed=0)
     transform = ImageTransform.from_processor(processor, train=False)
     loader = DataLoader(test, batch_size=batch_size, collate_fn=make_collate_fn(transform, _num_labels(peft_model)))
     prepared, loader = accelerator.prepare(peft_model, loader)
@@ -354,7 +406,8 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 # ------------------------------------------------------------------------------------------------- the run itself
 @dataclass
 class _Run:
-    model: PeftModel
+    model: nn.Module
+    tuner: MiMiModel | None  # None: a model without pruning rounds
     processor: Any
     labels: list[str]
     position: _Position
@@ -363,20 +416,21 @@ class _Run:
     train_set: Any
     collate: Any
     augment: ImageTransform
-    batch_size: int
-    seed: int
-    num_workers: int
+    recipe: TrainingRecipe
+    settings: dict[str, Any]  # what decides the computation: a resumed run must match it
+    data_name: str
 
     def epoch_loader(self, round_: int, epoch: int) -> DataLoader:
         """The training batches of one epoch; order and augmentation depend only on ``(seed, round, epoch)``.
 
         The loader draws from its own generators, never from the global RNG, so that the global RNG (dropout)
         stays reproducible whatever the loader prefetches or skips."""
-        seed = _seed(self.seed, round_, epoch)
+        seed = _seed(self.recipe.seed, round_, epoch)
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.train_set), generator=generator).tolist()
-        return DataLoader(_Indexed(self.train_set), batch_size=self.batch_size, sampler=order, generator=generator,
-                          collate_fn=_SeededCollate(self.collate, self.augment, seed), num_workers=self.num_workers)
+        return DataLoader(_Indexed(self.train_set), batch_size=self.recipe.batch_size, sampler=order,
+                          generator=generator, collate_fn=_SeededCollate(self.collate, self.augment, seed),
+                          num_workers=self.recipe.num_workers)
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -408,42 +462,81 @@ class _SeededCollate:
         return self.collate(examples)
 
 
-def _load_run(settings: TrainSettings, checkpoint: Path | None, accelerator: Accelerator, num_workers: int = 0) -> _Run:
+def _load_run(model: str | nn.Module, data: str | datasets.DatasetDict, recipe: TrainingRecipe,
+              mimi: MiMiConfig | None, processor: Any, checkpoint: Path | None, accelerator: Accelerator) -> _Run:
     """Data, model and position: fresh, or as saved in ``checkpoint``."""
-    state = None if checkpoint is None else _read_json(checkpoint / "state.json")
-    if checkpoint is not None:
-        _check_checkpoint(state, settings, accelerator, checkpoint)
-    dataset = load_image_dataset(settings.data)
+    dataset, data_name = _resolve_data(data)
     names, id2label, label2id = dataset_labels(dataset)
-    set_seed(settings.seed)  # the new head and W_down: the same on every process
-    base, processor = load_backbone(settings.model, num_labels=len(names), id2label=id2label, label2id=label2id)
-    processor = _with_image_size(processor, settings.image_size)
-    if checkpoint is None:
-        config = MiMiConfig(
-            target_compression=settings.target_compression, target_params=settings.target_params,
-            init_compression=settings.init_compression, prune_ratio=settings.prune_ratio,
-            selection=settings.selection, score=settings.score, modules_to_save=_head_modules(base),
-            seed=settings.seed,
-        )
-        peft_model = get_peft_model(base, config)
-        peft_model.peft_config["default"].base_model_name_or_path = settings.model
-        position = _Position(total_rounds=peft_model.base_model.num_rounds())
+    set_seed(recipe.seed)  # the new head and W_down: the same on every process
+    if isinstance(model, str | os.PathLike):
+        if mimi is None:
+            raise ValueError("Training a backbone given by name needs its MiMi config with the budget: "
+                             "mimi=MiMiConfig(target_compression=64) (--target-compression 64).")
+        model_name = _model_reference(str(model))
+        base, loaded_processor = load_backbone(model_name, num_labels=len(names), id2label=id2label,
+                                               label2id=label2id)
+        processor = processor if processor is not None else loaded_processor
+        config = dataclasses.replace(mimi, modules_to_save=mimi.modules_to_save or _head_modules(base))
+        model = get_peft_model(base, config)
+        model.peft_config["default"].base_model_name_or_path = model_name
     else:
-        peft_model = PeftModel.from_pretrained(base, checkpoint / ADAPTER_DIR, is_trainable=True)
+        if mimi is not None:
+            raise ValueError("mimi=... configures a backbone given by name; a model object is trained as it is "
+                             "(wrap it with get_peft_model(model, MiMiConfig(...)) first).")
+        if processor is None:
+            raise ValueError(f"Training a {type(model).__name__} object needs its image processor: pass "
+                             "processor=... (e.g. AutoImageProcessor.from_pretrained(<backbone>)).")
+        model_name = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
+        _check_head_size(model, len(names))
+    tuner = model.base_model if isinstance(getattr(model, "base_model", None), MiMiModel) else None
+    processor = processor_at_size(processor, recipe.image_size) if recipe.image_size else processor
+    settings = {"model": model_name, "data": data_name, "recipe": recipe.settings(),
+                "mimi": _mimi_settings(tuner) if tuner else None}
+    if checkpoint is None:
+        position = _Position(total_rounds=tuner.num_rounds() if tuner else 0)
+    else:
+        state = _read_json(checkpoint / "state.json")
+        _check_checkpoint(state, settings, accelerator, checkpoint)
         position = _Position(**state["position"])
-    flip = settings.flip if settings.flip is not None else getattr(BUILTIN_DATASETS.get(settings.data), "flip_ok", True)
-    augment = ImageTransform.from_processor(processor, train=True, flip=flip, seed=settings.seed)
+        _restore_trainable(model, tuner, position, checkpoint)
+    flip = recipe.flip if recipe.flip is not None else getattr(BUILTIN_DATASETS.get(data_name), "flip_ok", True)
+    augment = ImageTransform.from_processor(processor, train=True, flip=flip, seed=recipe.seed)
     eval_transform = ImageTransform.from_processor(processor, train=False)
-    eval_collate = make_collate_fn(eval_transform, len(names))
-    test = _subset(dataset["test"], settings.max_eval_samples, seed=0)
+    test = _balanced_subset(dataset["test"], recipe.max_eval_samples, seed=0)
     return _Run(
-        model=peft_model, processor=processor, labels=names, position=position,
-        forward_kwargs=_forward_kwargs(peft_model, eval_transform),
-        eval_loader=DataLoader(test, batch_size=settings.batch_size, collate_fn=eval_collate, num_workers=num_workers),
-        train_set=_subset(dataset["train"], settings.max_train_samples, seed=settings.seed),
-        collate=make_collate_fn(augment, len(names)), augment=augment,
-        batch_size=settings.batch_size, seed=settings.seed, num_workers=num_workers,
+        model=model, tuner=tuner, processor=processor, labels=names, position=position,
+        forward_kwargs=_forward_kwargs(model, eval_transform),
+        eval_loader=DataLoader(test, batch_size=recipe.batch_size, collate_fn=make_collate_fn(eval_transform,
+                               len(names)), num_workers=recipe.num_workers),
+        train_set=_balanced_subset(dataset["train"], recipe.max_train_samples, seed=recipe.seed),
+        collate=make_collate_fn(augment, len(names)), augment=augment, recipe=recipe, settings=settings,
+        data_name=data_name,
     )
+
+
+def _resolve_data(data: str | datasets.DatasetDict) -> tuple[datasets.DatasetDict, str]:
+    """``(dataset with "train" and "test" splits, its name)``; a DatasetDict is named by its fingerprints."""
+    if isinstance(data, str | os.PathLike):
+        return load_image_dataset(str(data)), str(data)
+    if not isinstance(data, datasets.DatasetDict) or not {"train", "test"} <= set(data):
+        raise ValueError(f"data must be a dataset name or a datasets.DatasetDict with 'train' and 'test' splits, got "
+                         f"{type(data).__name__}{' with splits ' + str(list(data)) if hasattr(data, 'keys') else ''}."
+                         " Use peft_mimi.data.load_image_dataset(...) to build one.")
+    return data, "dataset:" + ",".join(getattr(data[split], "_fingerprint", "?") for split in ("train", "test"))
+
+
+def _mimi_settings(tuner: MiMiModel) -> dict[str, Any]:
+    config = tuner.peft_config[tuner.active_adapters[0]]
+    return {name: getattr(config, name) for name in ("init_compression", "target_compression", "target_params",
+                                                     "prune_ratio", "selection", "score", "activation",
+                                                     "adapter_bias", "init_weights")}
+
+
+def _check_head_size(model: nn.Module, num_labels: int) -> None:
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if classes is not None and classes != num_labels:
+        raise ValueError(f"The model's head classifies {classes} classes but the dataset has {num_labels}. Load the "
+                         f"backbone with num_labels={num_labels} (load_backbone(name, num_labels=...)).")
 
 
 def _mean_finite_loss(accelerator: Accelerator, loss: torch.Tensor, pos: _Position, epoch: int, output_dir: Path
@@ -462,16 +555,18 @@ def _mean_finite_loss(accelerator: Accelerator, loss: torch.Tensor, pos: _Positi
     return float(mean)
 
 
-def _round_metrics(tuner, pos: _Position, accuracy: float, seconds: float, epochs_per_round: int) -> dict[str, Any]:
-    widths = tuner.adapter_widths()
+def _round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: _Position, accuracy: float, seconds: float,
+                   epochs_per_round: int) -> dict[str, Any]:
+    widths = tuner.adapter_widths() if tuner else None
     return {
         "round": pos.round,
         "epoch": (pos.round + 1) * epochs_per_round,  # epochs trained so far, this round included
         "global_step": pos.global_step,
         "widths": widths,
-        "adapters_kept": sum(w > 0 for w in widths.values()),
-        "live_params": tuner.live_params(),
-        "budget": tuner.budget(),
+        "adapters_kept": sum(w > 0 for w in widths.values()) if tuner else None,
+        "live_params": tuner.live_params() if tuner else sum(p.numel() for p in model.parameters()
+                                                                 if p.requires_grad),
+        "budget": tuner.budget() if tuner else None,
         "accuracy": accuracy,
         "loss": pos.loss_sum / pos.loss_count if pos.loss_count else None,
         "seconds": round(seconds, 3),
@@ -492,12 +587,12 @@ def _find_run(output_dir: Path, resume: bool) -> Path | None:
     return None
 
 
-def _check_checkpoint(state: dict | None, settings: TrainSettings, accelerator: Accelerator, path: Path) -> None:
+def _check_checkpoint(state: dict | None, settings: dict[str, Any], accelerator: Accelerator, path: Path) -> None:
     if not state or state.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint this version of peft_mimi can read (state.json missing or of "
                          "another format). Start a new run in a new output directory.")
-    saved = state["settings"]
-    different = {k: (saved.get(k), v) for k, v in dataclasses.asdict(settings).items() if saved.get(k) != v}
+    saved, now = _flatten(state["settings"]), _flatten(json.loads(json.dumps(settings)))
+    different = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if different:
         listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in different.items())
         raise ValueError(f"Cannot resume {path}: it was made with other settings ({listed}). Pass the same "
@@ -508,12 +603,12 @@ def _check_checkpoint(state: dict | None, settings: TrainSettings, accelerator: 
 
 
 def _save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, peft_model: PeftModel, optimizer, scheduler, pos: _Position,
-    settings: TrainSettings,
+    accelerator: Accelerator, output_dir: Path, model: nn.Module, optimizer, scheduler, pos: _Position, run: _Run,
 ) -> None:
     """Write checkpoint ``ckpt-<serial>`` atomically (temporary directory, fsync, rename), then delete older
-    ones. Every process saves its own RNG state; the main process writes the rest. At a round boundary there is
-    no ``optimizer`` or ``scheduler`` to save: the next round builds new ones for the pruned adapters."""
+    ones. Every process saves its own RNG state; the main process writes the rest: the trainable tensors, the
+    adapters' widths (in ``state.json``), optimizer and scheduler. At a round boundary there is no ``optimizer``
+    or ``scheduler`` to save: the next round builds new ones for the pruned adapters."""
     pos.serial += 1
     root = output_dir / CHECKPOINT_DIR
     tmp, final = root / f".tmp-ckpt-{pos.serial:05d}", root / f"ckpt-{pos.serial:05d}"
@@ -523,11 +618,14 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        accelerator.unwrap_model(peft_model).save_pretrained(tmp / ADAPTER_DIR)
+        unwrapped = accelerator.unwrap_model(model)
+        pos.widths = _physical_widths(run.tuner)
+        save_file({name: p.detach().contiguous() for name, p in unwrapped.named_parameters() if p.requires_grad},
+                  str(tmp / _TRAINABLE_FILE))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        _write_json(tmp / "state.json", {"format": _CHECKPOINT_FORMAT, "settings": dataclasses.asdict(settings),
+        _write_json(tmp / "state.json", {"format": _CHECKPOINT_FORMAT, "settings": run.settings,
                                          "num_processes": accelerator.num_processes,
                                          "position": dataclasses.asdict(pos)})
     accelerator.wait_for_everyone()
@@ -537,6 +635,38 @@ def _save_checkpoint(
             if old != final and (old.name.startswith("ckpt-") or old.name.startswith(".tmp-ckpt-")):
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+_TRAINABLE_FILE = "trainable.safetensors"
+
+
+def _physical_widths(tuner: MiMiModel | None) -> dict[str, int] | None:
+    if tuner is None:
+        return None
+    adapter = tuner.active_adapters[0]
+    return {name: layer.physical_width(adapter) for name, layer in tuner._layers(adapter)}
+
+
+@torch.no_grad()
+def _restore_trainable(model: nn.Module, tuner: MiMiModel | None, pos: _Position, checkpoint: Path) -> None:
+    """Bring a freshly built ``model`` to the checkpoint: the adapters shrunk to the saved widths (the kept
+    neurons are then overwritten), the rounds done, and every trainable tensor."""
+    if tuner is not None:
+        adapter = tuner.active_adapters[0]
+        for name, layer in tuner._layers(adapter):
+            width = pos.widths[name]
+            layer.keep_neurons(adapter, torch.arange(layer.live_width(adapter)) < width)
+        tuner.peft_config[adapter].rounds_done = pos.round
+        tuner._record_widths(adapter)
+    saved = load_file(str(checkpoint / _TRAINABLE_FILE))
+    params = dict(model.named_parameters())
+    wanted = {name for name, p in params.items() if p.requires_grad}
+    if set(saved) != wanted:
+        raise ValueError(f"Cannot resume {checkpoint}: its trainable tensors differ from the model's (only in the "
+                         f"checkpoint: {sorted(set(saved) - wanted)[:5]}, only in the model: "
+                         f"{sorted(wanted - set(saved))[:5]}). Resume with the same model and settings.")
+    for name, tensor in saved.items():
+        params[name].copy_(tensor)
 
 
 def _load_optimizer_state(checkpoint: Path, optimizer, scheduler) -> None:
@@ -567,22 +697,25 @@ def _load_rng_state(checkpoint: Path, accelerator: Accelerator) -> None:
 
 
 def _save_adapter(
-    accelerator: Accelerator, output_dir: Path, peft_model: PeftModel, run: _Run, settings: TrainSettings,
-    history: list[dict[str, Any]], repo_id: str | None,
+    accelerator: Accelerator, output_dir: Path, peft_model: nn.Module, run: _Run, history: list[dict[str, Any]],
+    repo_id: str | None,
 ) -> Path:
-    """The final adapter, its model card, image processor and run summary in ``output_dir/adapter``, replaced
-    atomically."""
+    """The final adapter (a model that is not a PEFT model: the whole model), its model card (MiMi), image
+    processor and run summary in ``output_dir/adapter``, replaced atomically."""
     adapter_dir = output_dir / ADAPTER_DIR
     if accelerator.is_main_process:
         tmp = output_dir / f".tmp-{ADAPTER_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
         peft_model.save_pretrained(tmp)
         run.processor.save_pretrained(tmp)
-        _write_json(tmp / RUN_FILE, {"base_model": settings.model, "data": settings.data, "labels": run.labels,
-                                     "settings": dataclasses.asdict(settings), "history": history})
-        card = model_card(peft_model, dataset=settings.data, history=history, base_model=settings.model,
-                          repo_id=repo_id, num_labels=len(run.labels), settings=dataclasses.asdict(settings))
-        (tmp / "README.md").write_text(card)  # after save_pretrained, which writes PEFT's generic card
+        settings = run.settings
+        _write_json(tmp / RUN_FILE, {"base_model": settings["model"], "data": settings["data"],
+                                     "labels": run.labels, "settings": settings, "history": history})
+        if run.tuner is not None:  # after save_pretrained, which writes PEFT's generic card
+            card = model_card(peft_model, dataset=settings["data"], history=history, base_model=settings["model"],
+                              repo_id=repo_id, num_labels=len(run.labels),
+                              settings={**settings["recipe"], **settings["mimi"]})
+            (tmp / "README.md").write_text(card)
         publish_directory(tmp, adapter_dir)
     accelerator.wait_for_everyone()
     return adapter_dir
@@ -622,18 +755,23 @@ def _read_json(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _check_arguments(**values: Any) -> None:
-    for name in ("epochs_per_round", "batch_size", "gradient_accumulation_steps"):
-        if not isinstance(values[name], int) or isinstance(values[name], bool) or values[name] < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {values[name]!r}.")
-    for name in ("checkpoint_every_steps", "max_train_samples", "max_eval_samples", "image_size"):
-        value = values[name]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1 (or None), got {value!r}.")
-    if values["lr"] is not None and not values["lr"] > 0:
-        raise ValueError(f"lr must be > 0, got {values['lr']!r}.")
-    if not 0 <= values["warmup_ratio"] < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {values['warmup_ratio']!r}.")
+def _check_int(name: str, value: Any, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"TrainingRecipe.{name} must be an int >= 1{' (or None)' if optional else ''}, got "
+                         f"{value!r}.")
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"recipe.lr": 0.002, ...}`` from nested settings, to name what differs."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _model_reference(model: str) -> str:
@@ -648,18 +786,26 @@ def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
-def _subset(split, max_samples: int | None, seed: int):
-    """A seeded random subset of ``max_samples`` examples (all of them when None or larger than the split)."""
+def _balanced_subset(split: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:
+    """A seeded random subset of ``max_samples`` examples taking the classes in turn, so that every class keeps
+    its share even when the split is sorted by class (all of them when None or larger than the split)."""
     if max_samples is None or max_samples >= len(split):
         return split
-    keep = np.random.default_rng(seed).permutation(len(split))[:max_samples]
+    order = np.random.default_rng(seed).permutation(len(split))
+    labels = np.asarray(split["label"])[order]
+    rank = np.zeros(len(order), dtype=np.int64)  # how many of the same class come before, in the random order
+    seen: dict[int, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        rank[i] = seen.get(label, 0)
+        seen[label] = rank[i] + 1
+    keep = order[np.argsort(rank, kind="stable")[:max_samples]]
     return split.select(np.sort(keep))
 
 
-def _head_modules(model: nn.Module) -> list[str]:
+def _head_modules(model: nn.Module, required: bool = True) -> list[str]:
     """The classification head(s) trained in full alongside the adapters."""
     heads = [name for name in ("classifier", "head", "fc") if isinstance(getattr(model, name, None), nn.Module)]
-    if not heads:
+    if not heads and required:
         raise ValueError(f"Cannot find the classification head of {type(model).__name__} (looked for 'classifier', "
                          "'head', 'fc'). Load the backbone as an image classifier (AutoModelForImageClassification).")
     return heads[:1]
@@ -677,13 +823,3 @@ def _forward_kwargs(model: nn.Module, transform: ImageTransform) -> dict[str, An
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     accepts = "interpolate_pos_encoding" in inspect.signature(base.forward).parameters
     return {"interpolate_pos_encoding": True} if accepts and pretrained and pretrained != transform.image_size else {}
-
-
-def _with_image_size(processor: Any, image_size: int | None) -> Any:
-    """The processor, set to produce ``image_size`` x ``image_size`` images when given (its own size if None)."""
-    if image_size is None:
-        return processor
-    processor.size = {"height": image_size, "width": image_size}
-    if getattr(processor, "crop_size", None) is not None:
-        processor.crop_size = {"height": image_size, "width": image_size}
-    return processor

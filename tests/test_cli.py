@@ -73,13 +73,17 @@ def test_nan_loss_exits_with_1_and_says_where(backbone, tmp_path, capsys, monkey
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--model", "m", "--data", "digits", "--output-dir", "o"], "one of the arguments --target"),
+        (["train", "--model", "m", "--data", "digits", "--output-dir", "o"], "needs exactly one budget"),
         (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "8",
-          "--target-params", "100"], "not allowed with argument"),
+          "--target-params", "100"], "needs exactly one budget"),
         (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "8",
-          "--prune-ratio", "1.5"], "expected a number in (0, 1)"),
+          "--prune-ratio", "1.5"], "prune_ratio must be in (0, 1)"),
         (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "0"],
-         "expected a finite number > 0"),
+         "target_compression must be a number > 0"),
+        (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "8",
+          "--epochs-per-round", "0"], "epochs_per_round must be an int >= 1"),
+        (["train", "--data", "digits", "--output-dir", "o", "--target-compression", "8"],
+         "the following arguments are required: --model"),
         (["train", "--model", "m", "--data", "digits", "--output-dir", "o", "--target-compression", "8",
           "--selection", "best"], "invalid choice: 'best'"),
         (["eval", "no/such/dir", "--data", "digits"], "no/such/dir is not a directory"),
@@ -97,6 +101,26 @@ def test_missing_inputs_exit_with_2(tmp_path, capsys):
     assert "no adapter_config.json" in capsys.readouterr().err
     assert exit_code(["train", "--model", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o"), *TINY]) == 2
     assert "is not a built-in backbone" in capsys.readouterr().err
+
+
+def test_method_options_come_from_mimi_config(backbone, tmp_path, monkeypatch):
+    """activation, adapter_bias and init_weights reach the adapter from the command line."""
+    seen = {}
+    real = train_module.train
+
+    def spy(model, data, output_dir, recipe, *, mimi, **kwargs):
+        seen.update(mimi=mimi, recipe=recipe)
+        return real(model, data, output_dir, recipe, mimi=mimi, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    argv = ["train", "--model", backbone, "--output-dir", str(tmp_path / "o"), *TINY, "--activation", "relu",
+            "--adapter-bias", "--no-init-weights", "--head-lr", "0.01"]
+    assert main(argv) == 0
+    mimi = seen["mimi"]
+    assert (mimi.activation, mimi.adapter_bias, mimi.init_weights) == ("relu", True, False)
+    assert seen["recipe"].head_lr == 0.01 and seen["recipe"].lr == 3e-3
+    config = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    assert (config["activation"], config["adapter_bias"], config["init_weights"]) == ("relu", True, False)
 
 
 def test_the_console_script_is_installed():

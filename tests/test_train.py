@@ -6,6 +6,7 @@ start their own runs with the same settings so that their results can be compare
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -24,12 +25,14 @@ from safetensors.torch import load_file
 import peft_mimi.train as train_module
 from peft_mimi import MiMiConfig
 from peft_mimi.card import is_hub_model_id, model_card
-from peft_mimi.train import latest_checkpoint, load_adapter, train
+from peft_mimi.train import TrainingRecipe, latest_checkpoint, load_adapter, train
 
 # 96 training images in batches of 16: 6 optimizer steps per epoch. d = 32, σ0 = 4, σt = 16: widths 8 -> 2,
 # 2048 -> 512 adapter parameters in R = 2 rounds, so 3 rounds of training.
-SETTINGS = dict(data="digits", target_compression=16.0, epochs_per_round=1, batch_size=16, lr=3e-3,
-                max_train_samples=96, max_eval_samples=48, seed=0, checkpoint_every_steps=4)
+RECIPE = TrainingRecipe(epochs_per_round=1, batch_size=16, lr=3e-3, max_train_samples=96, max_eval_samples=48,
+                        seed=0, checkpoint_every_steps=4)
+MIMI = MiMiConfig(target_compression=16.0)
+SETTINGS = dict(data="digits", recipe=RECIPE, mimi=MIMI)
 STEPS_PER_ROUND = 6
 
 
@@ -192,8 +195,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ba
     assert checkpoint.name == "ckpt-00002"  # step 4 and the end of round 0; nothing written after the NaN
     state = json.loads((checkpoint / "state.json").read_text())["position"]
     assert (state["round"], state["global_step"]) == (1, 6)
-    adapter = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
-    assert all(torch.isfinite(t).all() for t in adapter.values())
+    saved = load_file(checkpoint / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(run, backbone, tmp_path, monkeypatch):
@@ -215,7 +218,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(run, backbone
     assert sorted(p.name for p in root.iterdir()) == [".tmp-ckpt-00003", "ckpt-00002"]
     assert latest_checkpoint(out).name == "ckpt-00002"
     # the end of round 0, after its pruning: the next round starts with a new optimizer, so none is saved
-    assert {p.name for p in (root / "ckpt-00002").iterdir()} == {"state.json", "rng-0.pt", "adapter"}
+    assert {p.name for p in (root / "ckpt-00002").iterdir()} == {"state.json", "rng-0.pt", "trainable.safetensors"}
 
     resumed = train(backbone, output_dir=out, resume=True, **SETTINGS)
     assert resumed.widths == run.widths and len(resumed.history) == 3
@@ -224,17 +227,69 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(run, backbone
 
 
 def test_resuming_with_other_settings_is_refused(run):
-    settings = {**SETTINGS, "lr": 1e-3}
-    with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 in the checkpoint, 0.001 now\)"):
+    settings = {**SETTINGS, "recipe": dataclasses.replace(RECIPE, lr=1e-3)}
+    with pytest.raises(ValueError, match=r"other settings \(recipe.lr: 0.003 in the checkpoint, 0.001 now\)"):
         train(run.model.peft_config["default"].base_model_name_or_path, output_dir=run.output_dir, resume=True,
               **settings)
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="epochs_per_round must be an int >= 1"):
-        train("fmnist-vit", "digits", tmp_path, target_compression=8.0, epochs_per_round=0)
+        TrainingRecipe(epochs_per_round=0)
     with pytest.raises(ValueError, match="warmup_ratio"):
-        train("fmnist-vit", "digits", tmp_path, target_compression=8.0, warmup_ratio=1.5)
+        TrainingRecipe(warmup_ratio=1.5)
+    with pytest.raises(ValueError, match="needs its MiMi config with the budget"):
+        train("fmnist-vit", "digits", tmp_path)
+    with pytest.raises(ValueError, match="needs its image processor"):
+        train(make_model("vit", num_labels=10), "digits", tmp_path)
+    with pytest.raises(ValueError, match="head classifies 3 classes but the dataset has 10"):
+        train(make_model("vit", num_labels=3), "digits", tmp_path, processor=object())
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+# ------------------------------------------------------------------------------------- objects and baselines
+def test_a_python_user_trains_objects_and_any_classifier_through_the_same_loop(backbone, tmp_path):
+    """The library call with objects: a MiMi PeftModel and a DatasetDict; and a LoRA model, which has no pruning
+    rounds, trained by the same loop for epochs_per_round epochs."""
+    from peft import LoraConfig
+    from transformers import AutoImageProcessor
+
+    from peft_mimi.backbones import load_backbone
+    from peft_mimi.data import load_image_dataset
+
+    data = load_image_dataset("digits")
+    processor = AutoImageProcessor.from_pretrained(backbone)
+    base, _ = load_backbone(backbone, num_labels=10)
+    model = get_peft_model(base, MiMiConfig(target_compression=16.0, modules_to_save=["classifier"]))
+    result = train(model, data, tmp_path / "mimi", RECIPE, processor=processor)
+    assert result.rounds == 2 and result.live_params <= 512 and result.model is model
+    assert [row["round"] for row in result.history] == [0, 1, 2]
+
+    base, _ = load_backbone(backbone, num_labels=10)
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["attention.o_proj", "mlp.fc2"],
+                                           modules_to_save=["classifier"]))
+    before = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
+    result = train(lora, data, tmp_path / "lora", dataclasses.replace(RECIPE, epochs_per_round=3),
+                   processor=processor)
+    assert result.rounds == 0 and result.widths is None and result.budget is None
+    assert [row["global_step"] for row in result.history] == [3 * STEPS_PER_ROUND]
+    assert result.live_params == sum(t.numel() for t in before.values())
+    assert any(not torch.equal(p, before[n]) for n, p in lora.named_parameters() if p.requires_grad)
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+
+
+def test_the_head_can_have_its_own_learning_rate(backbone):
+    from peft_mimi.backbones import load_backbone
+    from peft_mimi.train import build_optimizer
+
+    base, _ = load_backbone(backbone, num_labels=10)
+    model = get_peft_model(base, MiMiConfig(target_compression=16.0, modules_to_save=["classifier"]))
+    optimizer, _ = build_optimizer(model, lr=1e-3, head_lr=1e-2, weight_decay=0.05, warmup_ratio=0.0,
+                                   num_training_steps=10)
+    rates = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rates[id(p)] == (1e-2 if "classifier" in name else 1e-3), name
 
 
 # -------------------------------------------------------------------------------------------- the model card
@@ -258,8 +313,10 @@ def test_two_cpu_processes_make_the_same_pruning_decisions(backbone, tmp_path):
     out = tmp_path / "out"
     script.write_text(textwrap.dedent(f"""
         import json
-        from peft_mimi.train import train
-        result = train({backbone!r}, output_dir={str(out)!r}, **{SETTINGS!r})
+        from peft_mimi import MiMiConfig
+        from peft_mimi.train import TrainingRecipe, train
+        result = train({backbone!r}, "digits", {str(out)!r}, TrainingRecipe(**{dataclasses.asdict(RECIPE)!r}),
+                       mimi=MiMiConfig(target_compression={MIMI.target_compression!r}))
         from accelerate import PartialState
         state = PartialState()
         with open({str(tmp_path)!r} + f"/rank{{state.process_index}}.json", "w") as f:
