@@ -6,9 +6,15 @@ import pytest
 import torch
 from conftest import make_model
 from peft import PeftModel, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
 
-from peft_mimi import MiMiConfig, MiMiPruningCallback, rounds_for_cosine_restarts
+from peft_mimi import (
+    MiMiConfig,
+    MiMiPruningCallback,
+    round_aligned_lr_factor,
+    round_aligned_scheduler,
+    rounds_for_cosine_restarts,
+)
 from peft_mimi.data import ImageTransform, load_builtin_dataset, make_collate_fn
 
 pytest.importorskip("sklearn")
@@ -44,10 +50,24 @@ def mimi_model(**overrides):
 def trainer_for(model, train, tmp_path, **overrides):
     args = dict(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=6, learning_rate=5e-3,
                 logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-                lr_scheduler_type="cosine_with_restarts",
-                lr_scheduler_kwargs={"num_cycles": rounds_for_cosine_restarts(model)})
+                lr_scheduler_type="cosine")
     args.update(overrides)
     return Trainer(model=model, args=TrainingArguments(**args), train_dataset=train)
+
+
+class _LearningRates(TrainerCallback):
+    """Records the learning rate each optimizer step uses: ``rates[i]`` for step ``i`` (0-based)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.rates = trainer, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.rates[state.global_step] = self.trainer.optimizer.param_groups[0]["lr"]
+
+
+def restarts(rates: list[float]) -> list[int]:
+    """Steps where the learning rate starts rising again after falling (or at the start): the restarts."""
+    return [i for i in range(len(rates) - 1) if rates[i + 1] > rates[i] and (i == 0 or rates[i] <= rates[i - 1])]
 
 
 class _Recorder(TrainerCallback):
@@ -105,6 +125,92 @@ def test_schedule_lands_on_the_budget_trains_after_the_last_round_and_reloads(di
     assert loaded.base_model.adapter_widths() == tuner.adapter_widths()
 
 
+def test_round_aligned_lr_restarts_with_a_warm_up_at_every_prune_step():
+    boundaries = (0, 16, 32, 48)  # prune steps 16 and 32 of 48: three segments of 16 steps
+    factors = [round_aligned_lr_factor(step, boundaries, warmup_ratio=0.25) for step in range(48)]
+    assert restarts(factors) == [0, 16, 32]
+    for start in (16, 32):
+        assert factors[start] == 0.0  # the warm-up starts again from 0 right after the pruning
+        assert 0 < factors[start - 1] < 0.05  # the cosine had (nearly) reached 0
+        assert factors[start + 4] == 1.0  # the peak after a warm-up of 25 % of the segment's 16 steps
+    for start in (0, 16, 32):
+        warm_up, decay = factors[start:start + 5], factors[start + 4:start + 16]
+        assert warm_up == sorted(warm_up) and decay == sorted(decay, reverse=True)
+    # each segment is exactly transformers' cosine schedule with warm-up, as peft_mimi.train uses every round
+    one_round = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1.0), 4, 16).lr_lambdas[0]
+    assert factors == pytest.approx([one_round(k) for k in range(16)] * 3)
+    # segments of different lengths get warm-ups of their own length; without warm-up a restart is the peak
+    assert [round_aligned_lr_factor(s, (0, 10, 30), 0.2) for s in (10, 13, 14)] == [0.0, 0.75, 1.0]
+    assert round_aligned_lr_factor(10, (0, 10, 30), 0.0) == 1.0
+    assert round_aligned_lr_factor(30, (0, 10, 30), 0.0) == 0.0  # past max_steps
+
+
+def test_round_aligned_scheduler_explains_bad_arguments():
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    scheduler = round_aligned_scheduler(optimizer, [4, 8], max_steps=12, warmup_ratio=0.5)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    with pytest.raises(ValueError, match="MiMiPruningCallback.plan"):
+        round_aligned_scheduler(optimizer, [8, 4], max_steps=12, warmup_ratio=0.1)
+    with pytest.raises(ValueError, match="MiMiPruningCallback.plan"):
+        round_aligned_scheduler(optimizer, [4, 12], max_steps=12, warmup_ratio=0.1)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        round_aligned_scheduler(optimizer, [4, 8], max_steps=12, warmup_ratio=1.0)
+
+
+def test_trainer_learning_rate_restarts_exactly_at_every_round(digits, tmp_path):
+    train, _ = digits
+    model = mimi_model()
+    trainer = trainer_for(model, train, tmp_path, warmup_steps=0.25, max_grad_norm=5.0)
+    callback = MiMiPruningCallback.attach(trainer, restart_lr=True)  # the round-aligned schedule, in one line
+    recorder = _LearningRates(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    max_steps = trainer.state.max_steps
+    rates = [recorder.rates[step] for step in range(max_steps)]
+    assert callback.prune_steps == [16, 32] and max_steps == 48
+    assert restarts(rates) == [0, *callback.prune_steps]  # at every pruning round and nowhere else
+    for start, end in zip([0, *callback.prune_steps], [*callback.prune_steps, max_steps]):
+        assert rates[start] == 0.0
+        assert max(rates[start:end]) == pytest.approx(5e-3)  # the peak after each segment's warm-up
+    boundaries = (0, *callback.prune_steps, max_steps)
+    assert rates == pytest.approx([5e-3 * round_aligned_lr_factor(s, boundaries, 0.25) for s in range(max_steps)])
+    assert model.base_model.live_params() <= model.base_model.budget()
+
+
+def test_restarts_follow_segments_in_epochs(digits, tmp_path):
+    train, _ = digits
+    trainer = trainer_for(mimi_model(), train, tmp_path, gradient_accumulation_steps=2, num_train_epochs=5)
+    callback = MiMiPruningCallback.attach(trainer, restart_lr=True, warmup_ratio=0.0, epochs_per_round=1.5)
+    recorder = _LearningRates(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    rates = [recorder.rates[step] for step in range(trainer.state.max_steps)]
+    assert callback.prune_steps == [6, 12]  # 4 steps per epoch: unequal segments [0, 6), [6, 12), [12, 20)
+    assert [step for step in range(1, len(rates)) if rates[step] > rates[step - 1]] == callback.prune_steps
+    assert all(rates[step] == pytest.approx(5e-3) for step in (0, *callback.prune_steps))
+
+
+def test_attach_explains_a_schedule_it_cannot_build(digits, tmp_path):
+    train, _ = digits
+    with pytest.raises(ValueError, match="warmup_steps as a ratio"):
+        MiMiPruningCallback.attach(trainer_for(mimi_model(), train, tmp_path, warmup_steps=5), restart_lr=True)
+    with pytest.raises(ValueError, match="restart_lr=True"):
+        MiMiPruningCallback.attach(trainer_for(mimi_model(), train, tmp_path), warmup_ratio=0.1)
+    model = mimi_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                      train_dataset=train,
+                      optimizers=(optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer)))
+    with pytest.raises(ValueError, match="already has one"):
+        MiMiPruningCallback.attach(trainer, restart_lr=True)
+
+
+def test_cosine_with_restarts_helper_still_counts_segments_but_is_deprecated():
+    with pytest.warns(FutureWarning, match="restart_lr=True"):
+        assert rounds_for_cosine_restarts(mimi_model()) == 3  # R + 1 segments for R = 2 rounds
+
+
 def test_gradient_accumulation_and_segments_in_epochs(digits, tmp_path):
     train, _ = digits
     model = mimi_model()
@@ -120,8 +226,10 @@ def test_gradient_accumulation_and_segments_in_epochs(digits, tmp_path):
 def test_resume_from_a_mid_schedule_checkpoint(digits, tmp_path):
     train, _ = digits
     reference = mimi_model()
-    trainer = trainer_for(reference, train, tmp_path / "ref")
-    trainer.add_callback(MiMiPruningCallback())
+    trainer = trainer_for(reference, train, tmp_path / "ref", warmup_steps=0.25)
+    MiMiPruningCallback.attach(trainer, restart_lr=True)
+    reference_rates = _LearningRates(trainer)
+    trainer.add_callback(reference_rates)
     trainer.train()
     expected = reference.base_model.adapter_widths()
 
@@ -131,19 +239,24 @@ def test_resume_from_a_mid_schedule_checkpoint(digits, tmp_path):
                 control.should_training_stop = True
 
     model = mimi_model()
-    trainer = trainer_for(model, train, tmp_path / "run", save_strategy="steps", save_steps=20)
-    trainer.add_callback(MiMiPruningCallback())
+    trainer = trainer_for(model, train, tmp_path / "run", save_strategy="steps", save_steps=20, warmup_steps=0.25)
+    MiMiPruningCallback.attach(trainer, restart_lr=True)
     trainer.add_callback(StopAfter())
     trainer.train()
     assert (tmp_path / "run" / "checkpoint-20").is_dir()
 
     resumed = mimi_model()
-    trainer = trainer_for(resumed, train, tmp_path / "run", save_strategy="no")
-    callback = MiMiPruningCallback()
-    trainer.add_callback(callback)
+    trainer = trainer_for(resumed, train, tmp_path / "run", save_strategy="no", warmup_steps=0.25)
+    MiMiPruningCallback.attach(trainer, restart_lr=True)
+    resumed_rates = _LearningRates(trainer)
+    trainer.add_callback(resumed_rates)
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-20"))
     assert resumed.base_model.peft_config["default"].rounds_done == 2
     assert resumed.base_model.adapter_widths() == expected
+    # the restored scheduler goes on where it stopped: the same learning rates as the uninterrupted run
+    assert sorted(resumed_rates.rates) == list(range(20, 48))
+    assert [resumed_rates.rates[s] for s in range(20, 48)] == pytest.approx(
+        [reference_rates.rates[s] for s in range(20, 48)])
 
 
 def test_callback_refuses_a_model_that_is_not_mimi(digits, tmp_path):
