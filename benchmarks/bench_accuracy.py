@@ -8,8 +8,10 @@ per-layer allocation (Fig. 5) and a sweep of MiMi's schedule, on small pretraine
     python benchmarks/bench_accuracy.py --smoke --out /tmp/x        # all four, tiny random ViT, under a minute
 
 The exact commands behind results/ are in benchmarks/README.md.
-Every method goes through `common.run` (same tensors, batch order, epochs, optimizer and schedule). MiMi trains
-``(R+1)·E`` epochs; the other methods at a budget train the same number of epochs in one cosine schedule.
+Every method goes through `common.run`, which trains with `peft_mimi.train.train` (the loop of `peft-mimi train`:
+same subsets, batch order, augmentation, epochs, optimizer and schedule). MiMi trains ``(R+1)·E`` epochs; the other
+methods at a budget train the same number of epochs in one cosine schedule. Every table also has the sanity floors:
+logistic regression on raw pixels and a converged linear probe on the frozen features.
 Results are rewritten after every run, so an interrupted run leaves its finished rows (marked partial).
 """
 
@@ -25,6 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from peft_mimi.train import DEFAULT_LR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -44,14 +48,24 @@ def methods_at(budget_sigma: float, lora_rank: int) -> list[Method]:
 
 FIXED = [
     Method("adapter", "Adapters σ=4 (vanilla, large)", init_compression=4.0, target_compression=4.0),
-    Method("linear", "Linear probe (head only)"),
+    Method("linear", "Head only (same epochs)"),
     Method("bitfit", "BitFit (biases + head)"),
     Method("full", "Full fine-tuning"),
+    Method("probe", "Floor: linear probe, converged (logistic regression on frozen features)"),
+    Method("pixels", "Floor: logistic regression on raw pixels (32x32)"),
 ]
 
 
 def lr_for(method: Method, args) -> float:
     return args.lr_full if method.kind == "full" else args.lr
+
+
+def run_dir(args, name: str, task: str, method: Method, seed: int, sigma: float | None) -> Path | None:
+    """Where a run keeps its checkpoints, so that --resume continues a run interrupted in the middle."""
+    if args.runs_dir is None:
+        return None
+    slug = "".join(c if c.isalnum() else "-" for c in f"{method.label}-{sigma}").strip("-")
+    return args.runs_dir / name / task / f"{slug}-seed{seed}"
 
 
 def fmt(values: list[float], scale: float = 100.0) -> str:
@@ -76,12 +90,14 @@ def run_grid(args, backbone: str, task: str, entries: list[tuple[Method, int, fl
                 source = next(r for r in rows if (r["label"], r["seed"], r["budget_sigma"]) == ("global / mimi", seed,
                                                                                               sigma))
                 method = dataclasses.replace(method, widths=source["widths"])
-            data = common.task_tensors(task, args.processor, max_train, args.max_test)
-            result = common.run(method, backbone, data, seed=seed, epochs_per_round=args.epochs_per_round,
+            result = common.run(method, backbone, task, seed=seed, epochs_per_round=args.epochs_per_round,
                                 total_epochs=total_epochs, lr=lr_for(method, args), batch_size=args.batch_size,
-                                image_size=args.image_size)
+                                image_size=args.image_size, max_train=max_train, max_test=args.max_test,
+                                run_dir=run_dir(args, name, task, method, seed, sigma),
+                                mixed_precision=args.mixed_precision, checkpoint_every_steps=args.checkpoint_every)
+            n_train = min(max_train or 10**9, len(common.task_dataset(task)["train"]))
             row = {"task": task, "budget_sigma": sigma, "label": method.label, "method": asdict(method),
-                   "seed": seed, "lr": lr_for(method, args), "max_train": max_train, "n_train": len(data[1]),
+                   "seed": seed, "lr": lr_for(method, args), "max_train": max_train, "n_train": n_train,
                    **asdict(result)}
             rows.append(row)
             print(f"[{name}] {task} seed={seed} {method.label}: acc={result.accuracy:.4f} "
@@ -306,10 +322,10 @@ def allocation_part(args, out: Path) -> None:
         if task in recorded:
             row, source = recorded[task], str(args.from_json)
         else:
-            data = common.task_tensors(task, args.processor, train_limit(args, task), args.max_test)
-            row = asdict(common.run(Method("mimi", "MiMi", target_compression=sigma), args.backbone, data,
+            row = asdict(common.run(Method("mimi", "MiMi", target_compression=sigma), args.backbone, task,
                                     seed=args.seeds[0], epochs_per_round=args.epochs_per_round, total_epochs=None,
-                                    lr=args.lr, batch_size=args.batch_size, image_size=args.image_size))
+                                    lr=args.lr, batch_size=args.batch_size, image_size=args.image_size,
+                                    max_train=train_limit(args, task), max_test=args.max_test))
             source = "this run"
         path = plot_widths(row["widths"], out / f"allocation_{task}.png", initial=row["initial_widths"],
                            title=f"MiMi on {args.backbone}/{task}, σt={sigma:g}, acc {100 * row['accuracy']:.1f}%")
@@ -325,11 +341,12 @@ def allocation_part(args, out: Path) -> None:
                                                      indent=1) + "\n")
 
 
-RESUME_KEYS = ("backbone", "epochs_per_round", "batch_size", "lr", "lr_full", "max_train", "max_test", "image_size")
+RESUME_KEYS = ("backbone", "epochs_per_round", "batch_size", "lr", "lr_full", "max_train", "max_test", "image_size",
+               "mixed_precision")
 
 
 def vars_for_json(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("processor", "previous")}
+    return {k: v for k, v in vars(args).items() if k not in ("processor", "previous", "runs_dir")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -347,12 +364,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-ratios", nargs="*", type=float, default=[0.75], help="sweep: ρ values (E=2)")
     parser.add_argument("--methods", nargs="+", default=["mimi", "adapter", "lora", "adalora"],
                         help="the methods run at each budget")
-    parser.add_argument("--fixed", nargs="*", default=["adapter", "linear", "bitfit", "full"],
-                        help="the budget-free methods (adapter = vanilla adapters at σ=4)")
+    parser.add_argument("--fixed", nargs="*", default=["adapter", "linear", "bitfit", "full", "probe", "pixels"],
+                        help="the budget-free methods (adapter = vanilla adapters at σ=4; probe and pixels = the "
+                             "sanity floors)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--epochs-per-round", type=int, default=1)
+    parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="default: peft_mimi's default")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="checkpoint every N optimizer steps inside a run (long runs; needs --runs-dir)")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="keep every run's files here, so that --resume continues an interrupted run")
     parser.add_argument("--lr-full", type=float, default=3e-4)
     parser.add_argument("--max-train", type=int, default=1500)
     parser.add_argument("--max-test", type=int, default=1000)
@@ -373,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         args.ablation_budgets, args.sweep_budget = [16.0], 16.0
         args.sweep_epochs, args.sweep_final_epochs, args.sweep_ratios = [1], [2], [0.75]
         args.what = ["accuracy", "ablation", "allocation", "sweep"]
-        args.fixed = ["linear"]
+        args.fixed = ["linear", "probe", "pixels"]
     args.task_max_train = {t: int(n) for t, n in (item.split("=") for item in args.task_max_train)}
     torch.set_num_threads(args.threads)
     args.previous = {}
@@ -385,8 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             args.previous[what] = previous["rows"] if same else []
     probe_model, args.processor = common.load_model(args.backbone, 10, args.image_size)
     backbone_size = common.backbone_params(probe_model)
-    first = common.task_tensors(args.tasks[0], args.processor, args.max_train, args.max_test)
-    args.num_labels = first[4]
+    args.num_labels = common.num_labels_of(args.tasks[0])
     if "accuracy" in args.what:
         accuracy_part(args, args.out, backbone_size, probe_model)
     if "ablation" in args.what:

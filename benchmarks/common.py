@@ -1,17 +1,20 @@
-"""What every benchmark shares: backbones, cached task tensors, the methods compared, ONE training loop, counting.
+"""What every benchmark shares: backbones, the methods compared, counting, and how a method is trained: by
+`peft_mimi.train.train`, the loop `peft-mimi train` runs, so every published number is what a user gets.
 
 Fairness rules (so that methods differ only in what they train):
-- every method sees the same split, the same pre-transformed tensors (eval transform, no augmentation), the same
-  batch order for a given seed, the same number of epochs, AdamW with `peft_mimi.train.build_optimizer`'s
-  groups and a cosine schedule with warm-up;
-- MiMi's schedule (METHOD.md §4) is the same loop cut into segments of ``epochs_per_round`` epochs, with
-  ``tuner.prune_round(compact=True)`` between segments (the optimizer and its cosine schedule are rebuilt after
-  each pruning, as in the paper's code) and a segment of training after the last pruning.
+- every method sees the same class-balanced training subset for a given seed, the same test subset, the same
+  batch order and augmentation for a given seed, the same number of epochs, AdamW with
+  `peft_mimi.train.build_optimizer`'s groups and a warm-up + cosine schedule (the recipe's defaults unless a
+  benchmark says otherwise);
+- MiMi's schedule (METHOD.md §4) is that loop cut into rounds of ``epochs_per_round`` epochs with a pruning round
+  between them (the optimizer and its schedule are rebuilt after each pruning, as in the paper's code) and a round
+  of training after the last pruning; every other method is one round of the same total epochs.
+- the sanity floors (logistic regression on pixels, a converged linear probe on frozen features) come from
+  `peft_mimi.floors`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,7 +42,8 @@ SMOKE = "smoke-vit"  # a much smaller random ViT (width 32, depth 2, patch 8) fo
 
 # --------------------------------------------------------------------------------------------- backbones
 def load_model(name: str, num_labels: int, image_size: int | None = None) -> tuple[nn.Module, Any]:
-    """``(classifier with a fresh head of num_labels classes, image processor)``. ``tiny-vit``: random weights."""
+    """``(classifier with a fresh head of num_labels classes, image processor)``. ``tiny-vit``: random weights.
+    ``image_size``: the processor set to that final size (:func:`peft_mimi.data.processor_at_size`)."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     if name in (TINY, SMOKE):
@@ -53,12 +57,10 @@ def load_model(name: str, num_labels: int, image_size: int | None = None) -> tup
     from peft_mimi.backbones import load_backbone
 
     labels = {i: str(i) for i in range(num_labels)}
+    from peft_mimi.data import processor_at_size
+
     model, processor = load_backbone(name, id2label=labels, label2id={v: k for k, v in labels.items()})
-    if image_size is not None:  # run a ViT-like backbone at a lower resolution (position embeddings interpolate)
-        processor.size = {"height": image_size, "width": image_size}
-        processor.crop_size = {"height": image_size, "width": image_size}
-        processor.do_center_crop = False
-    return model, processor
+    return model, processor_at_size(processor, image_size) if image_size else processor
 
 
 def backbone_params(model: nn.Module) -> int:
@@ -73,45 +75,22 @@ def image_size_of(processor: Any) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- data
-_TENSORS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_DATASETS: dict[str, Any] = {}
 
 
-def task_tensors(dataset: str, processor: Any, max_train: int | None = None, max_test: int | None = None,
-                 cache_dir: Path | None = Path("/tmp/peft_mimi_bench_cache")) -> tuple[torch.Tensor, ...]:
-    """``(x_train, y_train, x_test, y_test, num_labels)``: the built-in dataset's split through the eval transform
-    of ``processor``, once per (dataset, transform, sizes); kept in memory and in ``cache_dir``. ``max_train`` /
-    ``max_test`` keep a class-balanced subset (:func:`balanced_subset`): the built-in splits keep their source's
-    order, which is sorted by class for mnist, textures and faces, so a plain prefix would drop whole classes."""
-    from peft_mimi.data import ImageTransform, dataset_labels, load_builtin_dataset
+def task_dataset(task: str):
+    """The built-in dataset ``task`` (a ``DatasetDict``), loaded once per process."""
+    from peft_mimi.data import load_builtin_dataset
 
-    transform = ImageTransform.from_processor(processor, train=False)
-    key = (dataset, repr(transform), max_train, max_test)
-    if key in _TENSORS:
-        return _TENSORS[key]
-    path = None
-    if cache_dir is not None:
-        digest = hashlib.sha256(repr(transform).encode()).hexdigest()[:12]  # str hash() varies per process
-        tag = f"{dataset}-{digest}-balanced-{max_train}-{max_test}.pt"
-        path = cache_dir / tag
-        if path.is_file():
-            _TENSORS[key] = tuple(torch.load(path, weights_only=True))
-            return _TENSORS[key]
-    data = load_builtin_dataset(dataset)
-    num_labels = len(dataset_labels(data["train"])[0])
-    out = []
-    for split, limit in (("train", max_train), ("test", max_test)):
-        part = data[split]
-        if limit is not None and limit < len(part):
-            part = part.select(balanced_subset(part["label"], limit))
-        images = [part[i]["image"] for i in range(len(part))]
-        x = torch.cat([transform(images[i : i + 256]) for i in range(0, len(images), 256)])
-        out += [x, torch.tensor(part["label"], dtype=torch.long)]
-    result = (*out, num_labels)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result, path)
-    _TENSORS[key] = result
-    return result
+    if task not in _DATASETS:
+        _DATASETS[task] = load_builtin_dataset(task)
+    return _DATASETS[task]
+
+
+def num_labels_of(task: str) -> int:
+    from peft_mimi.data import dataset_labels
+
+    return len(dataset_labels(task_dataset(task))[0])
 
 
 def balanced_subset(labels: list[int], limit: int) -> list[int]:
@@ -141,6 +120,10 @@ class Method:
     mimi_options: dict = field(default_factory=dict)  # selection / score / prune_ratio overrides (ablation)
     widths: dict[str, int] | None = None  # kind "widths": fixed adapters of these per-layer widths, never pruned
     final_epochs: int | None = None  # MiMi: epochs after the last cut (default: epochs_per_round)
+    lr: float | None = None  # this method's learning rate (default: the benchmark's)
+
+
+FLOORS = ("pixels", "probe")  # kinds measured by peft_mimi.floors, not trained
 
 
 def build(method: Method, model: nn.Module, seed: int, total_steps: int | None = None) -> nn.Module:
@@ -226,7 +209,7 @@ def adapter_budget(model: nn.Module, compression: float) -> int:
     return budget_for_compression(dims, compression)
 
 
-# ------------------------------------------------------------------------------------------ training loop
+# ---------------------------------------------------------------------------------------------- training
 @dataclass
 class RunResult:
     accuracy: float
@@ -237,94 +220,66 @@ class RunResult:
     segments: list[dict]
     widths: dict[str, int] | None = None
     initial_widths: dict[str, int] | None = None
+    floor: dict | None = None
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += (model(pixel_values=x[i : i + batch_size]).logits.argmax(-1) == y[i : i + batch_size]).sum().item()
-    return correct / len(x)
+def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round: int, total_epochs: int | None,
+        lr: float, batch_size: int, image_size: int | None = None, max_train: int | None = None,
+        max_test: int | None = None, run_dir: Path | None = None, mixed_precision: str | None = None,
+        checkpoint_every_steps: int | None = None, head_lr: float | None = None) -> RunResult:
+    """Train ``method`` on built-in ``task`` with `peft_mimi.train.train` and return test accuracy, counts and
+    timings. MiMi trains ``(R+1)·epochs_per_round`` epochs (R = planned rounds); every other method trains
+    ``total_epochs`` (pass MiMi's total for matched-epoch comparisons) in one round. ``run_dir`` keeps the run's
+    files and checkpoints, so an interrupted benchmark resumes inside the run (default: a temporary directory)."""
+    import tempfile
+
+    from peft_mimi.train import TrainingRecipe, train
+
+    data = task_dataset(task)
+    model, processor = load_model(backbone, num_labels_of(task))
+    if method.kind in FLOORS:
+        return _floor(method, model, processor, data, seed=seed, image_size=image_size, max_train=max_train,
+                      max_test=max_test)
+    mimi = method.kind == "mimi"
+    n_train = min(max_train or len(data["train"]), len(data["train"]))
+    model = build(method, model, seed, total_steps=(total_epochs or 0) * math.ceil(n_train / batch_size))
+    initial = dict(model.base_model.adapter_widths()) if mimi else None
+    recipe = TrainingRecipe(
+        epochs_per_round=epochs_per_round if mimi else total_epochs,
+        final_epochs=method.final_epochs if mimi else None, batch_size=batch_size, lr=method.lr or lr,
+        head_lr=head_lr, seed=seed, image_size=image_size, max_train_samples=max_train, max_eval_samples=max_test,
+        mixed_precision=mixed_precision, checkpoint_every_steps=checkpoint_every_steps)
+    with tempfile.TemporaryDirectory() as scratch:
+        result = train(model, data, run_dir or Path(scratch) / "run", recipe, processor=processor, resume=True)
+    segments = [{"round": row["round"], "epochs": row["epoch"] - (previous["epoch"] if previous else 0),
+                 "loss": row["epoch_losses"], "live_params": row["live_params"], "test_accuracy": row["accuracy"],
+                 "seconds": row["seconds"], "adapters_alive": row["adapters_kept"]}
+                for previous, row in zip([None, *result.history], result.history)]
+    return RunResult(accuracy=result.accuracy, method_params=method_params(result.model),
+                     head_params=head_params(result.model), epochs=result.history[-1]["epoch"],
+                     wall_s=result.seconds, segments=segments, widths=result.widths, initial_widths=initial)
 
 
-def train_segment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-                  generator: torch.Generator, weight_decay: float = 0.05, warmup_ratio: float = 0.1,
-                  clip: float = 5.0, after_step: Callable[[int], None] | None = None) -> dict:
-    """``epochs`` epochs of AdamW + cosine (fresh optimizer) over the trainable parameters. Returns timings.
+def _floor(method: Method, model: nn.Module, processor: Any, data, *, seed: int, image_size: int | None,
+           max_train: int | None, max_test: int | None) -> RunResult:
+    """A sanity floor: logistic regression on raw pixels, or a converged linear probe on the frozen features."""
+    from peft_mimi.data import processor_at_size
+    from peft_mimi.floors import linear_probe, pixel_floor
+    from peft_mimi.train import _balanced_subset
 
-    The loss is the model's own (``labels=`` passed), so a method that adds a regulariser to it (AdaLoRA's
-    orthogonality term) gets it; ``after_step(step)`` runs after each optimizer step, before the next zero_grad."""
-    from peft_mimi.train import build_optimizer
-
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    optimizer, scheduler = build_optimizer(model, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                                           num_training_steps=epochs * steps_per_epoch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    epoch_s, losses = [], []
-    step = 0
-    model.train()
-    for _ in range(epochs):
-        start = time.perf_counter()
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            loss = model(pixel_values=x[idx], labels=y[idx]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step(step)
-            step += 1
-            total += loss.item() * len(idx)
-        epoch_s.append(time.perf_counter() - start)
-        losses.append(total / len(x))
-    return {"epochs": epochs, "epoch_s": epoch_s, "loss": losses}
-
-
-def run(method: Method, backbone: str, data: tuple, *, seed: int, epochs_per_round: int, total_epochs: int | None,
-        lr: float, batch_size: int, image_size: int | None = None, eval_each_segment: bool = False) -> RunResult:
-    """Train ``method`` on ``data`` (from :func:`task_tensors`) and return test accuracy, counts and timings.
-
-    MiMi trains ``(R+1)·epochs_per_round`` epochs (R = planned rounds); every other method trains ``total_epochs``
-    (pass MiMi's total for matched-epoch comparisons) in one cosine schedule."""
-    x_train, y_train, x_test, y_test, num_labels = data
-    model, _ = load_model(backbone, num_labels, image_size)
-    model = build(method, model, seed, total_steps=(total_epochs or 0) * math.ceil(len(x_train) / batch_size))
-    after_step = model.base_model.update_and_allocate if method.kind == "adalora" else None
-    generator = torch.Generator().manual_seed(seed)
-    kwargs = dict(lr=lr, batch_size=batch_size, generator=generator)
-    start = time.perf_counter()
-    segments = []
-    widths = initial = None
-    if method.kind == "mimi":
-        tuner = model.base_model
-        initial = dict(tuner.adapter_widths())
-        rounds = tuner.num_rounds()
-        for r in range(rounds + 1):
-            if r > 0:
-                tuner.prune_round(compact=True)
-            epochs = method.final_epochs if r == rounds and method.final_epochs else epochs_per_round
-            seg = train_segment(model, x_train, y_train, epochs=epochs, **kwargs)
-            seg.update(round=r, live_params=tuner.live_params(), adapters_alive=sum(
-                w > 0 for w in tuner.adapter_widths().values()))
-            if eval_each_segment:
-                seg["test_accuracy"] = accuracy(model, x_test, y_test)
-            segments.append(seg)
-        widths = dict(tuner.adapter_widths())
+    train_split = _balanced_subset(data["train"], max_train, seed=seed)
+    test_split = _balanced_subset(data["test"], max_test, seed=0)
+    if method.kind == "pixels":
+        floor = pixel_floor(train_split, test_split, seed=seed)
     else:
-        segments.append(train_segment(model, x_train, y_train, epochs=total_epochs, after_step=after_step, **kwargs))
-    wall = time.perf_counter() - start
-    acc = accuracy(model, x_test, y_test)
-    return RunResult(accuracy=acc, method_params=method_params(model), head_params=head_params(model),
-                     epochs=sum(s["epochs"] for s in segments), wall_s=wall, segments=segments, widths=widths,
-                     initial_widths=initial)
+        processor = processor_at_size(processor, image_size) if image_size else processor
+        floor = linear_probe(model, processor, train_split, test_split, seed=seed)
+    return RunResult(accuracy=floor["accuracy"], method_params=0, head_params=0, epochs=0, wall_s=floor["seconds"],
+                     segments=[], floor=floor)
 
 
 def planned_rounds(backbone: str, num_labels: int, method: Method) -> int:
+    """MiMi's pruning rounds R for ``method`` on ``backbone`` (no training)."""
     model, _ = load_model(backbone, num_labels)
     return build(method, model, 0).base_model.num_rounds()
 

@@ -97,6 +97,8 @@ class TrainingRecipe:
 
     epochs_per_round: int = field(default=2, metadata={"help": "E: epochs trained in each round (MiMi trains "
                                                                "(R+1)·E epochs; a model without rounds trains E)."})
+    final_epochs: Optional[int] = field(default=None, metadata={
+        "help": "Epochs trained after the last pruning round (default: epochs_per_round)."})
     batch_size: int = field(default=64, metadata={"help": "Images per batch on each process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     lr: float = field(default=DEFAULT_LR, metadata={"help": "Peak learning rate of AdamW (adapters, and the head "
@@ -127,7 +129,7 @@ class TrainingRecipe:
     def __post_init__(self) -> None:
         for name in ("epochs_per_round", "batch_size", "gradient_accumulation_steps"):
             _check_int(name, getattr(self, name), optional=False)
-        for name in ("image_size", "max_train_samples", "max_eval_samples", "checkpoint_every_steps"):
+        for name in ("final_epochs", "image_size", "max_train_samples", "max_eval_samples", "checkpoint_every_steps"):
             _check_int(name, getattr(self, name), optional=True)
         for name in ("lr", "head_lr", "max_grad_norm"):
             value = getattr(self, name)
@@ -143,6 +145,10 @@ class TrainingRecipe:
                              f"{self.mixed_precision!r}.")
         if self.num_workers < 0:
             raise ValueError(f"TrainingRecipe.num_workers must be >= 0, got {self.num_workers!r}.")
+
+    def epochs_in_round(self, round_: int, total_rounds: int) -> int:
+        """Epochs trained in round ``round_`` of ``0..total_rounds``."""
+        return self.final_epochs if round_ == total_rounds and self.final_epochs else self.epochs_per_round
 
     def settings(self) -> dict[str, Any]:
         """The fields that decide what a run computes (a resumed run must use the same)."""
@@ -185,6 +191,9 @@ class _Position:
     serial: int = 0  # number of the last checkpoint written
     loss_sum: float = 0.0  # training loss of the current round so far (mean over processes, summed over batches)
     loss_count: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    epoch_losses: list[float] = field(default_factory=list)  # mean training loss of each finished epoch this round
     seconds: float = 0.0  # time spent in the current round before the last checkpoint
     finished: bool = False
     widths: dict[str, int] | None = None  # MiMi: physical widths of the checkpointed adapters
@@ -192,6 +201,11 @@ class _Position:
 
     def add_batch(self, loss: float) -> None:
         self.batch, self.loss_sum, self.loss_count = self.batch + 1, self.loss_sum + loss, self.loss_count + 1
+        self.epoch_loss_sum, self.epoch_loss_count = self.epoch_loss_sum + loss, self.epoch_loss_count + 1
+
+    def end_epoch(self) -> None:
+        self.epoch_losses.append(self.epoch_loss_sum / max(1, self.epoch_loss_count))
+        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
 
 
 def train(
@@ -230,7 +244,8 @@ def train(
     eval_loader = accelerator.prepare(run.eval_loader)
     # optimizer steps per epoch on each process (every epoch has the same number of batches)
     steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / recipe.gradient_accumulation_steps)
-    progress = tqdm(total=(pos.total_rounds + 1) * recipe.epochs_per_round * steps_per_epoch, initial=pos.global_step,
+    epochs = [recipe.epochs_in_round(r, pos.total_rounds) for r in range(pos.total_rounds + 1)]
+    progress = tqdm(total=sum(epochs) * steps_per_epoch, initial=pos.global_step,
                     disable=not accelerator.is_local_main_process, desc="MiMi" if tuner else "train")
     adaptive_lora = getattr(getattr(peft_model, "base_model", None), "update_and_allocate", None)  # AdaLoRA
 
@@ -238,12 +253,12 @@ def train(
         optimizer, scheduler = build_optimizer(  # accelerate steps the schedule once per process and optimizer step
             peft_model, lr=recipe.lr, head_lr=recipe.head_lr, weight_decay=recipe.weight_decay,
             warmup_ratio=recipe.warmup_ratio,
-            num_training_steps=steps_per_epoch * recipe.epochs_per_round * accelerator.num_processes)
+            num_training_steps=steps_per_epoch * epochs[pos.round] * accelerator.num_processes)
         model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
         if checkpoint is not None:  # the first round of a resumed run continues the saved optimizer and schedule
             _load_optimizer_state(checkpoint, optimizer, scheduler)
         started = time.perf_counter() - pos.seconds
-        for epoch in range(pos.epoch, recipe.epochs_per_round):
+        for epoch in range(pos.epoch, epochs[pos.round]):
             loader = accelerator.prepare(run.epoch_loader(pos.round, epoch))
             set_seed(_seed(recipe.seed, pos.round, epoch), device_specific=True)  # dropout and other global RNG
             if checkpoint is not None and pos.batch > 0:  # resume inside this epoch where the checkpoint stopped
@@ -271,11 +286,12 @@ def train(
                     if recipe.checkpoint_every_steps and pos.global_step % recipe.checkpoint_every_steps == 0:
                         pos.epoch, pos.seconds = epoch, time.perf_counter() - started
                         _save_checkpoint(accelerator, output_dir, peft_model, optimizer, scheduler, pos, run)
+            pos.end_epoch()
             pos.epoch, pos.batch = epoch + 1, 0
         checkpoint = None
         accuracy = evaluate(model, eval_loader, accelerator, **run.forward_kwargs)
         pos.history.append(_round_metrics(peft_model, tuner, pos, accuracy, time.perf_counter() - started,
-                                          recipe.epochs_per_round))
+                                          sum(epochs[: pos.round + 1])))
         if accelerator.is_local_main_process:
             size = (f"{pos.history[-1]['live_params']:,} adapter parameters (budget {tuner.budget():,})" if tuner
                     else f"{pos.history[-1]['live_params']:,} trainable parameters")
@@ -287,7 +303,7 @@ def train(
             tuner.prune_round(compact=True)
             accelerator.free_memory()
             pos.round, pos.epoch = pos.round + 1, 0
-        pos.loss_sum, pos.loss_count, pos.seconds = 0.0, 0, 0.0
+        pos.loss_sum, pos.loss_count, pos.seconds, pos.epoch_losses = 0.0, 0, 0.0, []
         _write_metrics(accelerator, output_dir, pos.history)
         _save_checkpoint(accelerator, output_dir, peft_model, None, None, pos, run)  # next round: new optimizer
     progress.close()
@@ -556,11 +572,11 @@ def _mean_finite_loss(accelerator: Accelerator, loss: torch.Tensor, pos: _Positi
 
 
 def _round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: _Position, accuracy: float, seconds: float,
-                   epochs_per_round: int) -> dict[str, Any]:
+                   epochs_so_far: int) -> dict[str, Any]:
     widths = tuner.adapter_widths() if tuner else None
     return {
         "round": pos.round,
-        "epoch": (pos.round + 1) * epochs_per_round,  # epochs trained so far, this round included
+        "epoch": epochs_so_far,  # epochs trained so far, this round included
         "global_step": pos.global_step,
         "widths": widths,
         "adapters_kept": sum(w > 0 for w in widths.values()) if tuner else None,
@@ -569,6 +585,7 @@ def _round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: _Position, ac
         "budget": tuner.budget() if tuner else None,
         "accuracy": accuracy,
         "loss": pos.loss_sum / pos.loss_count if pos.loss_count else None,
+        "epoch_losses": list(pos.epoch_losses),
         "seconds": round(seconds, 3),
     }
 
