@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from peft_mimi.train import DEFAULT_LR
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import Method  # noqa: E402
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--max-train", type=int, default=1500)
     parser.add_argument("--max-test", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
@@ -53,12 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for label, rs in runs.items():
         walls = [r["wall_s"] for r in rs]
-        per_epoch = statistics.median(e for r in rs for s in r["segments"] for e in s["epoch_s"])
+        per_epoch = statistics.median(s["seconds"] / s["epochs"] for r in rs for s in r["segments"])
         rows.append([label, f"{rs[0]['method_params']:,}", epochs, f"{statistics.median(walls):.1f}",
                      f"{1000 * per_epoch:.0f}", f"{100 * statistics.fmean(r['accuracy'] for r in rs):.1f}"])
     seg_rows = []
     for seg_index, seg in enumerate(runs[mimi_label][0]["segments"]):
-        per_epoch = [e for r in runs[mimi_label] for e in r["segments"][seg_index]["epoch_s"]]
+        per_epoch = [r["segments"][seg_index]["seconds"] / r["segments"][seg_index]["epochs"]
+                     for r in runs[mimi_label]]  # training and that round's evaluation
         seg_rows.append([seg["round"], f"{seg['live_params']:,}", seg["adapters_alive"],
                          f"{1000 * statistics.median(per_epoch):.0f}"])
     labels = list(runs)
@@ -79,10 +82,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def fresh_runs(args):
-    processor = common.load_model(args.backbone, 10)[1]
-    data = common.task_tensors(args.task, processor, args.max_train, args.max_test)
     mimi = Method("mimi", f"MiMi σ0=4→σt={args.sigma:g}", target_compression=args.sigma)
-    rounds = common.planned_rounds(args.backbone, data[4], mimi)
+    rounds = common.planned_rounds(args.backbone, common.num_labels_of(args.task), mimi)
     epochs = (rounds + 1) * args.epochs_per_round
     methods = [mimi,
                Method("adapter", f"Adapters σ={args.sigma:g}", init_compression=args.sigma,
@@ -91,12 +92,14 @@ def fresh_runs(args):
     runs: dict[str, list[dict]] = {m.label: [] for m in methods}
     for repeat in range(args.repeats):
         for method in methods:
-            r = common.run(method, args.backbone, data, seed=repeat, epochs_per_round=args.epochs_per_round,
-                           total_epochs=epochs, lr=args.lr, batch_size=args.batch_size)
+            r = common.run(method, args.backbone, args.task, seed=repeat, epochs_per_round=args.epochs_per_round,
+                           total_epochs=epochs, lr=args.lr, batch_size=args.batch_size, max_train=args.max_train,
+                           max_test=args.max_test)
             runs[method.label].append({"wall_s": r.wall_s, "accuracy": r.accuracy, "method_params": r.method_params,
                                        "segments": r.segments})
             print(f"[training_cost] {method.label} repeat {repeat}: {r.wall_s:.1f}s acc={r.accuracy:.4f}", flush=True)
-    return runs, epochs, rounds, len(data[0]), mimi.label, f"{args.repeats} interleaved repeat(s)"
+    n_train = min(args.max_train or 10**9, len(common.task_dataset(args.task)["train"]))
+    return runs, epochs, rounds, n_train, mimi.label, f"{args.repeats} interleaved repeat(s)"
 
 
 def recorded_runs(args):

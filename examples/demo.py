@@ -1,10 +1,11 @@
 """`make demo`: MiMi fine-tunes a pretrained backbone shipped with the project on a real dataset, fully offline.
 
 The backbone is `fmnist-swin`, a small hierarchical Swin the project pretrained on Fashion-MNIST (see
-benchmarks/pretrain_backbones.py; the paper's main backbone is a Swin). The task is handwritten digits
-(scikit-learn's 8x8 digits, upscaled). For every round it prints accuracy, live adapter parameters and the
-budget; at the end a per-layer width table, a PNG plot of the widths, the saved adapter's size, a reload check,
-and the same backbone with only its head trained for the same epochs.
+benchmarks/pretrain_backbones.py; the paper's main backbone is a Swin), with a fresh head for the task. The task is
+handwritten digits (scikit-learn's 8x8 digits, upscaled). Everything trains through `peft_mimi.train.train` with
+the default `TrainingRecipe`, exactly as `peft-mimi train` does. For every round it prints accuracy, live adapter
+parameters and the budget; at the end a per-layer width table, a PNG plot of the widths, the saved adapter's size, a
+reload check, and the same backbone with only its head trained for the same epochs, by the same loop.
 
     python examples/demo.py [--data digits] [--backbone fmnist-swin] [--target-compression 32] [--output-dir ...]
 """
@@ -12,60 +13,29 @@ and the same backbone with only its head trained for the same epochs.
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import get_cosine_schedule_with_warmup
 
+from peft_mimi import MiMiConfig
 from peft_mimi.backbones import load_backbone
 from peft_mimi.data import ImageTransform, dataset_labels, load_image_dataset, make_collate_fn
 from peft_mimi.plots import plot_widths
 from peft_mimi.pruning import adapter_params, initial_width
-from peft_mimi.train import train
+from peft_mimi.train import TrainingRecipe, train
 
 
-def head_only_accuracy(backbone_name: str, data_name: str, *, epochs: int, lr: float, batch_size: int = 64,
-                       seed: int = 0) -> float:
-    """Test accuracy of the same backbone with only a new classification head trained, with the same epochs,
-    batch size, AdamW, learning rate and cosine schedule as MiMi (on the frozen features, no augmentation)."""
-    data = load_image_dataset(data_name)
+def head_only_accuracy(backbone_name: str, data, recipe: TrainingRecipe, output_dir: Path) -> float:
+    """Test accuracy of the same backbone with only a new classification head trained by the same loop, with the
+    same recipe and number of epochs as MiMi (a model without MiMi adapters trains one round)."""
     names, id2label, label2id = dataset_labels(data)
     model, processor = load_backbone(backbone_name, num_labels=len(names), id2label=id2label, label2id=label2id)
-    model.eval()
-    transform = make_collate_fn(ImageTransform.from_processor(processor, train=False), num_labels=len(names))
-
-    def features(split):
-        """The inputs the classification head sees, captured with a forward hook (works for every family)."""
-        rows = [data[split][i] for i in range(len(data[split]))]
-        captured, labels = [], []
-        hook = model.classifier.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-        with torch.no_grad():
-            for start in range(0, len(rows), 256):
-                batch = transform(rows[start : start + 256])
-                model(pixel_values=batch["pixel_values"])
-                labels.append(batch["labels"])
-        hook.remove()
-        return torch.cat(captured), torch.cat(labels)
-
-    torch.manual_seed(seed)
-    x_train, y_train = features("train")
-    x_test, y_test = features("test")
-    head = torch.nn.Linear(x_train.shape[1], len(names))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * math.ceil(len(x_train) / batch_size)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for index in torch.randperm(len(x_train), generator=generator).split(batch_size):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(head(x_train[index]), y_train[index]).backward()
-            optimizer.step()
-            scheduler.step()
-    with torch.no_grad():
-        return (head(x_test).argmax(-1) == y_test).float().mean().item()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("classifier."))
+    return train(model, data, output_dir, recipe, processor=processor, resume=True).accuracy
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,20 +43,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", default="fmnist-swin")
     parser.add_argument("--data", default="digits")
     parser.add_argument("--target-compression", type=float, default=32.0)
-    parser.add_argument("--epochs-per-round", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--epochs-per-round", type=int, default=TrainingRecipe.epochs_per_round)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--output-dir", default="outputs/demo")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     print(f"MiMi demo: backbone {args.backbone}, data {args.data}, target compression {args.target_compression}")
-    result = train(args.backbone, args.data, args.output_dir, target_compression=args.target_compression,
-                   epochs_per_round=args.epochs_per_round, batch_size=64, lr=args.lr,
-                   max_train_samples=args.max_train_samples, seed=0)
-    print("\nround  accuracy  live params  budget")
+    data = load_image_dataset(args.data)
+    recipe = TrainingRecipe(epochs_per_round=args.epochs_per_round, max_train_samples=args.max_train_samples)
+    output = Path(args.output_dir)
+    result = train(args.backbone, data, output, recipe, resume=True,
+                   mimi=MiMiConfig(target_compression=args.target_compression))
+    print("\nround  epochs  accuracy  live params  budget")
     for row in result.history:
-        print(f"{row['round']:>5}  {row['accuracy']:8.4f}  {row['live_params']:>11,}  {row['budget']:>6,}")
+        print(f"{row['round']:>5}  {row['epoch']:>6}  {row['accuracy']:8.4f}  {row['live_params']:>11,}  "
+              f"{row['budget']:>6,}")
 
     dims = result.model.base_model.feature_sizes()
     config = result.model.peft_config["default"]
@@ -98,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"(budget {result.budget:,})")
 
     initial = {name: initial_width(d, config.init_compression) for name, d in dims.items()}
-    plot = plot_widths(result.widths, Path(args.output_dir) / "widths.png", initial=initial,
+    plot = plot_widths(result.widths, output / "widths.png", initial=initial,
                        title=f"MiMi on {args.data} ({args.backbone})")
     weights = result.adapter_dir / "adapter_model.safetensors"
     print(f"plot: {plot}\nadapter: {result.adapter_dir}/ ({weights.stat().st_size:,} bytes with the head)")
@@ -108,15 +80,16 @@ def main(argv: list[str] | None = None) -> dict:
                                     id2label=result.model.config.id2label, label2id=result.model.config.label2id)
     reloaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
     batch = make_collate_fn(ImageTransform.from_processor(processor, train=False))(
-        [load_image_dataset(args.data)["test"][i] for i in range(64)])
+        [data["test"][i] for i in range(64)])
     with torch.no_grad():
         same = torch.equal(reloaded(pixel_values=batch["pixel_values"]).logits.argmax(-1),
                            result.model(pixel_values=batch["pixel_values"]).logits.argmax(-1))
     print(f"reload check: {'identical predictions' if same else 'PREDICTIONS DIFFER'}")
 
-    epochs = (result.rounds + 1) * args.epochs_per_round
-    probe = head_only_accuracy(args.backbone, args.data, epochs=epochs, lr=args.lr)
-    print(f"\nMiMi accuracy {result.accuracy:.4f} vs head only {probe:.4f} (both {epochs} epochs, lr {args.lr}) "
+    epochs = result.history[-1]["epoch"]
+    probe = head_only_accuracy(args.backbone, data, dataclasses.replace(recipe, epochs_per_round=epochs),
+                               output / "head-only")
+    print(f"\nMiMi accuracy {result.accuracy:.4f} vs head only {probe:.4f} (both {epochs} epochs, lr {recipe.lr:g}) "
           f"({'+' if result.accuracy >= probe else ''}{100 * (result.accuracy - probe):.1f} points) "
           f"in {time.perf_counter() - start:.0f} s")
     return {"accuracy": result.accuracy, "head_only": probe, "reload_identical": same, "widths": result.widths}
