@@ -9,10 +9,13 @@ Three pieces, each usable alone:
   (``datasets.ClassLabel``).
 - :class:`ImageTransform` and :func:`make_collate_fn`: PIL images to normalised ``(N, 3, H, W)`` tensors with
   plain tensor ops (no torchvision), and the batches a classifier's ``forward`` takes.
+  :meth:`ImageTransform.from_processor` reproduces a transformers image processor's resize and centre crop, and
+  :func:`processor_at_size` moves such a processor to another resolution with the same geometry.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib
 import io
@@ -40,6 +43,7 @@ __all__ = [
     "load_builtin_dataset",
     "load_image_dataset",
     "make_collate_fn",
+    "processor_at_size",
     "random_resized_crop_box",
     "stratified_split_indices",
 ]
@@ -463,25 +467,81 @@ def random_resized_crop_box(
 
 
 def _size_field(size: Any, key: str) -> int | None:
-    value = size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+    value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)  # a dict or transformers' SizeDict
     return None if value is None else int(value)
 
 
-def _processor_size(image_processor: Any) -> tuple[int, int]:
-    """``(height, width)`` a processor feeds the model: ``crop_size`` if it centre-crops, else ``size``."""
-    crop_size = getattr(image_processor, "crop_size", None)
-    centre_crops = getattr(image_processor, "do_center_crop", False) and crop_size
-    size = crop_size if centre_crops else image_processor.size
-    if isinstance(size, int):
-        return size, size
+# A processor's ``resample`` (a PIL filter number, or a torchvision InterpolationMode's value) to the F.interpolate
+# mode that reproduces it with antialias=True: the same kernels as PIL and torchvision, bicubic with a = -0.5.
+_INTERPOLATIONS = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}
+
+
+def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """``(height, width)`` with the shorter side ``shortest_edge`` and the aspect ratio kept, the longer side
+    truncated as transformers' ``get_resize_output_image_size`` does (same float expression, same result)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+
+
+def _processor_geometry(image_processor: Any) -> tuple[int | tuple[int, int], tuple[int, int], bool]:
+    """``(resize, final_size, centre_crops)`` of a transformers image processor.
+
+    ``resize`` is an int (match the shorter side to it, aspect ratio kept) or ``(height, width)``; ``final_size``
+    is ``(height, width)`` of what the model gets: ``crop_size`` when the processor centre-crops, else the resize
+    itself, or a square of the shorter side when the resize keeps the aspect ratio (images of varying shape cannot
+    be batched).
+    """
+    name = type(image_processor).__name__
+    direct = "build ImageTransform(image_size=..., mean=..., std=...) directly"
+    if getattr(image_processor, "do_resize", True) is False:
+        raise ValueError(f"{name} has do_resize=False, so its images keep their own sizes and cannot be batched; "
+                         f"set do_resize=True or {direct}")
+    size = image_processor.size
+    if isinstance(size, int):  # what transformers' get_size_dict makes of an int
+        square = getattr(image_processor, "default_to_square", True)
+        size = {"height": size, "width": size} if square else {"shortest_edge": size}
     height, width = _size_field(size, "height"), _size_field(size, "width")
+    shortest, longest = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
     if height and width:
-        return height, width
-    edge = _size_field(size, "shortest_edge") or _size_field(size, "longest_edge")
-    if edge:
-        return edge, edge
-    raise ValueError(f"cannot read an image size from {type(image_processor).__name__} (size={size!r}); "
-                     "build ImageTransform(image_size=..., mean=..., std=...) directly")
+        resize: int | tuple[int, int] = (height, width)
+    elif shortest and not longest:
+        resize = shortest
+    else:
+        raise ValueError(f"cannot reproduce the resize of {name} (size={size!r}): only "
+                         f"{{'shortest_edge': n}} and {{'height': h, 'width': w}} are supported; {direct}")
+    crop_size = getattr(image_processor, "crop_size", None)
+    centre_crops = bool(getattr(image_processor, "do_center_crop", False)) and crop_size is not None
+    if centre_crops:
+        crop_height, crop_width = _size_field(crop_size, "height"), _size_field(crop_size, "width")
+        if not (crop_height and crop_width):
+            raise ValueError(f"{name} centre-crops but its crop_size={crop_size!r} has no height and width; "
+                             f"set crop_size={{'height': h, 'width': w}} or {direct}")
+        final = (crop_height, crop_width)
+    else:
+        final = resize if isinstance(resize, tuple) else (resize, resize)
+    return resize, final, centre_crops
+
+
+def processor_at_size(image_processor: Any, image_size: int) -> Any:
+    """A copy of ``image_processor`` producing ``image_size`` x ``image_size`` images with the same geometry.
+
+    The resize keeps its ratio to the final size: DINOv2's processor (short side 256, centre crop 224) at 112
+    resizes the short side to ``round(112 * 256 / 224) = 128`` and crops 112 x 112; a processor that resizes to
+    ``(height, width)`` without cropping (ViT) resizes to 112 x 112. The input is not mutated.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    resize, final, centre_crops = _processor_geometry(image_processor)
+    resized = copy.deepcopy(image_processor)
+    if isinstance(resize, int):
+        resized.size = {"shortest_edge": round(resize * image_size / min(final))}
+    else:
+        resized.size = {"height": round(resize[0] * image_size / final[0]),
+                        "width": round(resize[1] * image_size / final[1])}
+    if centre_crops:
+        resized.crop_size = {"height": image_size, "width": image_size}
+    return resized
 
 
 class ImageTransform:
@@ -489,10 +549,13 @@ class ImageTransform:
 
     Every image is converted to RGB (greyscale replicated; RGBA/LA/transparent-palette images composited onto
     black; 16-bit greyscale scaled from 0..65535) and to [0, 1]. In training mode it then takes a random
-    resized crop (area fraction in ``scale``, aspect ratio 3/4..4/3, as torchvision's RandomResizedCrop) and,
-    if ``flip``, a horizontal flip with probability 1/2; in eval mode it resizes the whole image to
-    ``image_size`` (aspect ratio not preserved). Resizing is bilinear with antialiasing. Finally
-    ``(x - mean) / std`` per channel.
+    resized crop (area fraction in ``scale``, aspect ratio 3/4..4/3, as torchvision's RandomResizedCrop) to
+    ``image_size`` and, if ``flip``, a horizontal flip with probability 1/2. In eval mode it resizes the image
+    as ``eval_resize`` says: an int matches the shorter side to it (aspect ratio kept), ``(height, width)``
+    resizes to exactly that, None (the default) resizes straight to ``image_size``; then it centre-crops to
+    ``image_size`` (zero-padding a side that is too short, as transformers does). Resizing is ``interpolation``
+    (``"bilinear"`` or ``"bicubic"``) with antialiasing, clamped to [0, 1]. Finally ``(x - mean) / std`` per
+    channel. :meth:`from_processor` sets all of this from a transformers image processor.
 
     Randomness comes from a ``torch.Generator`` seeded with ``seed``, or from torch's global generator when
     ``seed`` is None (which DataLoader workers reseed per worker; a seeded transform copied into several
@@ -508,6 +571,9 @@ class ImageTransform:
         flip: bool = True,
         scale: tuple[float, float] = (0.8, 1.0),
         seed: int | None = None,
+        *,
+        eval_resize: int | tuple[int, int] | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
         height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if height <= 0 or width <= 0:
@@ -518,6 +584,10 @@ class ImageTransform:
             raise ValueError(f"std must be positive, got {list(std)}")
         if not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+        if eval_resize is not None and min((eval_resize,) if isinstance(eval_resize, int) else eval_resize) <= 0:
+            raise ValueError(f"eval_resize must be positive, got {eval_resize}")
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
         self.image_size = (int(height), int(width))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -525,6 +595,8 @@ class ImageTransform:
         self.flip = flip
         self.scale = (float(scale[0]), float(scale[1]))
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.eval_resize = eval_resize if isinstance(eval_resize, int) or eval_resize is None else tuple(eval_resize)
+        self.interpolation = interpolation
 
     @classmethod
     def from_processor(
@@ -536,22 +608,33 @@ class ImageTransform:
         scale: tuple[float, float] = (0.8, 1.0),
         seed: int | None = None,
     ) -> ImageTransform:
-        """The transform matching a transformers image processor (ViT, BiT/DINOv2, ...): its final size
-        (``crop_size`` when it centre-crops, else ``size``), ``image_mean`` and ``image_std``.
+        """The transform matching a transformers image processor (ViT, BiT/DINOv2, ...).
 
-        In eval mode the image is resized straight to that size rather than resized then centre-cropped.
+        Eval mode reproduces the processor's geometry: its resize (short side to ``size["shortest_edge"]``, or
+        straight to ``size["height"], size["width"]``), then its centre crop to ``crop_size`` when
+        ``do_center_crop``; with its ``resample`` (bilinear or bicubic), ``image_mean`` and ``image_std``. Train
+        mode takes random resized crops to the same final size. A processor that keeps the aspect ratio without
+        cropping gets a centre crop to a square of its short side, so that images can be batched.
         """
+        name = type(image_processor).__name__
         if getattr(image_processor, "do_normalize", True):
             mean, std = image_processor.image_mean, image_processor.image_std
             if mean is None or std is None:
-                raise ValueError(f"{type(image_processor).__name__} has no image_mean/image_std; "
+                raise ValueError(f"{name} has no image_mean/image_std; "
                                  "build ImageTransform(image_size=..., mean=..., std=...) directly")
             mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else list(mean)
             std = [float(std)] * 3 if isinstance(std, (int, float)) else list(std)
         else:
             mean, std = [0.0] * 3, [1.0] * 3
-        size = _processor_size(image_processor)
-        return cls(size, mean, std, train=train, flip=flip, scale=scale, seed=seed)
+        resample = getattr(image_processor, "resample", None)
+        resample = 2 if resample is None else getattr(resample, "value", resample)  # unset: transformers' bilinear
+        if resample not in _INTERPOLATIONS:
+            raise ValueError(f"{name} resamples with {image_processor.resample!r}; ImageTransform reproduces only "
+                             "bilinear and bicubic: set image_processor.resample to PIL.Image.Resampling.BILINEAR "
+                             "or BICUBIC")
+        resize, final, _ = _processor_geometry(image_processor)
+        return cls(final, mean, std, train=train, flip=flip, scale=scale, seed=seed, eval_resize=resize,
+                   interpolation=_INTERPOLATIONS[resample])
 
     def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """``(N, 3, H, W)`` float32 for ``N`` images; ``ValueError`` naming the index of a damaged one."""
@@ -565,18 +648,43 @@ class ImageTransform:
             top, left, height, width = random_resized_crop_box(
                 pixels.shape[1], pixels.shape[2], self.scale, generator=self.generator
             )
-            pixels = pixels[:, top : top + height, left : left + width]
-        if tuple(pixels.shape[1:]) != self.image_size:
-            pixels = F.interpolate(pixels[None], size=self.image_size, mode="bilinear", align_corners=False,
-                                   antialias=True)[0]
-        if self.train and self.flip and torch.rand(1, generator=self.generator).item() < 0.5:
-            pixels = pixels.flip(-1)
+            pixels = self._resize(pixels[:, top : top + height, left : left + width], self.image_size)
+            if self.flip and torch.rand(1, generator=self.generator).item() < 0.5:
+                pixels = pixels.flip(-1)
+        else:
+            height, width = pixels.shape[1:]
+            if self.eval_resize is None:
+                resized = self.image_size
+            elif isinstance(self.eval_resize, int):
+                resized = _shortest_edge_size(height, width, self.eval_resize)
+            else:
+                resized = self.eval_resize
+            pixels = _centre_crop(self._resize(pixels, resized), self.image_size)
         return (pixels - self.mean) / self.std
+
+    def _resize(self, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(pixels.shape[1:]) == size:
+            return pixels
+        resized = F.interpolate(pixels[None], size=size, mode=self.interpolation, align_corners=False,
+                                antialias=True)[0]
+        return resized.clamp_(0.0, 1.0)  # bicubic overshoots; the processors' uint8 output is clipped too
 
     def __repr__(self) -> str:
         mode = f"train, flip={self.flip}, scale={self.scale}" if self.train else "eval"
         return (f"ImageTransform(image_size={self.image_size}, mean={self.mean.flatten().tolist()}, "
-                f"std={self.std.flatten().tolist()}, {mode})")
+                f"std={self.std.flatten().tolist()}, eval_resize={self.eval_resize}, "
+                f"interpolation={self.interpolation!r}, {mode})")
+
+
+def _centre_crop(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centre ``size`` of ``(C, H, W)`` pixels, placed as transformers' ``center_crop`` places it (top/left
+    offset rounded down); a side shorter than ``size`` is zero-padded, as there."""
+    height, width = pixels.shape[1:]
+    top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    if (height, width) == size:
+        return pixels
+    # Negative padding crops: one call covers cropping, padding and a mix of the two.
+    return F.pad(pixels, (-left, size[1] - width + left, -top, size[0] - height + top))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ restored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -45,6 +46,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -77,8 +79,8 @@ from .files import publish_directory
 from .model import MiMiModel
 from .serving import RUN_FILE
 
-__all__ = ["TrainResult", "TrainingRecipe", "build_optimizer", "evaluate", "evaluate_adapter", "latest_checkpoint",
-           "train"]
+__all__ = ["OutputDirectoryBusy", "TrainResult", "TrainingRecipe", "build_optimizer", "evaluate", "evaluate_adapter",
+           "latest_checkpoint", "train"]
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -238,6 +240,30 @@ def train(
     accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation_steps,
                               mixed_precision=recipe.mixed_precision)
     output_dir = Path(output_dir)
+    with _RunLock(output_dir, accelerator.is_local_main_process), _quiet_library_bars():
+        return _train(model, data, output_dir, recipe, mimi, processor, resume, push_to_hub, accelerator)
+
+
+@contextlib.contextmanager
+def _quiet_library_bars() -> Iterator[None]:
+    """transformers' own progress bars (loading and writing weights) off while standard error is not a terminal,
+    so that a log file holds only readable lines; restored afterwards."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    quiet = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
+def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processor, resume: bool,
+           push_to_hub: str | None, accelerator: Accelerator) -> TrainResult:
     checkpoint = _find_run(output_dir, resume)
     run = _load_run(model, data, recipe, mimi, processor, checkpoint, accelerator)
     peft_model, tuner, pos = run.model, run.tuner, run.position
@@ -245,8 +271,8 @@ def train(
     # optimizer steps per epoch on each process (every epoch has the same number of batches)
     steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / recipe.gradient_accumulation_steps)
     epochs = [recipe.epochs_in_round(r, pos.total_rounds) for r in range(pos.total_rounds + 1)]
-    progress = tqdm(total=sum(epochs) * steps_per_epoch, initial=pos.global_step,
-                    disable=not accelerator.is_local_main_process, desc="MiMi" if tuner else "train")
+    progress = _Progress(total=sum(epochs) * steps_per_epoch, initial=pos.global_step,
+                         enabled=accelerator.is_local_main_process, desc="MiMi" if tuner else "train")
     adaptive_lora = getattr(getattr(peft_model, "base_model", None), "update_and_allocate", None)  # AdaLoRA
 
     while not pos.finished:  # round r trains at the widths left by r pruning rounds
@@ -281,8 +307,7 @@ def train(
                 pos.add_batch(mean_loss)
                 if accelerator.sync_gradients:
                     pos.global_step += 1
-                    progress.update()
-                    progress.set_postfix(round=pos.round, loss=f"{mean_loss:.4f}")
+                    progress.step(pos.round, pos.total_rounds, mean_loss, scheduler.get_last_lr()[0])
                     if recipe.checkpoint_every_steps and pos.global_step % recipe.checkpoint_every_steps == 0:
                         pos.epoch, pos.seconds = epoch, time.perf_counter() - started
                         _save_checkpoint(accelerator, output_dir, peft_model, optimizer, scheduler, pos, run)
@@ -320,6 +345,90 @@ def train(
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
+class _Progress:
+    """Progress of the run: a tqdm bar on a terminal; when standard error is not a terminal (a log file, a job
+    scheduler), a plain line every ``every_s`` seconds and at the end of every round, with round, optimizer step,
+    loss and learning rate, instead of hundreds of carriage-return frames."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, every_s: float | None = None) -> None:
+        import sys
+
+        self.enabled, self.total, self.done, self.desc = enabled, total, initial, desc
+        self.bar = tqdm(total=total, initial=initial, desc=desc) if enabled and sys.stderr.isatty() else None
+        self.every_s = every_s if every_s is not None else float(os.environ.get("PEFT_MIMI_LOG_EVERY_S", 30))
+        self.started = self.last = time.perf_counter()
+        self.first = initial
+
+    def step(self, round_: int, rounds: int, loss: float, lr: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(round=round_, loss=f"{loss:.4f}")
+        elif self.enabled and (time.perf_counter() - self.last >= self.every_s or self.done == self.total):
+            self.last = time.perf_counter()
+            elapsed = self.last - self.started
+            rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+            left = f", {(self.total - self.done) / rate:.0f} s left" if rate > 0 else ""
+            self._print(f"{self.desc}: round {round_}/{rounds}, step {self.done}/{self.total}, loss {loss:.4f}, "
+                        f"lr {lr:.3g}, {elapsed:.0f} s{left}")
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.enabled:
+            self._print(text)
+
+    @staticmethod
+    def _print(text: str) -> None:
+        import sys
+
+        print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class OutputDirectoryBusy(FileExistsError):
+    """Another live run is writing to the output directory."""
+
+
+class _RunLock:
+    """An exclusive lock on ``output_dir/.lock`` for the whole run (main process only). The operating system
+    releases it when the process ends, however it ends, so a crashed run never leaves it stuck and ``resume``
+    works at once."""
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.path, self.enabled, self.file = output_dir / ".lock", enabled, None
+
+    def __enter__(self) -> _RunLock:
+        if not self.enabled:
+            return self
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")  # noqa: SIM115 (held open for the whole run)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise OutputDirectoryBusy(
+                f"{self.path.parent} is being written by a live run ({owner}). Wait for it to finish, or choose "
+                "another output directory.") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()  # releases the lock; the file stays (removing it would race a waiting run)
+
+
+
 def build_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, warmup_ratio: float, num_training_steps: int,
     head_lr: float | None = None,

@@ -27,6 +27,7 @@ from peft_mimi.data import (
     load_builtin_dataset,
     load_image_dataset,
     make_collate_fn,
+    processor_at_size,
     random_resized_crop_box,
     stratified_split_indices,
 )
@@ -440,9 +441,14 @@ def test_transform_from_processor_uses_the_crop_size_when_the_processor_centre_c
     transform = ImageTransform.from_processor(dinov2_like, train=True, flip=False)
     assert transform.image_size == (224, 196) and transform.train and not transform.flip
     assert transform.mean.flatten().tolist() == pytest.approx(MEAN)
+    assert transform.eval_resize == 256 and transform.interpolation == "bicubic"  # BiT's own resample
 
+    # Keeping the aspect ratio without a crop would give images of different shapes, which cannot be batched:
+    # the transform crops the centre square of the short side.
     no_crop = transformers.BitImageProcessor(size={"shortest_edge": 64}, do_center_crop=False)
-    assert ImageTransform.from_processor(no_crop, train=False).image_size == (64, 64)
+    wide = Image.new("RGB", (100, 50))
+    assert ImageTransform.from_processor(no_crop, train=False)([wide]).shape == (1, 3, 64, 64)
+    assert no_crop([wide], return_tensors="pt")["pixel_values"].shape == (1, 3, 64, 128)
 
 
 def test_collate_makes_model_inputs_from_a_dataloader():
@@ -468,3 +474,154 @@ def test_collate_rejects_a_label_outside_the_head():
         collate(examples)
     with pytest.raises(ValueError, match="example 0 of the batch has label -1"):
         collate([{"image": Image.new("L", (4, 4)), "label": -1}])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eval preprocessing is the backbone's own: ImageTransform.from_processor against the processor itself
+# ----------------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def dinov2_processor():
+    """facebook/dinov2-*'s preprocessor_config.json, built here instead of downloaded."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.BitImageProcessor(
+        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+        resample=Image.Resampling.BICUBIC, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+    )
+
+
+def vit_processor():
+    """google/vit-base-patch16-224's: straight to 224 x 224, bilinear, mean = std = 0.5. do_convert_rgb, because
+    without it the processor passes a greyscale image on as one channel (and then fails on a 3-value mean);
+    ImageTransform always converts to RGB."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.ViTImageProcessor(do_convert_rgb=True)
+
+
+PROCESSORS = {"dinov2": dinov2_processor, "vit": vit_processor}
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    """Real photographs of several shapes and modes: square RGB, square greyscale, a landscape and a portrait
+    crop, and an RGBA logo (opaque, so that the background transparent pixels are composited onto, black
+    here and white in transformers, does not enter the comparison)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    astronaut, camera = skimage_data.astronaut(), skimage_data.camera()
+    return [
+        Image.fromarray(astronaut),  # 512 x 512 RGB
+        Image.fromarray(camera),  # 512 x 512 L
+        Image.fromarray(astronaut[40:340, :450]),  # 450 wide, 300 high
+        Image.fromarray(camera[:, 100:300]),  # 200 wide, 512 high
+        Image.fromarray(skimage_data.logo()),  # 500 x 500 RGBA
+    ]
+
+
+def processor_pixels(processor, images) -> torch.Tensor:
+    return torch.as_tensor(processor(images, return_tensors="pt")["pixel_values"]).float()
+
+
+def in_pixel_levels(difference: torch.Tensor, processor) -> torch.Tensor:
+    """A difference of normalised values in 8-bit pixel levels (1 level = 1/255 before normalising)."""
+    return difference.abs() * torch.tensor(processor.image_std).view(1, 3, 1, 1) * 255
+
+
+@pytest.mark.parametrize("image_size", [None, 112])
+@pytest.mark.parametrize("backbone", sorted(PROCESSORS))
+def test_eval_transform_reproduces_the_processor(backbone, image_size, photos):
+    """Same geometry, same values up to resampling round-off.
+
+    Tolerances, in 8-bit pixel levels: the processors resize uint8 images, so their output is rounded to whole
+    levels (mean |difference| 0.25 level for rounding alone; measured 0.24-0.26) and, for bilinear, never more
+    than a level off (measured max 0.99). PIL's bicubic also clips the overshoot of its first pass to 0..255
+    before the second, which the one-pass torch resize does not: at a few hard edges that moves a pixel by
+    several levels (measured max 6.1 here, 14 on scikit-image's coffee at 300 px), while nearly all values stay
+    within one level (measured 99.7% or more). The bounds below leave a margin over those measurements.
+    """
+    processor = PROCESSORS[backbone]()
+    if image_size is not None:
+        processor = processor_at_size(processor, image_size)
+    final = image_size or 224
+
+    ours = ImageTransform.from_processor(processor, train=False)(photos)
+    theirs = processor_pixels(processor, photos)
+
+    assert ours.shape == theirs.shape == (len(photos), 3, final, final)
+    levels = in_pixel_levels(ours - theirs, processor)
+    assert levels.mean() < 0.35
+    assert (levels > 1.01).float().mean() < 0.01
+    assert levels.max() < (1.01 if backbone == "vit" else 16)
+
+
+def test_dinov2_geometry_keeps_the_centre_of_a_wide_image():
+    """A 300 x 200 image whose outer 50-pixel columns are black: DINOv2's processor (short side to 128, centre
+    crop 112 at 112 px) sees only the white centre; squashing the whole image to 112 x 112, as this transform
+    did before, would bring the black columns in."""
+    pixels = np.full((200, 300, 3), 255, dtype=np.uint8)
+    pixels[:, :50] = pixels[:, 250:] = 0
+    image = Image.fromarray(pixels)
+    processor = processor_at_size(dinov2_processor(), 112)
+
+    ours = ImageTransform.from_processor(processor, train=False)([image])
+    white = ((1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+
+    torch.testing.assert_close(ours, white.expand(1, 3, 112, 112))
+    torch.testing.assert_close(ours, processor_pixels(processor, [image]), atol=1e-5, rtol=0)
+    squashed = ImageTransform(112, IMAGENET_MEAN, IMAGENET_STD, train=False)([image])
+    assert squashed[0, :, :, 0].max() < 0  # black (below the mean) at the left edge
+
+
+def test_eval_transform_zero_pads_like_the_processor_when_the_crop_is_larger_than_the_resize():
+    transformers = pytest.importorskip("transformers")
+    processor = transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 48, "width": 40},
+                                               image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    image = Image.new("RGB", (50, 32), (255, 255, 255))  # resized to 50 x 32 (no change), then padded/cropped
+
+    ours = ImageTransform.from_processor(processor, train=False)([image])
+
+    torch.testing.assert_close(ours, processor_pixels(processor, [image]))
+    assert ours[0, 0, :, 0].tolist() == [0.0] * 8 + [1.0] * 32 + [0.0] * 8  # 8 black rows above, 8 below
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "crop_size"),
+    [
+        ("dinov2", {"shortest_edge": 128}, {"height": 112, "width": 112}),  # round(112 * 256 / 224)
+        ("vit", {"height": 112, "width": 112}, None),
+        ("deit", {"height": 128, "width": 128}, {"height": 112, "width": 112}),  # 256 x 256, crop 224
+    ],
+)
+def test_processor_at_size_keeps_the_resize_to_crop_ratio(backbone, size, crop_size):
+    transformers = pytest.importorskip("transformers")
+    if backbone == "deit":
+        original = transformers.ViTImageProcessor(size={"height": 256, "width": 256}, do_center_crop=True,
+                                                  crop_size={"height": 224, "width": 224})
+    else:
+        original = PROCESSORS[backbone]()
+    before = original.to_dict()
+
+    at_112 = processor_at_size(original, 112)
+
+    assert at_112 is not original and original.to_dict() == before  # a copy; the input is untouched
+    assert dict(at_112.size) == size
+    assert (dict(at_112.crop_size) if at_112.do_center_crop else None) == crop_size
+    transform = ImageTransform.from_processor(at_112, train=True)
+    assert transform.image_size == (112, 112)  # training crops to the same final size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8))
+    assert transform([image]).shape == processor_pixels(at_112, [image]).shape == (1, 3, 112, 112)
+
+
+def test_from_processor_names_what_it_cannot_reproduce():
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match="do_resize=False.*set do_resize=True"):
+        ImageTransform.from_processor(transformers.ViTImageProcessor(do_resize=False), train=False)
+    with pytest.raises(ValueError, match="reproduces only bilinear and bicubic.*Resampling.BILINEAR"):
+        ImageTransform.from_processor(transformers.ViTImageProcessor(resample=Image.Resampling.LANCZOS), train=False)
+    longest = transformers.ViTImageProcessor()
+    longest.size = {"longest_edge": 64}
+    with pytest.raises(ValueError, match="cannot reproduce the resize.*'shortest_edge'"):
+        ImageTransform.from_processor(longest, train=False)
+    with pytest.raises(ValueError, match="image_size must be a positive int, got 0"):
+        processor_at_size(vit_processor(), 0)

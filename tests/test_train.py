@@ -244,7 +244,46 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         train(make_model("vit", num_labels=10), "digits", tmp_path)
     with pytest.raises(ValueError, match="head classifies 3 classes but the dataset has 10"):
         train(make_model("vit", num_labels=3), "digits", tmp_path, processor=object())
-    assert not any(tmp_path.iterdir())  # nothing written
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # nothing written but the run's lock
+
+
+# ------------------------------------------------------------------------------------- unattended runs
+def test_a_live_run_owns_its_output_directory_and_a_killed_one_does_not(backbone, tmp_path):
+    """A second run pointed at a directory a live run is writing is refused at once; once that process is killed
+    (SIGKILL: no cleanup runs), the lock is gone and the directory can be resumed."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from peft_mimi.train import _RunLock
+        with _RunLock(Path({str(out)!r}), True):
+            print("locked", flush=True)
+            time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(train_module.OutputDirectoryBusy, match=rf"{out} is being written by a live run \(pid "
+                                                                   rf"{holder.pid} "):
+            train(backbone, output_dir=out, **SETTINGS)
+    finally:
+        holder.kill()
+        holder.wait()
+    result = train(backbone, output_dir=out, resume=True, **SETTINGS)
+    assert result.rounds == 2
+
+
+def test_progress_in_a_log_file_is_plain_lines(backbone, tmp_path, capfd, monkeypatch):
+    """Standard error is not a terminal under pytest, as in a log file: progress comes as readable lines with round,
+    step, loss and learning rate, and no carriage-return frames."""
+    monkeypatch.setenv("PEFT_MIMI_LOG_EVERY_S", "0")
+    train(backbone, output_dir=tmp_path / "out", **SETTINGS)
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    steps = [line for line in err.splitlines() if line.startswith("MiMi: round ")]
+    assert len(steps) == 3 * STEPS_PER_ROUND
+    assert steps[0].startswith("MiMi: round 0/2, step 1/18, loss ") and ", lr " in steps[0]
+    assert steps[-1].startswith("MiMi: round 2/2, step 18/18, loss ")
+    assert sum(line.startswith("round ") and "accuracy" in line for line in err.splitlines()) == 3
 
 
 # ------------------------------------------------------------------------------------- objects and baselines
