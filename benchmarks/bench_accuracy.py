@@ -186,7 +186,8 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         total = (rounds + 1) * args.epochs_per_round
         max_epochs = max(max_epochs, total)
         rank = common.lora_rank_for_budget(probe_model, common.adapter_budget(probe_model, sigma))
-        entries += [(m, total, sigma) for m in methods_at(sigma, rank) if m.kind in args.methods]
+        kinds = args.budget_methods.get(sigma, args.methods)
+        entries += [(m, total, sigma) for m in methods_at(sigma, rank) if m.kind in kinds]
     entries += [(m, max_epochs, None) for m in FIXED if m.kind in args.fixed]
     args.labels = {m.label for m, *_ in entries}
     started = time.time()
@@ -197,16 +198,20 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         table_rows = [[s["task"], "—" if s["budget_sigma"] is None else f"{s['budget_sigma']:g}", s["label"],
                        f"{statistics.fmean(s['method_params']):,.0f}", f"{s['params_pct']:.2f}%", s["epochs"],
                        fmt(s["accuracy"]), len(s["seeds"])] for s in summary]
-        heads = {s["task"]: s["head_params"] for s in summary}
+        heads = {s["task"]: s["head_params"] for s in summary if s["head_params"]}
         intro = (f"Backbone `{args.backbone}` ({backbone_size:,} parameters without head"
                  f"{f', at {args.image_size} px' if args.image_size else ''}), tasks {args.tasks} "
                  f"(train ≤ {args.max_train}{''.join(f', {t} ≤ {n}' for t, n in args.task_max_train.items())}, "
                  f"test ≤ {args.max_test}), seeds {args.seeds}, E = {args.epochs_per_round} "
-                 f"epoch(s) per MiMi segment, batch {args.batch_size}, AdamW lr {args.lr} (full FT {args.lr_full}), "
-                 "wd 0.05, cosine with 10% warm-up, no augmentation. Params = trained parameters besides the "
-                 "classification head (every method also trains the head: "
-                 f"{', '.join(f'{t} {h}' for t, h in heads.items())} parameters). Accuracy = test top-1 %, "
-                 "mean ± std over seeds.")
+                 f"epoch(s) per MiMi round, batch {args.batch_size}, AdamW lr {args.lr} (full FT {args.lr_full}), "
+                 f"wd 0.05, warm-up 10 % + cosine per round, clipping 5.0, mixed precision {args.mixed_precision}; "
+                 "every trained method runs through `peft_mimi.train.train` (the loop of `peft-mimi train`, with its "
+                 "augmentation: random resized crop, flips where the dataset allows). Params = trained parameters "
+                 "besides the classification head (every trained method also trains the head: "
+                 f"{', '.join(f'{t} {h}' for t, h in heads.items())} parameters). Wall = training plus one test "
+                 "evaluation per round (MiMi evaluates after every round). Accuracy = test top-1 %, mean ± std over "
+                 "seeds. The two floors are not trained by the loop: logistic regression (scikit-learn, converged, C "
+                 "by 3-fold CV on the training set) on the raw pixels and on the frozen backbone's features.")
         publish(args, out, "accuracy", "Accuracy at matched budgets", intro,
                 ["task", "σt", "method", "params", "% of backbone", "epochs", "accuracy %", "seeds"], table_rows,
                 rows, summary, started, final)
@@ -214,8 +219,10 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
             plot_accuracy(summary, out / "accuracy.png", args.backbone)
 
     rows = []
-    for task in args.tasks:
-        rows += run_grid(args, args.backbone, task, entries, "accuracy", lambda r, done=rows: write(done + r))
+    for seed in args.seeds:  # seed-major: an interrupted grid has every task at the first seeds
+        for task in args.tasks:
+            seed_args = argparse.Namespace(**{**vars(args), "seeds": [seed]})
+            rows += run_grid(seed_args, args.backbone, task, entries, "accuracy", lambda r, done=rows: write(done + r))
     write(rows, final=True)
 
 
@@ -364,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-ratios", nargs="*", type=float, default=[0.75], help="sweep: ρ values (E=2)")
     parser.add_argument("--methods", nargs="+", default=["mimi", "adapter", "lora", "adalora"],
                         help="the methods run at each budget")
+    parser.add_argument("--budget-methods", nargs="*", default=[], metavar="SIGMA=KIND,KIND",
+                        help="the methods run at one budget instead of --methods, e.g. 64=mimi,adapter,lora")
     parser.add_argument("--fixed", nargs="*", default=["adapter", "linear", "bitfit", "full", "probe", "pixels"],
                         help="the budget-free methods (adapter = vanilla adapters at σ=4; probe and pixels = the "
                              "sanity floors)")
@@ -398,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         args.what = ["accuracy", "ablation", "allocation", "sweep"]
         args.fixed = ["linear", "probe", "pixels"]
     args.task_max_train = {t: int(n) for t, n in (item.split("=") for item in args.task_max_train)}
+    args.budget_methods = {float(b): kinds.split(",") for b, kinds in (item.split("=") for item in args.budget_methods)}
     torch.set_num_threads(args.threads)
     args.previous = {}
     for what in ("accuracy", "ablation", "sweep"):

@@ -1,0 +1,409 @@
+"""Beyond the paper (issue 13): what makes MiMi's pruned adapters beat vanilla adapters of the same final size
+trained for the same total epochs. Every candidate is trained by `peft_mimi.train.train`, at equal final
+parameters (the budget B(σt)) and equal total epochs ((R+1)·E of the paper's schedule, ρ = 0.5), on the same
+class-balanced subsets, seeds and batch order as vanilla adapters of width d/σt.
+
+    python benchmarks/beyond.py --resume                    # -> results/beyond/beyond.{md,json,png}
+    python benchmarks/beyond.py --smoke --out /tmp/x        # a tiny random ViT, seconds
+
+Candidates that need something `peft_mimi.train` does not do yet are prototyped here as wrapper modules that
+`train` trains as model objects (its loop is unchanged):
+- ``kd``: distillation from the wide adapter. The model after the first round (before the first cut) becomes a
+  frozen teacher; from then on the loss is ``(1-α)·CE + α·T²·KL(teacher/T ‖ student/T)`` on the same augmented
+  batch (an extra forward pass of the teacher per step, counted in the wall time);
+- ``cubic``: gradual pruning (Zhu & Gupta 2017) in ONE cosine schedule of the same total epochs: masks at many
+  small cuts whose sizes follow the cubic schedule from 20 % to 70 % of the steps, then training at the final
+  widths, one physical shrink at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+OUT = common.RESULTS_DIR / "beyond"
+TIE = 0.5  # accuracy points: |MiMi - vanilla| below this on a seed is a tie
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A way to train adapters of the final size in the paper's total epochs."""
+
+    name: str
+    help: str
+    kind: str = "mimi"  # mimi | adapter (vanilla adapters of the final width, one round)
+    mimi_options: dict = field(default_factory=dict)  # MiMiConfig fields
+    schedule: str = "paper"  # paper: E per round, rho 0.5 | long_last: 1 epoch per round, the rest after the last
+    # cut | rounds_1: 1 epoch per round, rho chosen so that the rounds fill the epochs | cubic | one_shot
+    kd: tuple[float, float] | None = None  # (alpha, temperature) of the distillation from the wide adapter
+
+
+CANDIDATES = {c.name: c for c in [
+    Candidate("vanilla", "adapters of width d/σt from the start, same epochs", kind="adapter"),
+    Candidate("paper", "the paper's MiMi: eq. 3, global, ρ 0.5, E epochs per round"),
+    Candidate("local", "paper, but every adapter loses the same fraction (the paper's ablation)",
+              mimi_options={"selection": "local"}),
+    Candidate("relative", "score = eq. 3 / its value at init (4√d · eq. 3): wide and narrow layers start level",
+              mimi_options={"score": "relative"}),
+    Candidate("taylor", "score = first-order Taylor |a·∂L/∂a| per parameter, gathered while training",
+              mimi_options={"score": "taylor"}),
+    Candidate("contribution", "score = mean |a_j| · |W_up[:,j]|_1 per parameter, gathered while training",
+              mimi_options={"score": "contribution"}),
+    Candidate("long_last", "paper cuts, 1 epoch per round, every remaining epoch after the last cut",
+              schedule="long_last"),
+    Candidate("rounds_1", "1 epoch per round, smaller ρ so that the rounds fill the same epochs",
+              schedule="rounds_1"),
+    Candidate("one_shot", "one cut to the budget after half the epochs", schedule="one_shot"),
+    Candidate("cubic", "gradual masked cuts on the cubic schedule (20-70 % of the steps), one cosine",
+              schedule="cubic"),
+    Candidate("kd", "paper + distillation from the wide adapter (α 0.5, T 2)", kd=(0.5, 2.0)),
+    Candidate("kd_strong", "paper + distillation from the wide adapter (α 0.9, T 2)", kd=(0.9, 2.0)),
+]}
+
+
+def combine(name: str) -> Candidate:
+    """``a+b+...``: the candidates' settings merged (scores, schedules, distillation), for combinations."""
+    parts = [CANDIDATES[p] for p in name.split("+")]
+    options, schedule, kd = {}, "paper", None
+    for part in parts:
+        options.update(part.mimi_options)
+        schedule = part.schedule if part.schedule != "paper" else schedule
+        kd = part.kd or kd
+    return Candidate(name, " + ".join(p.help.split(":")[0] for p in parts), mimi_options=options, schedule=schedule,
+                     kd=kd)
+
+
+def candidate(name: str) -> Candidate:
+    return CANDIDATES[name] if name in CANDIDATES else combine(name)
+
+
+# ------------------------------------------------------------------------------------------------- wrappers
+class _Wrapper(nn.Module):
+    """A PeftModel seen through a module whose forward `peft_mimi.train.train` calls; attributes it lacks come
+    from the PeftModel (save_pretrained, config, peft_config, ...)."""
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.peft = peft_model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.peft, name)
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs):
+        if interpolate_pos_encoding is not None:
+            kwargs["interpolate_pos_encoding"] = interpolate_pos_encoding
+        return self.peft(pixel_values=pixel_values, labels=labels, **kwargs)
+
+
+class Distilled(_Wrapper):
+    """MiMi's rounds (``base_model`` is the MiMi tuner, so `train` runs them) with a distillation term: at the
+    first cut the model is frozen as the teacher; afterwards ``loss = (1-α)·CE + α·T²·KL``."""
+
+    def __init__(self, peft_model: nn.Module, alpha: float, temperature: float) -> None:
+        super().__init__(peft_model)
+        self.alpha, self.temperature = alpha, temperature
+        self._teacher: list[nn.Module] = []  # a list: not a submodule, so train() neither trains nor saves it
+        tuner = peft_model.base_model
+        prune_round = tuner.prune_round
+
+        def snapshot_then_prune(*args, **kwargs):
+            if not self._teacher:
+                self._teacher.append(copy.deepcopy(self.peft).eval().requires_grad_(False))
+            return prune_round(*args, **kwargs)
+
+        tuner.prune_round = snapshot_then_prune
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs):
+        out = super().forward(pixel_values, labels, interpolate_pos_encoding, **kwargs)
+        if self.training and self._teacher and labels is not None:
+            if interpolate_pos_encoding is not None:
+                kwargs["interpolate_pos_encoding"] = interpolate_pos_encoding
+            with torch.no_grad():
+                teacher = self._teacher[0](pixel_values=pixel_values, **kwargs).logits
+            t = self.temperature
+            kl = nn.functional.kl_div(nn.functional.log_softmax(out.logits / t, dim=-1),
+                                      nn.functional.log_softmax(teacher / t, dim=-1), log_target=True,
+                                      reduction="batchmean")
+            out.loss = (1 - self.alpha) * out.loss + self.alpha * t * t * kl
+        return out
+
+
+class Gradual(_Wrapper):
+    """One round of training (``base_model`` hidden, so `train` sees no pruning rounds) with masked cuts at
+    ``cuts`` evenly spaced steps between ``start`` and ``end`` (fractions of ``total_steps``); after the cut at
+    step t the live parameters are ``B + (P0 - B)·(1 - progress)³`` (Zhu & Gupta 2017). The last cut lands on
+    the budget exactly; `save_pretrained` shrinks the adapters first."""
+
+    base_model = None
+
+    def __init__(self, peft_model: nn.Module, total_steps: int, start: float = 0.2, end: float = 0.7,
+                 cuts: int = 10) -> None:
+        super().__init__(peft_model)
+        tuner = peft_model.base_model
+        self.tuner = [tuner]
+        self.initial, self.budget = tuner.live_params(), tuner.budget()
+        first, last = round(start * total_steps), round(end * total_steps)
+        self.cut_steps = sorted({first + round(k * (last - first) / max(1, cuts - 1)) for k in range(cuts)})
+        self.step = 0
+
+    @torch.no_grad()
+    def _cut(self, progress: float) -> None:
+        from peft_mimi.pruning import select_neurons
+
+        tuner = self.tuner[0]
+        target = round(self.budget + (self.initial - self.budget) * (1 - progress) ** 3)
+        layers = list(tuner._layers(tuner.active_adapters[0]))
+        scores = tuner.neuron_scores()
+        keep = select_neurons([scores[n] for n, _ in layers], [layer.feature_size for _, layer in layers],
+                              ratio=0.5, budget=target, final=True,
+                              selection=tuner.peft_config[tuner.active_adapters[0]].selection)
+        for (_, layer), keep_live in zip(layers, keep):
+            layer.mask_neurons(tuner.active_adapters[0], keep_live)
+            layer.reset_gradient_scores(tuner.active_adapters[0])
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs):
+        if self.training:
+            if self.step in self.cut_steps:
+                k = self.cut_steps.index(self.step)
+                self._cut((k + 1) / len(self.cut_steps))
+            self.step += 1
+        return super().forward(pixel_values, labels, interpolate_pos_encoding, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        self.tuner[0].compact()
+        return self.peft.save_pretrained(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def paper_rounds(model: nn.Module, sigma: float) -> tuple[int, int, int]:
+    """``(R, initial params, budget)`` of the paper's schedule (σ0 = 4, ρ = 0.5) on ``model``'s adapters."""
+    from peft_mimi.pruning import num_rounds
+
+    initial, budget = common.adapter_budget(model, 4.0), common.adapter_budget(model, sigma)
+    return num_rounds(initial, budget, 0.5), initial, budget
+
+
+def ratio_for_rounds(initial: int, budget: int, rounds: int) -> float:
+    """The smallest prune ratio ρ whose plan has exactly ``rounds`` rounds (see `peft_mimi.pruning.num_rounds`)."""
+    from peft_mimi.pruning import num_rounds
+
+    rho = 1 - (budget / initial) ** (1 / rounds)
+    while num_rounds(initial, budget, rho) > rounds:
+        rho += 1e-4
+    return min(rho, 0.999)
+
+
+def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, epochs_per_round: int,
+            lr: float, max_train: int, max_test: int) -> dict:
+    from peft import get_peft_model
+
+    from peft_mimi import MiMiConfig
+    from peft_mimi.train import TrainingRecipe, train
+
+    data = common.task_dataset(task)
+    model, processor = common.load_model(backbone, common.num_labels_of(task))
+    rounds, initial, budget = paper_rounds(model, sigma)
+    total = (rounds + 1) * epochs_per_round
+    recipe = dict(batch_size=64, lr=lr, seed=seed, max_train_samples=max_train, max_eval_samples=max_test)
+    torch.manual_seed(seed)
+    options = dict(cand.mimi_options)
+    if cand.kind == "adapter":
+        config = MiMiConfig(init_compression=sigma, target_compression=sigma, **options)
+        recipe.update(epochs_per_round=total)
+    else:
+        if cand.schedule == "paper":
+            recipe.update(epochs_per_round=epochs_per_round)
+        elif cand.schedule == "long_last":
+            recipe.update(epochs_per_round=1, final_epochs=total - rounds)
+        elif cand.schedule == "rounds_1":
+            options.setdefault("prune_ratio", ratio_for_rounds(initial, budget, total - 1))
+            recipe.update(epochs_per_round=1)
+        elif cand.schedule == "one_shot":
+            options.setdefault("prune_ratio", ratio_for_rounds(initial, budget, 1))
+            recipe.update(epochs_per_round=total // 2, final_epochs=total - total // 2)
+        elif cand.schedule == "cubic":
+            recipe.update(epochs_per_round=total)
+        config = MiMiConfig(init_compression=4.0, target_compression=sigma, **options)
+    config.modules_to_save, config.seed = ["classifier"], seed
+    peft_model = get_peft_model(model, config)
+    trained: nn.Module = peft_model
+    if cand.schedule == "cubic" and cand.kind == "mimi":
+        n_train = min(max_train, len(data["train"]))
+        trained = Gradual(peft_model, total_steps=total * math.ceil(n_train / 64))
+    elif cand.kd is not None:
+        trained = Distilled(peft_model, *cand.kd)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        result = train(trained, data, Path(scratch) / "run", TrainingRecipe(**recipe), processor=processor)
+    wall = time.perf_counter() - start
+    tuner = peft_model.base_model
+    epochs = result.history[-1]["epoch"]
+    if epochs != total:
+        raise RuntimeError(f"{cand.name} trained {epochs} epochs, the comparison needs {total}")
+    params = tuner.live_params()
+    if params > budget:
+        raise RuntimeError(f"{cand.name} ended with {params} adapter parameters, above the budget {budget}")
+    return {"candidate": cand.name, "backbone": backbone, "task": task, "sigma": sigma, "seed": seed,
+            "E": epochs_per_round, "epochs": epochs, "accuracy": result.accuracy, "params": params,
+            "budget": budget, "widths": tuner.adapter_widths(), "wall_s": round(wall, 2),
+            "rounds": [{"accuracy": r["accuracy"], "live_params": r["live_params"], "epoch": r["epoch"]}
+                       for r in result.history], "lr": lr}
+
+
+# -------------------------------------------------------------------------------------------- reporting
+def cell_key(row: dict) -> tuple:
+    return row["backbone"], row["task"], row["sigma"], row["E"]
+
+
+def compare(rows: list[dict], name: str, cell: tuple) -> dict | None:
+    """Mean ± std of ``name`` in ``cell`` and its wins/ties/losses per seed against vanilla."""
+    mine = {r["seed"]: r for r in rows if cell_key(r) == cell and r["candidate"] == name}
+    base = {r["seed"]: r for r in rows if cell_key(r) == cell and r["candidate"] == "vanilla"}
+    if not mine:
+        return None
+    accs = [100 * r["accuracy"] for r in mine.values()]
+    mean, std = common.mean_std(accs)
+    diffs = [100 * (mine[s]["accuracy"] - base[s]["accuracy"]) for s in sorted(mine) if s in base]
+    return {"mean": mean, "std": std, "n": len(accs), "diff": statistics.fmean(diffs) if diffs else None,
+            "wins": sum(d >= TIE for d in diffs), "ties": sum(abs(d) < TIE for d in diffs),
+            "losses": sum(d <= -TIE for d in diffs), "wall_s": statistics.fmean(r["wall_s"] for r in mine.values())}
+
+
+def publish(args, rows: list[dict], final: bool) -> None:
+    cells = sorted({cell_key(r) for r in rows})
+    names = [n for n in args.candidates if any(r["candidate"] == n for r in rows)]
+    names += sorted({r["candidate"] for r in rows} - set(names))
+    header = ["candidate", *[f"{b} {t} σt={s:g} E={e}" for b, t, s, e in cells], "mean Δ vs vanilla", "W/T/L"]
+    body, summary = [], {}
+    for name in names:
+        line, deltas, wtl = [name], [], [0, 0, 0]
+        for cell in cells:
+            c = compare(rows, name, cell)
+            if c is None:
+                line.append("—")
+                continue
+            text = f"{c['mean']:.1f} ± {c['std']:.1f}"
+            if name != "vanilla" and c["diff"] is not None:
+                text += f" ({c['diff']:+.1f}; {c['wins']}/{c['ties']}/{c['losses']})"
+                deltas.append(c["diff"])
+                wtl = [wtl[0] + c["wins"], wtl[1] + c["ties"], wtl[2] + c["losses"]]
+            line.append(text + f" [{c['wall_s']:.0f} s]")
+        line += [f"{statistics.fmean(deltas):+.2f}" if deltas else "—", "/".join(map(str, wtl)) if deltas else "—"]
+        summary[name] = {"mean_diff": statistics.fmean(deltas) if deltas else None, "wtl": wtl,
+                         "cells": len(deltas)}
+        body.append(line)
+    helps = [f"- **{n}**: {candidate(n).help}" for n in names]
+    lines = [f"# Beyond the paper: pruned adapters vs vanilla adapters of the same size "
+             f"({'final' if final else 'PARTIAL: still running or interrupted'})", "",
+             "Each cell: test accuracy % (mean ± std over seeds), then (mean difference to vanilla adapters of the "
+             f"same final parameters and the same total epochs; wins/ties/losses per seed, tie = |Δ| < {TIE} points) "
+             "and [mean wall time per run]. σ0 = 4 → σt; total epochs = (R+1)·E of the paper's schedule (ρ 0.5); "
+             f"AdamW lr {args.lr:g} (head too), batch 64, warm-up + cosine per round, train ≤ {args.max_train} "
+             f"class-balanced images, test ≤ {args.max_test}, fresh heads, 1 CPU thread.", "",
+             common.table(header, body), "", "Candidates:", "", *helps, ""]
+    if args.notes:
+        lines += [Path(args.notes).read_text() if Path(args.notes).is_file() else args.notes]
+    common.write_results(args.out, "beyond", {"config": {k: v for k, v in vars(args).items() if k != "out"},
+                                              "rows": rows, "summary": summary, "final": final}, "\n".join(lines))
+    plot(rows, cells, names, args.out / "beyond.png")
+
+
+def plot(rows: list[dict], cells: list[tuple], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [n for n in names if n != "vanilla"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown) + 2), 3.6))
+    width = 0.8 / max(1, len(cells))
+    for k, cell in enumerate(cells):
+        means, errs = [], []
+        for name in shown:
+            mine = {r["seed"]: r for r in rows if cell_key(r) == cell and r["candidate"] == name}
+            base = {r["seed"]: r for r in rows if cell_key(r) == cell and r["candidate"] == "vanilla"}
+            diffs = [100 * (mine[s]["accuracy"] - base[s]["accuracy"]) for s in mine if s in base]
+            means.append(statistics.fmean(diffs) if diffs else float("nan"))
+            errs.append(statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+        ax.bar([i + k * width for i in range(len(shown))], means, width, yerr=errs, capsize=2,
+               label=f"{cell[0]} {cell[1]} σt={cell[2]:g} E={cell[3]}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(cells) - 1) / 2 for i in range(len(shown))], shown, rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("accuracy − vanilla (points)")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["fmnist-swin"])
+    parser.add_argument("--tasks", nargs="+", default=["digits", "textures"])
+    parser.add_argument("--sigmas", nargs="+", type=float, default=[64.0, 256.0])
+    parser.add_argument("--epochs-per-round", nargs="+", type=int, default=[2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES),
+                        help=f"names among {list(CANDIDATES)}, or combinations joined by '+'")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-train", type=int, default=1000)
+    parser.add_argument("--max-test", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in beyond.json")
+    parser.add_argument("--notes", default="", help="text (or a file) appended to beyond.md")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.backbones, args.tasks, args.sigmas, args.seeds = [common.SMOKE], ["digits"], [16.0], [0]
+        args.candidates = ["vanilla", "paper", "relative", "taylor", "cubic", "kd"]
+        args.max_train, args.max_test, args.epochs_per_round = 48, 32, [1]
+    if "vanilla" not in args.candidates:
+        args.candidates = ["vanilla", *args.candidates]
+    for name in args.candidates:
+        candidate(name)  # unknown names fail before any training
+    torch.set_num_threads(args.threads)
+    path = args.out / "beyond.json"
+    rows = json.loads(path.read_text())["rows"] if args.resume and path.is_file() else []
+    done = {(r["candidate"], *cell_key(r), r["seed"]) for r in rows}
+    for e in args.epochs_per_round:
+        for backbone in args.backbones:
+            for task in args.tasks:
+                for sigma in args.sigmas:
+                    for seed in args.seeds:
+                        for name in args.candidates:
+                            if (name, backbone, task, sigma, e, seed) in done:
+                                continue
+                            row = run_one(candidate(name), backbone, task, sigma, seed, e, args.lr, args.max_train,
+                                          args.max_test)
+                            rows.append(row)
+                            done.add((name, backbone, task, sigma, e, seed))
+                            print(f"{backbone} {task} σt={sigma:g} E={e} seed {seed} {name}: "
+                                  f"{100 * row['accuracy']:.1f} ({row['params']} params, {row['wall_s']:.0f} s)",
+                                  flush=True)
+                            publish(args, rows, final=False)
+    publish(args, rows, final=True)
+
+
+if __name__ == "__main__":
+    main()
