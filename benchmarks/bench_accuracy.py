@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from peft_mimi.train import DEFAULT_LR
+from peft_mimi.train import DEFAULT_HEAD_LR, DEFAULT_LR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -94,7 +94,8 @@ def run_grid(args, backbone: str, task: str, entries: list[tuple[Method, int, fl
                                 total_epochs=total_epochs, lr=lr_for(method, args), batch_size=args.batch_size,
                                 image_size=args.image_size, max_train=max_train, max_test=args.max_test,
                                 run_dir=run_dir(args, name, task, method, seed, sigma),
-                                mixed_precision=args.mixed_precision, checkpoint_every_steps=args.checkpoint_every)
+                                mixed_precision=args.mixed_precision, checkpoint_every_steps=args.checkpoint_every,
+                                head_lr=args.head_lr)
             n_train = min(max_train or 10**9, len(common.task_dataset(task)["train"]))
             row = {"task": task, "budget_sigma": sigma, "label": method.label, "method": asdict(method),
                    "seed": seed, "lr": lr_for(method, args), "max_train": max_train, "n_train": n_train,
@@ -203,7 +204,8 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
                  f"{f', at {args.image_size} px' if args.image_size else ''}), tasks {args.tasks} "
                  f"(train ≤ {args.max_train}{''.join(f', {t} ≤ {n}' for t, n in args.task_max_train.items())}, "
                  f"test ≤ {args.max_test}), seeds {args.seeds}, E = {args.epochs_per_round} "
-                 f"epoch(s) per MiMi round, batch {args.batch_size}, AdamW lr {args.lr} (full FT {args.lr_full}), "
+                 f"epoch(s) per MiMi round, batch {args.batch_size}, AdamW lr {args.lr} (full FT {args.lr_full}; head "
+                 f"{args.head_lr or 'the same'}), "
                  f"wd 0.05, warm-up 10 % + cosine per round, clipping 5.0, mixed precision {args.mixed_precision}; "
                  "every trained method runs through `peft_mimi.train.train` (the loop of `peft-mimi train`, with its "
                  "augmentation: random resized crop, flips where the dataset allows). Params = trained parameters "
@@ -331,7 +333,8 @@ def allocation_part(args, out: Path) -> None:
         else:
             row = asdict(common.run(Method("mimi", "MiMi", target_compression=sigma), args.backbone, task,
                                     seed=args.seeds[0], epochs_per_round=args.epochs_per_round, total_epochs=None,
-                                    lr=args.lr, batch_size=args.batch_size, image_size=args.image_size,
+                                    lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+                                    image_size=args.image_size,
                                     max_train=train_limit(args, task), max_test=args.max_test))
             source = "this run"
         path = plot_widths(row["widths"], out / f"allocation_{task}.png", initial=row["initial_widths"],
@@ -348,8 +351,8 @@ def allocation_part(args, out: Path) -> None:
                                                      indent=1) + "\n")
 
 
-RESUME_KEYS = ("backbone", "epochs_per_round", "batch_size", "lr", "lr_full", "max_train", "max_test", "image_size",
-               "mixed_precision")
+RESUME_KEYS = ("backbone", "epochs_per_round", "batch_size", "lr", "head_lr", "lr_full", "max_train", "max_test",
+               "image_size", "mixed_precision")
 
 
 def vars_for_json(args) -> dict:
@@ -380,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="default: peft_mimi's default")
+    parser.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
+                        help="the head's learning rate (default: peft_mimi's default; none = the same as --lr)")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="checkpoint every N optimizer steps inside a run (long runs; needs --runs-dir)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from peft_mimi.train import DEFAULT_LR
+from peft_mimi.train import DEFAULT_HEAD_LR, DEFAULT_LR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -94,7 +94,7 @@ def fresh_runs(args):
         for method in methods:
             r = common.run(method, args.backbone, args.task, seed=repeat, epochs_per_round=args.epochs_per_round,
                            total_epochs=epochs, lr=args.lr, batch_size=args.batch_size, max_train=args.max_train,
-                           max_test=args.max_test)
+                           max_test=args.max_test, head_lr=DEFAULT_HEAD_LR)
             runs[method.label].append({"wall_s": r.wall_s, "accuracy": r.accuracy, "method_params": r.method_params,
                                        "segments": r.segments})
             print(f"[training_cost] {method.label} repeat {repeat}: {r.wall_s:.1f}s acc={r.accuracy:.4f}", flush=True)

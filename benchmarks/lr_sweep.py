@@ -60,7 +60,9 @@ def ranking(rows: list[dict], seeds: set[int] | None = None) -> list[tuple[float
     for r in rows:
         if seeds is None or r["seed"] in seeds:
             groups.setdefault((r["lr"], r["head_lr"]), []).append(r["accuracy"])
-    return sorted(((lr, h, statistics.fmean(a), len(a)) for (lr, h), a in groups.items()), key=lambda t: -t[2])
+    complete = max((len(a) for a in groups.values()), default=0)  # settings not run everywhere are not ranked
+    return sorted(((lr, h, statistics.fmean(a), len(a)) for (lr, h), a in groups.items() if len(a) == complete),
+                  key=lambda t: -t[2])
 
 
 def publish(args, rows: list[dict], final: bool) -> None:
@@ -128,16 +130,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbones", nargs="+", default=["fmnist-vit", "fmnist-swin"])
     parser.add_argument("--tasks", nargs="+", default=["digits", "mnist", "textures"])
-    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2])
-    parser.add_argument("--head-lrs", nargs="+", type=float, default=[3e-3, 1e-2, 3e-2],
+    parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2, 3e-2])
+    parser.add_argument("--head-lrs", nargs="+", type=float, default=[3e-2, 1e-1],
                         help="head rates besides 'the same as the adapters'")
     parser.add_argument("--sigma", type=float, default=64.0)
     parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--max-train", type=int, default=1000)
     parser.add_argument("--max-test", type=int, default=1000)
     parser.add_argument("--grid-seed", type=int, default=0)
-    parser.add_argument("--confirm-seeds", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--confirm-top", type=int, default=3)
+    parser.add_argument("--confirm-seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--confirm-top", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--notes", default="")

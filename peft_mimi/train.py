@@ -89,6 +89,7 @@ _CHECKPOINT_FORMAT = 2
 # Chosen by benchmarks/lr_sweep.py (results/lr_sweep.md): the best peak learning rate of AdamW for adapters
 # and head on short schedules (2 epochs per round), over two backbones and three tasks.
 DEFAULT_LR = 2e-3
+DEFAULT_HEAD_LR = None  # None: the head trains at `lr`
 
 
 @dataclass
@@ -105,8 +106,8 @@ class TrainingRecipe:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     lr: float = field(default=DEFAULT_LR, metadata={"help": "Peak learning rate of AdamW (adapters, and the head "
                                                             "unless head_lr is given)."})
-    head_lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate of the classification "
-                                                                     "head (default: lr)."})
+    head_lr: Optional[float] = field(default=DEFAULT_HEAD_LR, metadata={
+        "help": "Peak learning rate of the classification head (None: the same as lr)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D "
                                                                 "weights)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up, as a fraction of each round's "
