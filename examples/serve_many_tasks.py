@@ -25,10 +25,11 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 from transformers.utils import logging as hf_logging
 
+from peft_mimi import MiMiConfig
 from peft_mimi.backbones import BUILTIN_BACKBONES, load_backbone
 from peft_mimi.data import ImageTransform, load_builtin_dataset
 from peft_mimi.serving import classify_mixed, load_task_adapters, parameter_bytes, read_task_labels
-from peft_mimi.train import train
+from peft_mimi.train import TrainingRecipe, train
 
 # task -> target compression σt: each task is pruned to its own budget, so the adapters differ in size
 TASKS = {"digits": 16.0, "faces": 64.0, "textures": 32.0, "mnist": 8.0}
@@ -60,8 +61,9 @@ def train_tasks(backbone: str, out: Path, samples: int) -> dict[str, Path]:
         run_dir = out / task
         if not (run_dir / "adapter" / "adapter_config.json").is_file():
             started = time.perf_counter()
-            result = train(backbone, task, run_dir, target_compression=target_compression, epochs_per_round=1,
-                           batch_size=32, lr=3e-3, max_train_samples=samples, max_eval_samples=200)
+            result = train(backbone, task, run_dir, TrainingRecipe(epochs_per_round=1, batch_size=32,
+                                                                    max_train_samples=samples, max_eval_samples=200),
+                           mimi=MiMiConfig(target_compression=target_compression))
             removed = sum(width == 0 for width in result.widths.values())
             print(f"  {task:9s} {result.rounds} pruning rounds -> {result.live_params:,} adapter parameters "
                   f"({removed} of {len(result.widths)} adapters removed), accuracy {result.accuracy:.3f}, "
