@@ -93,18 +93,6 @@ def num_labels_of(task: str) -> int:
     return len(dataset_labels(task_dataset(task))[0])
 
 
-def balanced_subset(labels: list[int], limit: int) -> list[int]:
-    """``limit`` indices taking the classes in turn (the 1st example of every class, then the 2nd, ...), each class
-    in its original order; sorted, so the subset keeps the split's order."""
-    seen: dict[int, int] = {}
-    rank = []
-    for label in labels:
-        rank.append(seen.get(label, 0))
-        seen[label] = rank[-1] + 1
-    order = sorted(range(len(labels)), key=lambda i: (rank[i], labels[i]))
-    return sorted(order[:limit])
-
-
 # ---------------------------------------------------------------------------------------------- methods
 @dataclass
 class Method:
@@ -263,12 +251,11 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
 def _floor(method: Method, model: nn.Module, processor: Any, data, *, seed: int, image_size: int | None,
            max_train: int | None, max_test: int | None) -> RunResult:
     """A sanity floor: logistic regression on raw pixels, or a converged linear probe on the frozen features."""
-    from peft_mimi.data import processor_at_size
+    from peft_mimi.data import balanced_subset, processor_at_size
     from peft_mimi.floors import linear_probe, pixel_floor
-    from peft_mimi.train import _balanced_subset
 
-    train_split = _balanced_subset(data["train"], max_train, seed=seed)
-    test_split = _balanced_subset(data["test"], max_test, seed=0)
+    train_split = balanced_subset(data["train"], max_train, seed=seed)
+    test_split = balanced_subset(data["test"], max_test, seed=0)
     if method.kind == "pixels":
         floor = pixel_floor(train_split, test_split, seed=seed)
     else:

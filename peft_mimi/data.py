@@ -39,6 +39,7 @@ __all__ = [
     "BuiltinDataset",
     "FASHION_MNIST_DIR",
     "ImageTransform",
+    "balanced_subset",
     "dataset_labels",
     "load_builtin_dataset",
     "load_image_dataset",
@@ -368,6 +369,22 @@ def _normalise(
         train_idx, test_idx = stratified_split_indices(np.asarray(train["label"]), test_size, seed)
         train, held_out = train.select(train_idx), train.select(test_idx)
     return datasets.DatasetDict({"train": train, "test": held_out})
+
+
+def balanced_subset(split: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:
+    """A seeded random subset of ``max_samples`` examples taking the classes in turn, so that every class keeps
+    its share even when the split is sorted by class (all of them when None or larger than the split)."""
+    if max_samples is None or max_samples >= len(split):
+        return split
+    order = np.random.default_rng(seed).permutation(len(split))
+    labels = np.asarray(split["label"])[order]
+    rank = np.zeros(len(order), dtype=np.int64)  # how many of the same class come before, in the random order
+    seen: dict[int, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        rank[i] = seen.get(label, 0)
+        seen[label] = rank[i] + 1
+    keep = order[np.argsort(rank, kind="stable")[:max_samples]]
+    return split.select(np.sort(keep))
 
 
 def dataset_labels(

@@ -70,6 +70,7 @@ from .config import MiMiConfig
 from .data import (
     BUILTIN_DATASETS,
     ImageTransform,
+    balanced_subset,
     dataset_labels,
     load_image_dataset,
     make_collate_fn,
@@ -480,7 +481,7 @@ def evaluate_adapter(
     accelerator = Accelerator()
     dataset = load_image_dataset(data)
     peft_model, processor = load_adapter(adapter_dir, model=model, num_labels=len(dataset_labels(dataset)[0]))
-    test = _balanced_subset(dataset["test"], max_eval_samples, seed=0)
+    test = balanced_subset(dataset["test"], max_eval_samples, seed=0)
     transform = ImageTransform.from_processor(processor, train=False)
     loader = DataLoader(test, batch_size=batch_size, collate_fn=make_collate_fn(transform, _num_labels(peft_model)))
     prepared, loader = accelerator.prepare(peft_model, loader)
@@ -628,13 +629,13 @@ def _load_run(model: str | nn.Module, data: str | datasets.DatasetDict, recipe: 
     flip = recipe.flip if recipe.flip is not None else getattr(BUILTIN_DATASETS.get(data_name), "flip_ok", True)
     augment = ImageTransform.from_processor(processor, train=True, flip=flip, seed=recipe.seed)
     eval_transform = ImageTransform.from_processor(processor, train=False)
-    test = _balanced_subset(dataset["test"], recipe.max_eval_samples, seed=0)
+    test = balanced_subset(dataset["test"], recipe.max_eval_samples, seed=0)
     return _Run(
         model=model, tuner=tuner, processor=processor, labels=names, position=position,
         forward_kwargs=_forward_kwargs(model, eval_transform),
         eval_loader=DataLoader(test, batch_size=recipe.batch_size, collate_fn=make_collate_fn(eval_transform,
                                len(names)), num_workers=recipe.num_workers),
-        train_set=_balanced_subset(dataset["train"], recipe.max_train_samples, seed=recipe.seed),
+        train_set=balanced_subset(dataset["train"], recipe.max_train_samples, seed=recipe.seed),
         collate=make_collate_fn(augment, len(names)), augment=augment, recipe=recipe, settings=settings,
         data_name=data_name,
     )
@@ -911,22 +912,6 @@ def _model_reference(model: str) -> str:
 def _seed(*keys: int) -> int:
     """A 32-bit seed derived from ``keys`` (e.g. seed, round, epoch): independent streams for distinct keys."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
-def _balanced_subset(split: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:
-    """A seeded random subset of ``max_samples`` examples taking the classes in turn, so that every class keeps
-    its share even when the split is sorted by class (all of them when None or larger than the split)."""
-    if max_samples is None or max_samples >= len(split):
-        return split
-    order = np.random.default_rng(seed).permutation(len(split))
-    labels = np.asarray(split["label"])[order]
-    rank = np.zeros(len(order), dtype=np.int64)  # how many of the same class come before, in the random order
-    seen: dict[int, int] = {}
-    for i, label in enumerate(labels.tolist()):
-        rank[i] = seen.get(label, 0)
-        seen[label] = rank[i] + 1
-    keep = order[np.argsort(rank, kind="stable")[:max_samples]]
-    return split.select(np.sort(keep))
 
 
 def _head_modules(model: nn.Module, required: bool = True) -> list[str]:

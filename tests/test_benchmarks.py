@@ -39,7 +39,12 @@ def test_accuracy_benchmark_smoke_runs_every_part_and_the_summary_pairs_seeds(tm
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_accuracy.py"), "--smoke", "--out", str(out)],
                    check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
     accuracy = json.loads((out / "accuracy.json").read_text())
-    assert {r["method"]["kind"] for r in accuracy["rows"]} == {"mimi", "adapter", "lora", "adalora", "linear"}
+    assert {r["method"]["kind"] for r in accuracy["rows"]} == {"mimi", "adapter", "lora", "adalora", "linear",
+                                                                "probe", "pixels"}
+    floors = [r for r in accuracy["rows"] if r["method"]["kind"] in ("probe", "pixels")]
+    assert all(r["floor"]["n_iter"] < r["floor"]["max_iter"] and r["epochs"] == 0 for r in floors), "converged"
+    trained = [r for r in accuracy["rows"] if r["method"]["kind"] not in ("probe", "pixels")]
+    assert all(r["segments"] and r["segments"][-1]["loss"] for r in trained), "per-epoch losses from the history"
     at_budget = [r for r in accuracy["rows"] if r["budget_sigma"] is not None]
     assert len({r["epochs"] for r in at_budget}) == 1, "every method at a budget trains MiMi's epochs"
     adalora = next(r for r in at_budget if r["method"]["kind"] == "adalora")
@@ -67,14 +72,18 @@ def test_accuracy_benchmark_smoke_runs_every_part_and_the_summary_pairs_seeds(tm
 
 
 def test_training_subsets_keep_every_class_even_when_the_split_is_sorted_by_class():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import balanced_subset
+    import datasets
+
+    from peft_mimi.data import balanced_subset
 
     labels = [0] * 400 + [1] * 400 + [2] * 400  # mnist's built-in split is ordered like this
-    chosen = balanced_subset(labels, 90)
-    assert [sum(labels[i] == c for i in chosen) for c in range(3)] == [30, 30, 30]
-    assert chosen == sorted(chosen) and len(set(chosen)) == 90
-    assert balanced_subset([1, 1, 0], 2) == [0, 2], "the first example of each class, in the split's order"
+    split = datasets.Dataset.from_dict({"label": labels, "i": list(range(1200))})
+    chosen = balanced_subset(split, 90, seed=0)
+    assert [chosen["label"].count(c) for c in range(3)] == [30, 30, 30]
+    assert chosen["i"] == sorted(chosen["i"]) and len(set(chosen["i"])) == 90  # the split's order is kept
+    assert balanced_subset(split, 90, seed=1)["i"] != chosen["i"], "a random subset, drawn with the seed"
+    assert balanced_subset(split, 90, seed=0)["i"] == chosen["i"]
+    assert balanced_subset(split, None, seed=0) is split and balanced_subset(split, 5000, seed=0) is split
 
 
 def test_plots_are_drawn_from_the_committed_results(tmp_path):
