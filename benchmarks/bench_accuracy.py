@@ -351,8 +351,9 @@ def allocation_part(args, out: Path) -> None:
                                                      indent=1) + "\n")
 
 
-RESUME_KEYS = ("backbone", "epochs_per_round", "batch_size", "lr", "head_lr", "lr_full", "max_train", "max_test",
-               "image_size", "mixed_precision")
+PROTOCOL = 2  # 2: trained by peft_mimi.train (fresh heads, augmentation); rows of another protocol are not reused
+RESUME_KEYS = ("protocol", "backbone", "epochs_per_round", "batch_size", "lr", "head_lr", "lr_full", "max_train",
+               "max_test", "image_size", "mixed_precision")
 
 
 def vars_for_json(args) -> dict:
@@ -411,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         args.sweep_epochs, args.sweep_final_epochs, args.sweep_ratios = [1], [2], [0.75]
         args.what = ["accuracy", "ablation", "allocation", "sweep"]
         args.fixed = ["linear", "probe", "pixels"]
+    args.protocol = PROTOCOL
     args.task_max_train = {t: int(n) for t, n in (item.split("=") for item in args.task_max_train)}
     args.budget_methods = {float(b): kinds.split(",") for b, kinds in (item.split("=") for item in args.budget_methods)}
     torch.set_num_threads(args.threads)

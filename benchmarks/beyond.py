@@ -46,7 +46,8 @@ class Candidate:
 
     name: str
     help: str
-    kind: str = "mimi"  # mimi | adapter (vanilla adapters of the final width, one round)
+    kind: str = "mimi"  # mimi | adapter (vanilla adapters of the final width, one round) | wide (adapters of
+    # width d/4, one round: a reference above the budget) | head (the head alone: a reference below it)
     mimi_options: dict = field(default_factory=dict)  # MiMiConfig fields
     schedule: str = "paper"  # paper: E per round, rho 0.5 | long_last: 1 epoch per round, the rest after the last
     # cut | rounds_1: 1 epoch per round, rho chosen so that the rounds fill the epochs | cubic | one_shot
@@ -55,6 +56,9 @@ class Candidate:
 
 CANDIDATES = {c.name: c for c in [
     Candidate("vanilla", "adapters of width d/σt from the start, same epochs", kind="adapter"),
+    Candidate("wide", "reference, NOT the same size: adapters of width d/4 (σ0) trained the same epochs",
+              kind="wide"),
+    Candidate("head", "reference: the classification head alone, same epochs", kind="head"),
     Candidate("paper", "the paper's MiMi: eq. 3, global, ρ 0.5, E epochs per round"),
     Candidate("local", "paper, but every adapter loses the same fraction (the paper's ablation)",
               mimi_options={"selection": "local"}),
@@ -71,6 +75,8 @@ CANDIDATES = {c.name: c for c in [
     Candidate("one_shot", "one cut to the budget after half the epochs", schedule="one_shot"),
     Candidate("cubic", "gradual masked cuts on the cubic schedule (20-70 % of the steps), one cosine",
               schedule="cubic"),
+    Candidate("reconstruct", "paper, but each cut refits the kept neurons' W_up by least squares on the "
+              "activations' second moment (MiMiConfig.reconstruct)", mimi_options={"reconstruct": True}),
     Candidate("kd", "paper + distillation from the wide adapter (α 0.5, T 2)", kd=(0.5, 2.0)),
     Candidate("kd_strong", "paper + distillation from the wide adapter (α 0.9, T 2)", kd=(0.9, 2.0)),
 ]}
@@ -175,7 +181,10 @@ class Gradual(_Wrapper):
         keep = select_neurons([scores[n] for n, _ in layers], [layer.feature_size for _, layer in layers],
                               ratio=0.5, budget=target, final=True,
                               selection=tuner.peft_config[tuner.active_adapters[0]].selection)
+        reconstruct = tuner.peft_config[tuner.active_adapters[0]].reconstruct
         for (_, layer), keep_live in zip(layers, keep):
+            if reconstruct:
+                layer.reconstruct_cut(tuner.active_adapters[0], keep_live)
             layer.mask_neurons(tuner.active_adapters[0], keep_live)
             layer.reset_gradient_scores(tuner.active_adapters[0])
 
@@ -225,8 +234,9 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     recipe = dict(batch_size=64, lr=lr, seed=seed, max_train_samples=max_train, max_eval_samples=max_test)
     torch.manual_seed(seed)
     options = dict(cand.mimi_options)
-    if cand.kind == "adapter":
-        config = MiMiConfig(init_compression=sigma, target_compression=sigma, **options)
+    if cand.kind in ("adapter", "wide", "head"):
+        width_sigma = 4.0 if cand.kind == "wide" else sigma
+        config = MiMiConfig(init_compression=width_sigma, target_compression=width_sigma, **options)
         recipe.update(epochs_per_round=total)
     else:
         if cand.schedule == "paper":
@@ -243,7 +253,10 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
             recipe.update(epochs_per_round=total)
         config = MiMiConfig(init_compression=4.0, target_compression=sigma, **options)
     config.modules_to_save, config.seed = ["classifier"], seed
-    peft_model = get_peft_model(model, config)
+    if cand.kind == "head":
+        peft_model = common.build(common.Method("linear", "head"), model, seed)
+    else:
+        peft_model = get_peft_model(model, config)
     trained: nn.Module = peft_model
     if cand.schedule == "cubic" and cand.kind == "mimi":
         n_train = min(max_train, len(data["train"]))
@@ -254,16 +267,16 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     with tempfile.TemporaryDirectory() as scratch:
         result = train(trained, data, Path(scratch) / "run", TrainingRecipe(**recipe), processor=processor)
     wall = time.perf_counter() - start
-    tuner = peft_model.base_model
     epochs = result.history[-1]["epoch"]
     if epochs != total:
         raise RuntimeError(f"{cand.name} trained {epochs} epochs, the comparison needs {total}")
-    params = tuner.live_params()
-    if params > budget:
+    tuner = getattr(peft_model, "base_model", None) if cand.kind != "head" else None
+    params = tuner.live_params() if tuner is not None else 0
+    if params > budget and cand.kind != "wide":
         raise RuntimeError(f"{cand.name} ended with {params} adapter parameters, above the budget {budget}")
     return {"candidate": cand.name, "backbone": backbone, "task": task, "sigma": sigma, "seed": seed,
             "E": epochs_per_round, "epochs": epochs, "accuracy": result.accuracy, "params": params,
-            "budget": budget, "widths": tuner.adapter_widths(), "wall_s": round(wall, 2),
+            "budget": budget, "widths": tuner.adapter_widths() if tuner is not None else None, "wall_s": round(wall, 2),
             "rounds": [{"accuracy": r["accuracy"], "live_params": r["live_params"], "epoch": r["epoch"]}
                        for r in result.history], "lr": lr}
 
