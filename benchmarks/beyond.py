@@ -304,10 +304,12 @@ def publish(args, rows: list[dict], final: bool) -> None:
     cells = sorted({cell_key(r) for r in rows})
     names = [n for n in args.candidates if any(r["candidate"] == n for r in rows)]
     names += sorted({r["candidate"] for r in rows} - set(names))
-    header = ["candidate", *[f"{b} {t} σt={s:g} E={e}" for b, t, s, e in cells], "mean Δ vs vanilla", "W/T/L"]
+    budgets = sorted({cell[3] for cell in cells})
+    header = ["candidate", *[f"{b} {t} σt={s:g} E={e}" for b, t, s, e in cells],
+              *[f"mean Δ, W/T/L at E={e}" for e in budgets]]
     body, summary = [], {}
     for name in names:
-        line, deltas, wtl = [name], [], [0, 0, 0]
+        line, per_e = [name], {e: ([], [0, 0, 0]) for e in budgets}
         for cell in cells:
             c = compare(rows, name, cell)
             if c is None:
@@ -316,12 +318,15 @@ def publish(args, rows: list[dict], final: bool) -> None:
             text = f"{c['mean']:.1f} ± {c['std']:.1f}"
             if name != "vanilla" and c["diff"] is not None:
                 text += f" ({c['diff']:+.1f}; {c['wins']}/{c['ties']}/{c['losses']})"
+                deltas, wtl = per_e[cell[3]]
                 deltas.append(c["diff"])
-                wtl = [wtl[0] + c["wins"], wtl[1] + c["ties"], wtl[2] + c["losses"]]
+                wtl[:] = [wtl[0] + c["wins"], wtl[1] + c["ties"], wtl[2] + c["losses"]]
             line.append(text + f" [{c['wall_s']:.0f} s]")
-        line += [f"{statistics.fmean(deltas):+.2f}" if deltas else "—", "/".join(map(str, wtl)) if deltas else "—"]
-        summary[name] = {"mean_diff": statistics.fmean(deltas) if deltas else None, "wtl": wtl,
-                         "cells": len(deltas)}
+        for e, (deltas, wtl) in per_e.items():
+            line.append(f"{statistics.fmean(deltas):+.2f} ({len(deltas)} cells), {'/'.join(map(str, wtl))}"
+                        if deltas else "—")
+            summary.setdefault(name, {})[f"E={e}"] = {"mean_diff": statistics.fmean(deltas) if deltas else None,
+                                                      "wtl": wtl, "cells": len(deltas)}
         body.append(line)
     helps = [f"- **{n}**: {candidate(n).help}" for n in names]
     lines = [f"# Beyond the paper: pruned adapters vs vanilla adapters of the same size "
@@ -386,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default="", help="text (or a file) appended to beyond.md")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--publish-only", action="store_true", help="rewrite beyond.{md,png} from beyond.json")
     args = parser.parse_args(argv)
     if args.smoke:
         args.backbones, args.tasks, args.sigmas, args.seeds = [common.SMOKE], ["digits"], [16.0], [0]
@@ -399,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     path = args.out / "beyond.json"
     rows = json.loads(path.read_text())["rows"] if args.resume and path.is_file() else []
     done = {(r["candidate"], *cell_key(r), r["seed"]) for r in rows}
+    if args.publish_only:
+        return publish(args, rows, final=json.loads(path.read_text()).get("final", False))
     for e in args.epochs_per_round:
         for backbone in args.backbones:
             for task in args.tasks:

@@ -60,6 +60,14 @@ class MiMiConfig(PeftConfig):
         default="mimi",
         metadata={"help": f"Neuron importance score, one of {SCORES} ('mimi' is the paper's eq. 3)."},
     )
+    reconstruct: bool = field(
+        default=False,
+        metadata={
+            "help": "At each cut, refit the kept neurons' W_up by least squares on the second moment of the hidden "
+            "activations seen in training since the last cut, so that the adapter's output changes as little as "
+            "possible (False: the paper's plain removal)."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: W_up starts at zero so the model starts equal to the base model; False: random."},
@@ -144,7 +152,7 @@ class MiMiConfig(PeftConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"MiMiConfig.{name}={value!r} is not known; choose one of {allowed}.")
-        for name in ("init_weights", "adapter_bias"):
+        for name in ("init_weights", "adapter_bias", "reconstruct"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MiMiConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if isinstance(self.rounds_done, bool) or not isinstance(self.rounds_done, int) or self.rounds_done < 0:

@@ -23,6 +23,7 @@ from torch import nn
 from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
 from .layer import BASE_ADAPTER_NAME, MERGE_ERROR, Linear, MiMiLayer
 from .pruning import (
+    ACTIVITY_SCORES,
     budget_for_compression,
     initial_width,
     num_rounds,
@@ -91,6 +92,7 @@ class MiMiModel(BaseTuner):
             activation=mimi_config.activation,
             bias=mimi_config.adapter_bias,
             score=mimi_config.score,
+            reconstruct=mimi_config.reconstruct,
         )
         if isinstance(target, MiMiLayer):
             target.update_layer(adapter_name, width, **layer_kwargs)
@@ -278,7 +280,7 @@ class MiMiModel(BaseTuner):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + config.rounds_done)
         scores = {}
         for name, layer in self._layers(adapter_name):
-            if config.score == "gradient":
+            if config.score in ("gradient", *ACTIVITY_SCORES):
                 self._sum_gradient_scores_across_processes(layer, adapter_name)
             scores[name] = layer.scores(adapter_name, generator=generator)
         return scores
@@ -286,8 +288,16 @@ class MiMiModel(BaseTuner):
     @staticmethod
     def _sum_gradient_scores_across_processes(layer: MiMiLayer, adapter_name: str) -> None:
         grad = layer.gradient_scores(adapter_name)
+        if grad is None:
+            grad = layer.activity_scores(adapter_name)
         if grad is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(grad)
+
+    @staticmethod
+    def _sum_gram_across_processes(layer: MiMiLayer, adapter_name: str) -> None:
+        gram = layer._gram.get(adapter_name)
+        if gram is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(gram)
 
     # -------------------------------------------------------------------------------------- pruning
     @torch.no_grad()
@@ -321,6 +331,9 @@ class MiMiModel(BaseTuner):
         )
         keep = _same_on_every_process(keep)
         for (_, layer), keep_live in zip(layers, keep):
+            if config.reconstruct:
+                self._sum_gram_across_processes(layer, adapter_name)
+                layer.reconstruct_cut(adapter_name, keep_live)
             if compact:
                 layer.keep_neurons(adapter_name, keep_live)
             else:

@@ -655,8 +655,8 @@ def _resolve_data(data: str | datasets.DatasetDict) -> tuple[datasets.DatasetDic
 def _mimi_settings(tuner: MiMiModel) -> dict[str, Any]:
     config = tuner.peft_config[tuner.active_adapters[0]]
     return {name: getattr(config, name) for name in ("init_compression", "target_compression", "target_params",
-                                                     "prune_ratio", "selection", "score", "activation",
-                                                     "adapter_bias", "init_weights")}
+                                                     "prune_ratio", "selection", "score", "reconstruct",
+                                                     "activation", "adapter_bias", "init_weights")}
 
 
 def _check_head_size(model: nn.Module, num_labels: int) -> None:
