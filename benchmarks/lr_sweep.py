@@ -45,7 +45,7 @@ def run_all(args, todo: list[tuple], rows: list[dict], write) -> None:
         start = time.perf_counter()
         result = common.run(method, backbone, task, seed=seed, epochs_per_round=args.epochs_per_round,
                             total_epochs=None, lr=lr, batch_size=64, max_train=args.max_train,
-                            max_test=args.max_test, head_lr=head_lr)
+                            max_test=args.max_test, head_lr=head_lr, image_size=args.image_size)
         rows.append({"backbone": backbone, "task": task, "lr": lr, "head_lr": head_lr, "seed": seed,
                      "accuracy": result.accuracy, "epochs": result.epochs, "method_params": result.method_params,
                      "final_loss": result.segments[-1]["loss"][-1], "wall_s": time.perf_counter() - start})
@@ -80,7 +80,8 @@ def publish(args, rows: list[dict], final: bool) -> None:
     best = ranking(rows, set(args.confirm_seeds))
     confirmed = [b for b in best if b[3] >= len(cells) * len(args.confirm_seeds)]
     lines = [f"# Learning-rate sweep ({'final' if final else 'PARTIAL: still running or interrupted'})", "",
-             f"MiMi σ0 = 4 → σt = {args.sigma:g}, E = {args.epochs_per_round} epochs per round, batch 64, AdamW "
+             f"MiMi σ0 = 4 → σt = {args.sigma:g}, E = {args.epochs_per_round} epochs per round, batch 64, "
+             f"{f'{args.image_size} px, ' if args.image_size else ''}AdamW "
              "(wd 0.05), warm-up 10 % + cosine per round, clipping 5.0, augmentation as `peft-mimi train` "
              f"(random resized crop, flips where the dataset allows), train ≤ {args.max_train} class-balanced "
              f"images, test ≤ {args.max_test}. Each cell: test accuracy %, mean over seeds (number of seeds when "
@@ -131,14 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbones", nargs="+", default=["fmnist-vit", "fmnist-swin"])
     parser.add_argument("--tasks", nargs="+", default=["digits", "mnist", "textures"])
     parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2, 3e-2])
-    parser.add_argument("--head-lrs", nargs="+", type=float, default=[3e-2, 1e-1],
+    parser.add_argument("--head-lrs", nargs="*", type=float, default=[3e-2, 1e-1],
                         help="head rates besides 'the same as the adapters'")
     parser.add_argument("--sigma", type=float, default=64.0)
+    parser.add_argument("--image-size", type=int, default=None, help="default: each backbone's own")
     parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--max-train", type=int, default=1000)
     parser.add_argument("--max-test", type=int, default=1000)
     parser.add_argument("--grid-seed", type=int, default=0)
-    parser.add_argument("--confirm-seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--confirm-seeds", nargs="*", type=int, default=[1])
     parser.add_argument("--confirm-top", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
@@ -161,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     run_all(args, [(b, t, lr, h, s) for s in args.confirm_seeds for b in args.backbones for t in args.tasks
                    for lr, h in confirm], rows, write)
     publish(args, rows, final=True)
-    lr, head_lr, accuracy, _ = ranking(rows, set(args.confirm_seeds))[0]
-    print(f"best: {setting(lr, head_lr)}, mean accuracy {accuracy:.4f} over the confirmation seeds")
+    seeds = set(args.confirm_seeds) or {args.grid_seed}
+    lr, head_lr, accuracy, _ = ranking(rows, seeds)[0]
+    print(f"best: {setting(lr, head_lr)}, mean accuracy {accuracy:.4f} over seeds {sorted(seeds)}")
 
 
 if __name__ == "__main__":
