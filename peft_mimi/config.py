@@ -11,7 +11,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from ._peft_type import PeftType
-from .files import check_adapter_weights
+from .files import check_adapter_weights, check_module_names
 from .pruning import SCORES, SELECTIONS
 
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
@@ -105,11 +105,12 @@ class MiMiConfig(PeftConfig):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(directory):
-            check_adapter_weights(directory)
+            config._adapter_weights = check_adapter_weights(directory)  # checked against the model on load
         return config
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_module_names(self)
         self.peft_type = PeftType.MIMI
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)

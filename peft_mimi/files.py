@@ -1,30 +1,74 @@
-"""Adapter files on disk: damaged weights are refused before PEFT reads them, and saves are atomic.
+"""Adapter files on disk: an adapter is checked against its weights file before PEFT creates or reads any tensor,
+and saves are atomic.
 
-PEFT's ``save_pretrained`` writes straight into the target directory, so a crash or a full disk mid-write leaves
-a truncated ``adapter_model.safetensors``; PEFT's loader then fails with safetensors' bare message, which names no
-file. :func:`check_adapter_weights` (run by ``MiMiConfig.from_pretrained``, i.e. by every
-``PeftModel.from_pretrained`` / ``load_adapter`` of a local MiMi adapter) refuses such a file by name, and
+Adapters come from the Hub and from colleagues, so the loader must not trust them. :func:`check_adapter_weights`
+(run by ``MiMiConfig.from_pretrained``, i.e. by every ``PeftModel.from_pretrained`` / ``load_adapter`` of a local
+MiMi adapter) reads only the header of ``adapter_model.safetensors`` and refuses, naming the file, a truncated or
+damaged file, tensors of unexpected names, dtypes or shapes, and an ``adapter_config.json`` whose recorded widths
+disagree with the tensors: PEFT builds every adapter at its recorded width *before* it reads the weights, so a
+recorded width of 10^9 would otherwise be allocated first and refused afterwards. What it returns lets
+:func:`check_adapter_fits_model` check the same file against the model it is loaded into, before injection.
 :func:`save_adapter` writes a whole new set of files before any old one is replaced.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
+from torch import nn
+
+# dtypes a MiMi weight may be saved in (safetensors names); the neuron mask is BOOL
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+# the names PEFT saves a MiMi adapter's tensors under (the adapter name is stripped on save)
+_MIMI_TENSOR = re.compile(
+    r"base_model\.model\.(?P<module>[^.]+(?:\.[^.]+)*)\.(?P<part>mimi_(?:down|up)\.(?:weight|bias)|mimi_mask)"
+)
+_PEFT_PREFIX = "base_model.model."
+_MISMATCH_FIX = (
+    "The config and the weights do not belong together (the config was edited, or the two files come from different "
+    "saves); nothing was loaded. Save the adapter again (peft_mimi.save_adapter) or download both files again."
+)
+_WRITER_FIX = (
+    "The file was not written by peft_mimi or was edited; nothing was loaded. Save the adapter again "
+    "(peft_mimi.save_adapter) or download it again."
+)
 
 
-def check_adapter_weights(directory: str | os.PathLike) -> None:
-    """Raise ``ValueError`` naming the file when ``directory``'s adapter weights are not a complete safetensors
-    file (truncated, header damaged, trailing bytes). Checks the header against the file size: cheap, no tensor is
-    read. A directory without any weights file only warns (a config may be read on its own); PEFT's loader, which
-    then tries the directory name as a Hub repository id, fails after the warning."""
+@dataclass(frozen=True)
+class AdapterWeights:
+    """What the header of an adapter's weights file says, read before any tensor is created."""
+
+    path: Path
+    adapters: dict[str, tuple[int, int]]  # {module name: (width, feature size d)} of the MiMi adapters in the file
+
+
+def check_adapter_weights(directory: str | os.PathLike) -> AdapterWeights | None:
+    """Check the adapter saved in ``directory`` before anything is allocated for it; raise ``ValueError`` naming the
+    file, the module, the recorded width, the tensor's shape and the fix when it cannot be loaded safely:
+
+    - ``adapter_model.safetensors`` is a complete safetensors file (not truncated, header intact, no trailing
+      bytes); its MiMi tensors have the names PEFT saves, floating dtypes (a BOOL mask), and shapes that agree:
+      ``mimi_down.weight`` ``(width, d)``, ``mimi_up.weight`` ``(d, width)``, biases ``(width,)`` / ``(d,)``, mask
+      ``(width,)``;
+    - ``adapter_config.json`` records a width for every adapter, each equal to its tensors' (0: no tensors), and
+      biases exactly when ``adapter_bias``: so the loader allocates nothing the weights file does not hold.
+
+    Only the header is read (safetensors caps it at 100 MB), never a tensor. Returns what the header says, for
+    :func:`check_adapter_fits_model`. A directory without any weights file only warns and returns None (a config may
+    be read on its own); PEFT's loader, which then tries the directory name as a Hub repository id, fails after the
+    warning."""
     path = Path(directory) / SAFETENSORS_WEIGHTS_NAME
     if not path.is_file():
         if not (Path(directory) / WEIGHTS_NAME).is_file():
@@ -34,16 +78,232 @@ def check_adapter_weights(directory: str | os.PathLike) -> None:
                 "(peft_mimi.save_adapter) or put the weights file next to its config.",
                 stacklevel=3,
             )
-        return
+        return None
+    tensors = _mimi_tensors(path)
+    weights = AdapterWeights(path, {module: _adapter_shape(path, module, parts) for module, parts in tensors.items()})
+    config_path = Path(directory) / CONFIG_NAME
+    if config_path.is_file():  # first: a recorded width that disagrees explains the other shapes' disagreement
+        _check_recorded_widths(config_path, _read_config(config_path), weights, tensors)
+    for module, parts in sorted(tensors.items()):
+        _check_shapes_agree(path, module, parts, weights.adapters[module])
+    return weights
+
+
+def _mimi_tensors(path: Path) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
+    """``{module: {part: (dtype, shape)}}`` of the MiMi tensors in the header of ``path`` (``part``:
+    ``mimi_down.weight``, ``mimi_up.bias``, ``mimi_mask``, ...). Refuses a damaged file or an unexpected name."""
     try:
         with safe_open(str(path), framework="pt") as weights:
-            weights.keys()
+            header = {key: weights.get_slice(key) for key in weights.keys()}
+            specs = {key: (part.get_dtype(), tuple(part.get_shape())) for key, part in header.items()}
     except SafetensorError as error:
         raise ValueError(
             f"{path} ({path.stat().st_size:,} bytes) is damaged and was not loaded: {error}. It was probably cut "
             "short by an interrupted save or copy. Save the adapter again (peft_mimi.save_adapter writes "
             "atomically) or download it again."
         ) from None
+    tensors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for key, spec in specs.items():
+        if "mimi_" not in key:
+            continue  # a head in modules_to_save: its shape is checked by PEFT against the model
+        match = _MIMI_TENSOR.fullmatch(key)
+        if match is None:
+            raise ValueError(
+                f"{path} holds a tensor named {key!r} (shape {spec[1]}), which is not a MiMi adapter tensor: they are "
+                f"named '{_PEFT_PREFIX}<module>.mimi_down.weight', '...mimi_up.weight', '...mimi_down.bias', "
+                f"'...mimi_up.bias' and '...mimi_mask'. {_WRITER_FIX}"
+            )
+        tensors.setdefault(match["module"], {})[match["part"]] = spec
+    return tensors
+
+
+def _adapter_shape(path: Path, module: str, parts: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[int, int]:
+    """``(width, d)`` of the adapter of ``module``: the shape of its ``mimi_down.weight``. Refuses wrong dtypes, a
+    missing matrix, or a ``mimi_down.weight`` that is not 2-D (see :func:`_check_shapes_agree` for the others)."""
+    for part, (dtype, shape) in sorted(parts.items()):
+        allowed = ("BOOL",) if part == "mimi_mask" else FLOAT_DTYPES
+        if dtype not in allowed:
+            raise ValueError(
+                f"{path} holds {part} of module {module!r} (shape {shape}) as {dtype}; MiMi weights are floating point "
+                f"({', '.join(FLOAT_DTYPES)}) and the neuron mask is BOOL. {_WRITER_FIX}"
+            )
+    if "mimi_down.weight" not in parts or "mimi_up.weight" not in parts:
+        raise ValueError(
+            f"{path} holds {sorted(parts)} for module {module!r} but not both mimi_down.weight and mimi_up.weight: "
+            f"an adapter has both or neither. {_WRITER_FIX}"
+        )
+    down = parts["mimi_down.weight"][1]
+    if len(down) != 2 or min(down) < 1:
+        raise ValueError(
+            f"{path} holds mimi_down.weight of module {module!r} with shape {down}; it must be (width, feature size), "
+            f"both >= 1 (a removed adapter has no tensors). {_WRITER_FIX}"
+        )
+    return down[0], down[1]
+
+
+def _check_shapes_agree(path: Path, module: str, parts: dict[str, tuple[str, tuple[int, ...]]],
+                        shape: tuple[int, int]) -> None:
+    """Refuse tensors of ``module`` whose shapes disagree with its ``mimi_down.weight`` of ``shape`` ``(width, d)``."""
+    width, d = shape
+    expected = {"mimi_down.weight": (width, d), "mimi_up.weight": (d, width), "mimi_down.bias": (width,),
+                "mimi_up.bias": (d,), "mimi_mask": (width,)}
+    for part, (_, got) in sorted(parts.items()):
+        if got != expected[part]:
+            raise ValueError(
+                f"{path} holds {part} of module {module!r} with shape {got}, but its mimi_down.weight {shape} (width "
+                f"{width}, feature size {d}) implies {expected[part]}. {_WRITER_FIX}"
+            )
+
+
+def _read_config(config_path: Path) -> Any:
+    try:
+        return json.loads(config_path.read_bytes())
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{config_path} is not valid JSON ({error}). {_WRITER_FIX}") from None
+
+
+def _check_recorded_widths(config_path: Path, config: Any, weights: AdapterWeights,
+                           tensors: dict[str, dict[str, tuple[str, tuple[int, ...]]]]) -> None:
+    """Refuse a config whose ``adapter_widths`` or ``adapter_bias`` disagree with the weights file's tensors."""
+    path, adapters = weights.path, weights.adapters
+    widths = config.get("adapter_widths") if isinstance(config, dict) else None
+    if not isinstance(widths, dict) or not widths:
+        raise ValueError(
+            f"{config_path} records no adapter_widths (got {_short(widths)}), which every saved MiMi adapter has: "
+            f"without them the loader would build every adapter at its initial width instead of the {len(adapters)} "
+            f"adapter(s) {path} holds. {_MISMATCH_FIX}"
+        )
+    for module, width in widths.items():
+        held = adapters.get(module)
+        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+            problem = (f"{config_path} records an invalid width {_short(width)} for module {module!r} (widths are "
+                       "ints >= 0, 0 = removed)")
+        elif width > 0 and held is None:
+            problem = (f"{path} holds no tensor for module {module!r}, but {config_path} records width {width} for "
+                       f"it: the loader would allocate {width} neurons that nothing fills")
+        elif width == 0 and held is not None:
+            problem = (f"{config_path} records width 0 (removed) for module {module!r}, but {path} holds "
+                       f"mimi_down.weight of shape {held} for it")
+        elif held is not None and held[0] != width:
+            problem = (f"{config_path} records width {width} for module {module!r}, which does not fit {path}: "
+                       f"mimi_down.weight has shape {held} in the weights file but {(width, held[1])} at the recorded "
+                       "width")
+        else:
+            continue
+        raise ValueError(f"{problem}. {_MISMATCH_FIX}")
+    unrecorded = sorted(set(adapters) - set(widths))
+    if unrecorded:
+        raise ValueError(
+            f"{path} holds an adapter for module {unrecorded[0]!r} (mimi_down.weight of shape "
+            f"{adapters[unrecorded[0]]}) but {config_path} records no width for it in adapter_widths "
+            f"({len(unrecorded)} such module(s)). {_MISMATCH_FIX}"
+        )
+    bias = config.get("adapter_bias")
+    if isinstance(bias, bool):
+        for module, parts in sorted(tensors.items()):
+            held = sorted(part for part in parts if part.endswith(".bias"))
+            if held != (["mimi_down.bias", "mimi_up.bias"] if bias else []):
+                raise ValueError(
+                    f"{config_path} has adapter_bias={bias} but {path} holds {held or 'no biases'} for module "
+                    f"{module!r} (mimi_down.weight of shape {adapters[module]}). {_MISMATCH_FIX}"
+                )
+
+
+def check_module_names(config: Any) -> None:
+    """Raise ``ValueError`` unless ``config.target_modules`` and ``config.exclude_modules`` are None, a regex that
+    compiles or a list of names, and ``config.modules_to_save`` None or a list of names: what PEFT's matching
+    accepts. Meant for ``MiMiConfig.__post_init__``, before the lists become sets: a hand-edited
+    ``adapter_config.json`` then gets this message instead of a ``TypeError`` or ``re.error`` from deep inside PEFT."""
+    for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, str) and name != "modules_to_save":
+            try:
+                re.compile(value)
+            except (re.error, RecursionError, OverflowError) as error:
+                raise ValueError(f"MiMiConfig.{name}={_short(value)} is not a valid regex ({error}).") from None
+            continue
+        if not isinstance(value, (list, tuple, set)) or not all(isinstance(item, str) and item for item in value):
+            kind = ("a list of module names, e.g. ['classifier']" if name == "modules_to_save" else
+                    "a list of module names or a regex, e.g. ['attention.o_proj', 'mlp.fc2']")
+            raise ValueError(f"MiMiConfig.{name} must be {kind}; got {_short(value)}.")
+        if name == "modules_to_save":  # PEFT puts each name into a regex, unescaped
+            for item in value:
+                try:
+                    re.compile(rf"(^|.*\.){item}($|\..*)")
+                except (re.error, RecursionError, OverflowError) as error:
+                    raise ValueError(
+                        f"MiMiConfig.modules_to_save has {_short(item)}, not a valid module name ({error})."
+                    ) from None
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a value nested too deep to print is named by its type)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deep to print"
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
+
+
+def check_adapter_fits_model(model: nn.Module, config: Any, weights: AdapterWeights) -> None:
+    """Raise ``ValueError`` before any adapter tensor is created when the adapter ``config`` (a ``MiMiConfig`` whose
+    weights file said ``weights``, see :func:`check_adapter_weights`) cannot be loaded into ``model`` (the model
+    about to get it): every module its ``adapter_widths`` names must exist; one with a width > 0 must be an
+    ``nn.Linear`` with as many output features as the file's tensors (the loader allocates ``width x out_features``
+    per matrix); and every Linear its ``target_modules`` match must have a recorded width (else the loader would
+    create an adapter of initial width there, which the file does not fill)."""
+    from .config import TARGET_MODULES_BY_MODEL_TYPE  # config imports this module
+
+    widths = config.adapter_widths or {}
+    modules = dict(model.named_modules())
+    model_name = type(model).__name__
+    for module, width in widths.items():
+        layer = modules.get(module)
+        if isinstance(layer, BaseTunerLayer):
+            layer = layer.get_base_layer()
+        if layer is None:
+            raise ValueError(
+                f"The adapter in {weights.path.parent} records width {width} for module {module!r}, which this "
+                f"{model_name} does not have (its Linear layers are e.g. {_linear_names(modules)[:3]}): the adapter "
+                "was made for a different backbone (other depth or layout). Load it onto the backbone it was trained "
+                "on; nothing was loaded."
+            )
+        held = weights.adapters.get(module)
+        if width == 0 or held is None:  # check_adapter_weights refused a width that the file does not hold
+            continue
+        file_width, d = held
+        if not isinstance(layer, nn.Linear) or layer.out_features != d:
+            in_model = f"({width}, {layer.out_features}) in the model" if isinstance(layer, nn.Linear) else \
+                f"this {model_name}'s {module} is a {type(layer).__name__}, not a Linear"
+            raise ValueError(
+                f"Adapter mismatch in module {module!r}: mimi_down.weight has shape ({file_width}, {d}) in the weights "
+                f"file but {in_model} (recorded width {width}). The adapter in {weights.path.parent} belongs to a "
+                f"different backbone (hidden size {d}); load it onto the backbone it was trained on. Nothing was "
+                "loaded."
+            )
+    if config.target_modules is None:  # what MiMiModel._prepare_adapter_config fills in
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        config = copy.copy(config)
+        config.target_modules = set(TARGET_MODULES_BY_MODEL_TYPE.get(model_type, ()))
+    wrapped = tuple(f"{name}." for name, module in modules.items() if isinstance(module, BaseTunerLayer))
+    for name, module in modules.items():
+        if (
+            name and name not in widths and not name.startswith(wrapped)
+            and isinstance(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, nn.Linear)
+            and check_target_module_exists(config, name)
+        ):
+            raise ValueError(
+                f"The adapter in {weights.path.parent} targets module {name!r} (its target_modules match it) but "
+                "records no width for it in adapter_widths, so the loader would create a new adapter there that "
+                f"{weights.path.name} does not fill: the adapter was made for a different backbone, or its config was "
+                f"edited. {_MISMATCH_FIX}"
+            )
+
+
+def _linear_names(modules: dict[str, nn.Module]) -> list[str]:
+    return [name for name, module in modules.items() if isinstance(module, nn.Linear)]
 
 
 def save_adapter(model: Any, save_directory: str | os.PathLike, **kwargs: Any) -> Path:

@@ -21,6 +21,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
+from .files import check_adapter_fits_model
 from .layer import BASE_ADAPTER_NAME, MERGE_ERROR, Linear, MiMiLayer
 from .pruning import (
     ACTIVITY_SCORES,
@@ -54,6 +55,10 @@ class MiMiModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        weights = getattr(config, "_adapter_weights", None)  # set by MiMiConfig.from_pretrained
+        if weights is not None:  # a saved adapter: its widths must fit this model before anything is built
+            check_adapter_fits_model(model, config, weights)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as error:  # PEFT's message names the patterns, not what the model has

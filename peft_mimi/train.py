@@ -836,7 +836,10 @@ def _save_adapter(
     if accelerator.is_main_process:
         tmp = output_dir / f".tmp-{ADAPTER_DIR}"
         shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(tmp)
+        if isinstance(peft_model, PeftModel):  # no embedding layers: skip PEFT's look-up of the base model's config
+            peft_model.save_pretrained(tmp, save_embedding_layers=False)  # on the Hub (a warning offline)
+        else:
+            peft_model.save_pretrained(tmp)
         run.processor.save_pretrained(tmp)
         settings = run.settings
         _write_json(tmp / RUN_FILE, {"base_model": settings["model"], "data": settings["data"],

@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_mimi"
         ({"target_compression": 8.0, "prune_ratio": 1.0}, r"prune_ratio must be in \(0, 1\), got 1.0"),
         ({"target_compression": 8.0, "prune_ratio": 0}, r"prune_ratio must be in \(0, 1\)"),
         ({"target_compression": 8.0, "selection": "greedy"}, r"selection='greedy' is not known; choose one of"),
-        ({"target_compression": 8.0, "score": "taylor"}, r"score='taylor' is not known; choose one of"),
+        ({"target_compression": 8.0, "score": "fisher"}, r"score='fisher' is not known; choose one of"),
         ({"target_compression": 8.0, "activation": "swish"}, r"activation='swish' is not known"),
         ({"target_compression": 8.0, "init_weights": "yes"}, "init_weights must be True or False"),
         ({"target_compression": 8.0, "adapter_widths": {"a": -1}}, r"adapter_widths\['a'\] must be an int >= 0"),
@@ -74,8 +74,10 @@ def test_a_config_from_a_newer_version_loads_with_a_warning(tmp_path):
 
 
 def test_an_adapter_for_another_hidden_size_is_refused_naming_module_and_shapes(tmp_path):
-    get_peft_model(make_model("vit", hidden_size=32), MiMiConfig(target_compression=16.0)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"'vit.layers.0.attention.o_proj'.*\(8, 32\) in the weights file but "
+    model = get_peft_model(make_model("vit", hidden_size=32), MiMiConfig(target_compression=16.0))
+    model.save_pretrained(tmp_path)
+    first = next(iter(model.base_model.adapter_widths()))  # the first block's attention output
+    with pytest.raises(ValueError, match=rf"'{re.escape(first)}'.*\(8, 32\) in the weights file but "
                                          r"\(8, 64\) in the model"):
         PeftModel.from_pretrained(make_model("vit", hidden_size=64), tmp_path)
 
@@ -83,10 +85,15 @@ def test_an_adapter_for_another_hidden_size_is_refused_naming_module_and_shapes(
 def test_target_modules_that_match_nothing_or_a_non_linear_layer():
     from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 
+    # the defaults' names as the message lists them (their last two parts): 'attention.o_proj', 'mlp.fc2' in
+    # transformers 5, 'output.dense' in 4.x
+    adapted = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0)).base_model.adapter_widths()
+    defaults = list(dict.fromkeys(".".join(name.split(".")[-2:]) for name in adapted))
+    listed = ".*".join(re.escape(repr(suffix)) for suffix in defaults)
     with pytest.raises(NoMatchingPeftModuleError, match=r"not found in the base model.*Linear layers end in: "
-                                                        r"\[.*'attention.o_proj'.*'mlp.fc2'"):
+                                                        rf"\[.*{listed}"):
         get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, target_modules=["nothing"]))
-    with pytest.raises(TypeError, match=r"LayerNorm.*nn.Linear layers only.*attention.o_proj"):
+    with pytest.raises(TypeError, match=rf"LayerNorm.*nn.Linear layers only.*{re.escape(defaults[0])}"):
         get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, target_modules=["layernorm_before"]))
 
 
@@ -191,3 +198,178 @@ def test_loading_without_importing_peft_mimi_fails_in_peft_and_the_card_says_wha
     assert out.returncode == 0, out.stderr[-2000:]
     assert "KeyError 'MIMI'" in out.stdout and "loaded after import" in out.stdout
     assert "import peft_mimi" in model_card(model)
+
+
+# ------------------------------------------------- adapter_config.json is checked against the weights before allocating
+LAYER = "vit.layers.0.mlp.fc2"
+KEY = f"base_model.model.{LAYER}"
+
+
+def _edit_adapter(directory: Path, config: dict | None = None, tensors=None) -> None:
+    """Rewrite the adapter in ``directory``: ``config`` entries replace those of adapter_config.json (None deletes),
+    ``tensors(dict)`` edits the weights in place (a valid safetensors file is written back)."""
+    from safetensors.torch import load_file, save_file
+
+    if config:
+        path = directory / "adapter_config.json"
+        saved = json.loads(path.read_text())
+        for key, value in config.items():
+            if value is None:
+                saved.pop(key, None)
+            else:
+                saved[key] = value
+        path.write_text(json.dumps(saved))
+    if tensors:
+        path = directory / "adapter_model.safetensors"
+        weights = load_file(path)
+        tensors(weights)
+        save_file(weights, path, metadata={"format": "pt"})
+
+
+def _widths(**changes) -> dict:
+    widths = {f"vit.layers.{i}.{m}": 8 for i in (0, 1) for m in ("attention.o_proj", "mlp.fc2")}
+    widths.update({LAYER: changes.pop("width", 8)})
+    return {k: v for k, v in widths.items() if v is not None}
+
+
+def _pop(*names):
+    return lambda weights: [weights.pop(name) for name in names]
+
+
+def _set(name, value):
+    return lambda weights: weights.__setitem__(name, value)
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "message"),
+    [
+        ({"adapter_widths": _widths(width=9)}, None,
+         rf"adapter_config.json records width 9 for module '{LAYER}', which does not fit .*adapter_model.safetensors: "
+         r"mimi_down.weight has shape \(8, 32\) in the weights file but \(9, 32\) at the recorded width\. The config "
+         r"and the weights do not belong together.*Save the adapter again"),
+        ({"adapter_widths": _widths(width=10**9)}, None,
+         rf"records width 1000000000 for module '{LAYER}', which does not fit .*shape \(8, 32\) in the weights file"),
+        ({"adapter_widths": _widths(width=0)}, None,
+         rf"records width 0 \(removed\) for module '{LAYER}', but .*\(8, 32\)"),
+        (None, _pop(f"{KEY}.mimi_down.weight", f"{KEY}.mimi_up.weight"),
+         rf"holds no tensor for module '{LAYER}', but .*adapter_config.json records width 8 for it: the loader would "
+         "allocate 8 neurons"),
+        ({"adapter_widths": _widths(width=None)}, None,
+         rf"holds an adapter for module '{LAYER}' \(mimi_down.weight of shape \(8, 32\)\) but .*adapter_config.json "
+         "records no width for it"),
+        ({"adapter_widths": {}}, None, r"records no adapter_widths \(got \{\}\), which every saved MiMi adapter has"),
+        ({"adapter_bias": True}, None, r"has adapter_bias=True but .* holds no biases for module 'vit.layers.0"),
+        (None, _set(f"{KEY}.mimi_down.weight", torch.zeros(8, 32, dtype=torch.int8)),
+         rf"holds mimi_down.weight of module '{LAYER}' \(shape \(8, 32\)\) as I8; MiMi weights are floating point"),
+        (None, _set(f"{KEY}.mimi_mask", torch.ones(8)),
+         r"holds mimi_mask of module .* as F32; .* the neuron mask is BOOL"),
+        (None, _set(f"{KEY}.mimi_mask", torch.ones(7, dtype=torch.bool)),
+         r"holds mimi_mask of module .* with shape \(7,\), but its mimi_down.weight \(8, 32\) .* implies \(8,\)"),
+        (None, _set(f"{KEY}.mimi_up.weight", torch.zeros(32, 7)),
+         r"holds mimi_up.weight of module .* with shape \(32, 7\), but its mimi_down.weight \(8, 32\) \(width 8, "
+         r"feature size 32\) implies \(32, 8\)"),
+        (None, _set(f"{KEY}.mimi_down.weight", torch.zeros(256)),
+         r"mimi_down.weight of module .* with shape \(256,\); it must be \(width, feature size\)"),
+        (None, _pop(f"{KEY}.mimi_up.weight"), r"holds \['mimi_down.weight'\] for module .* but not both"),
+        (None, lambda w: w.__setitem__(f"{KEY}.mimi_down.default.weight", w.pop(f"{KEY}.mimi_down.weight")),
+         rf"holds a tensor named '{KEY}.mimi_down.default.weight' \(shape \(8, 32\)\), which is not a MiMi adapter "
+         "tensor"),
+    ],
+    ids=["width", "huge-width", "width-0", "width-without-tensors", "unrecorded", "no-widths", "bias", "int-weights",
+         "float-mask", "mask-shape", "up-shape", "1d-down", "down-without-up", "name"],
+)
+def test_a_config_that_disagrees_with_its_weights_is_refused_naming_file_module_width_and_shape(
+    tmp_path, config, tensors, message
+):
+    _saved_adapter(tmp_path)
+    _edit_adapter(tmp_path, config, tensors)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(make_model("vit"), tmp_path)
+
+
+def test_an_adapter_saved_in_half_precision_or_with_masks_and_biases_still_loads(tmp_path):
+    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, adapter_bias=True))
+    model.base_model.model.vit.layers[0].mlp.fc2.mask_neurons("default", torch.tensor([True, False] * 4))
+    model.save_pretrained(tmp_path)
+    _edit_adapter(tmp_path, tensors=lambda w: w.update({k: v.bfloat16() for k, v in w.items() if "mimi_mask" not in k}))
+    loaded = PeftModel.from_pretrained(make_model("vit"), tmp_path)
+    assert loaded.base_model.adapter_widths()[LAYER] == 4
+
+
+def test_a_config_claiming_a_huge_width_is_refused_before_anything_is_allocated(tmp_path):
+    """Before this check, PEFT built the 3-million-neuron adapter (768 MB) and only then compared it with the 8-neuron
+    tensors; the refusal now comes from the header alone."""
+    import subprocess
+    import sys
+
+    _saved_adapter(tmp_path)
+    _edit_adapter(tmp_path, {"adapter_widths": _widths(width=3_000_000)})
+    script = (
+        "import resource, sys, json; sys.path.insert(0, sys.argv[1]); from conftest import make_model\n"
+        "from peft import PeftModel; import peft_mimi\n"
+        "base = make_model('vit'); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    PeftModel.from_pretrained(base, sys.argv[2]); error = None\n"
+        "except ValueError as e:\n    error = str(e)\n"
+        "print(json.dumps({'error': error, 'growth_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert re.search(rf"records width 3000000 for module '{LAYER}', which does not fit .* shape \(8, 32\)",
+                     result["error"] or "")
+    assert result["growth_kb"] < 50 * 1024, f"the refusal raised the peak RSS by {result['growth_kb'] / 1024:.0f} MB"
+
+
+# ------------------------------------------------------------------- the weights are checked against the model
+def _config_and_weights(directory: Path):
+    from peft_mimi.files import check_adapter_weights
+
+    return MiMiConfig.from_pretrained(str(directory)), check_adapter_weights(directory)
+
+
+def test_the_weights_are_checked_against_the_model_before_injection(tmp_path):
+    from peft_mimi.files import check_adapter_fits_model
+
+    _saved_adapter(tmp_path)
+    config, weights = _config_and_weights(tmp_path)
+    assert weights.adapters == dict.fromkeys(_widths(), (8, 32))
+    check_adapter_fits_model(make_model("vit"), config, weights)  # the backbone it was made for
+    loaded = PeftModel.from_pretrained(make_model("vit"), tmp_path)
+    check_adapter_fits_model(loaded.base_model.model, config, weights)  # a second adapter onto wrapped layers
+
+    with pytest.raises(ValueError, match=r"Adapter mismatch in module 'vit.layers.0.attention.o_proj': "
+                                         r"mimi_down.weight has shape \(8, 32\) in the weights file but \(8, 64\) in "
+                                         r"the model \(recorded width 8\)\. The adapter in .* belongs to a different "
+                                         r"backbone \(hidden size 32\)"):
+        check_adapter_fits_model(make_model("vit", hidden_size=64), config, weights)
+    with pytest.raises(ValueError, match=r"records width 8 for module 'vit.layers.1.attention.o_proj', which this "
+                                         r"ViTForImageClassification does not have .* different backbone"):
+        check_adapter_fits_model(make_model("vit", layers=1), config, weights)
+    config.adapter_widths.pop(LAYER)
+    with pytest.raises(ValueError, match=rf"targets module '{LAYER}' .* but records no width for it"):
+        check_adapter_fits_model(make_model("vit"), config, weights)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("target_modules", 5, r"target_modules must be a list of module names or a regex, .*; got 5"),
+        ("target_modules", [["mlp.fc2"]], r"target_modules must be a list of module names or a regex"),
+        ("target_modules", "[", r"target_modules='\[' is not a valid regex"),
+        ("exclude_modules", [{}], r"exclude_modules must be a list of module names or a regex"),
+        ("modules_to_save", "classifier", r"modules_to_save must be a list of module names, .*; got 'classifier'"),
+        ("modules_to_save", ["("], r"modules_to_save has '\(', not a valid module name"),
+    ],
+)
+def test_module_name_fields_of_the_wrong_type_are_refused_by_name(field, value, message):
+    from types import SimpleNamespace
+
+    from peft_mimi.files import check_module_names
+
+    fields = {"target_modules": None, "exclude_modules": None, "modules_to_save": None}
+    check_module_names(SimpleNamespace(**fields))
+    check_module_names(SimpleNamespace(target_modules=["mlp.fc2"], exclude_modules=r".*\.0\..*",
+                                       modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match=message):
+        check_module_names(SimpleNamespace(**{**fields, field: value}))
