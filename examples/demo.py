@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     epochs = result.history[-1]["epoch"]
     probe = head_only_accuracy(args.backbone, data, dataclasses.replace(recipe, epochs_per_round=epochs),
                                output / "head-only")
-    print(f"\nMiMi accuracy {result.accuracy:.4f} vs head only {probe:.4f} (both {epochs} epochs, lr {recipe.lr:g}) "
+    print(f"\nMiMi accuracy {result.accuracy:.4f} vs head only {probe:.4f} (both {epochs} epochs, lr {recipe.lr:g}, "
+          f"head lr {recipe.head_lr or recipe.lr:g}) "
           f"({'+' if result.accuracy >= probe else ''}{100 * (result.accuracy - probe):.1f} points) "
           f"in {time.perf_counter() - start:.0f} s")
     return {"accuracy": result.accuracy, "head_only": probe, "reload_identical": same, "widths": result.widths}
