@@ -236,6 +236,21 @@ class MiMiLayer(BaseTunerLayer):
         self._activity.pop(adapter_name, None)
         self._gram.pop(adapter_name, None)
 
+    _STATISTICS = ("_grad_l1", "_activity", "_gram")
+
+    def round_statistics(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The data-aware statistics gathered since the last round (gradient, activity and Gram sums), by name:
+        what a checkpoint must keep so that a resumed round prunes as an uninterrupted one would."""
+        return {name: getattr(self, name)[adapter_name] for name in self._STATISTICS
+                if adapter_name in getattr(self, name)}
+
+    def load_round_statistics(self, adapter_name: str, statistics: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`round_statistics` returned (unknown names are an error)."""
+        for name, tensor in statistics.items():
+            if name not in self._STATISTICS:
+                raise ValueError(f"unknown round statistic {name!r}; expected one of {self._STATISTICS}")
+            getattr(self, name)[adapter_name] = tensor
+
     def _record_gram(self, adapter_name: str, hidden: torch.Tensor) -> None:
         """Accumulate ``E[a aᵀ]`` over the rows and tokens of one training batch (``hidden`` before the mask)."""
         flat = hidden.detach().reshape(-1, hidden.shape[-1]).float()

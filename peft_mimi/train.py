@@ -752,6 +752,9 @@ def _save_checkpoint(
         pos.widths = _physical_widths(run.tuner)
         save_file({name: p.detach().contiguous() for name, p in unwrapped.named_parameters() if p.requires_grad},
                   str(tmp / _TRAINABLE_FILE))
+        statistics = _round_statistics(run.tuner) if run.tuner is not None and optimizer is not None else {}
+        if statistics:  # mid-round, with a data-aware score or reconstruct: what the next cut will use
+            save_file(statistics, str(tmp / _STATISTICS_FILE))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -768,6 +771,14 @@ def _save_checkpoint(
 
 
 _TRAINABLE_FILE = "trainable.safetensors"
+_STATISTICS_FILE = "round_statistics.safetensors"
+
+
+def _round_statistics(tuner: MiMiModel) -> dict[str, torch.Tensor]:
+    """``{"<module>::<statistic>": tensor}``: every layer's data-aware statistics of the current round."""
+    adapter = tuner.active_adapters[0]
+    return {f"{name}::{key}": value.detach().cpu().contiguous() for name, layer in tuner._layers(adapter)
+            for key, value in layer.round_statistics(adapter).items()}
 
 
 def _physical_widths(tuner: MiMiModel | None) -> dict[str, int] | None:
@@ -797,6 +808,14 @@ def _restore_trainable(model: nn.Module, tuner: MiMiModel | None, pos: _Position
                          f"{sorted(wanted - set(saved))[:5]}). Resume with the same model and settings.")
     for name, tensor in saved.items():
         params[name].copy_(tensor)
+    if tuner is not None and (checkpoint / _STATISTICS_FILE).is_file():
+        adapter, layers = tuner.active_adapters[0], dict(tuner._layers(tuner.active_adapters[0]))
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(str(checkpoint / _STATISTICS_FILE)).items():
+            module, statistic = key.split("::")
+            grouped.setdefault(module, {})[statistic] = tensor.to(layers[module].get_base_layer().weight.device)
+        for module, statistics in grouped.items():
+            layers[module].load_round_statistics(adapter, statistics)
 
 
 def _load_optimizer_state(checkpoint: Path, optimizer, scheduler) -> None:

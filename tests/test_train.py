@@ -23,7 +23,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 
 import peft_mimi.train as train_module
-from peft_mimi import MiMiConfig
+from peft_mimi import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
 from peft_mimi.card import is_hub_model_id, model_card
 from peft_mimi.train import TrainingRecipe, latest_checkpoint, load_adapter, train
 
@@ -99,7 +99,9 @@ def test_widths_land_on_the_budget_after_the_planned_rounds(run):
     assert run.rounds == 2
     assert run.live_params <= run.budget == 512
     assert run.live_params > run.budget - 2 * 32  # as close as one neuron allows
-    assert set(run.widths) == {f"vit.layers.{i}.{m}" for i in (0, 1) for m in ("attention.o_proj", "mlp.fc2")}
+    # the default targets of this backbone: the attention and MLP outputs of both blocks
+    adapted = get_peft_model(make_model("vit", num_labels=10), MiMiConfig(target_compression=16.0)).base_model
+    assert set(run.widths) == set(adapted.adapter_widths()) and len(run.widths) == 2 * 2
 
 
 def test_every_round_trains_including_after_the_last_pruning(run):
@@ -183,6 +185,22 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(run, backbon
 
     assert without_time(resumed.history) == without_time(run.history)  # same losses, accuracies, widths
     ours, theirs = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (resumed, run))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_resume_keeps_the_round_statistics_of_data_aware_scores(backbone, tmp_path, monkeypatch):
+    """With a score gathered from training (taylor) and the least-squares refit at each cut, the statistics of the
+    interrupted round are in the checkpoint: the resumed run cuts exactly as an uninterrupted one."""
+    settings = {**SETTINGS, "mimi": MiMiConfig(target_compression=16.0, score="taylor", reconstruct=True)}
+    whole = train(backbone, output_dir=tmp_path / "whole", **settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "make_collate_fn", failing_data_after(11, "kill"))
+        with pytest.raises(Interrupt):
+            train(backbone, output_dir=tmp_path / "out", **settings)
+    assert (latest_checkpoint(tmp_path / "out") / "round_statistics.safetensors").is_file()
+    resumed = train(backbone, output_dir=tmp_path / "out", resume=True, **settings)
+    assert resumed.widths == whole.widths
+    ours, theirs = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (resumed, whole))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -305,7 +323,7 @@ def test_a_python_user_trains_objects_and_any_classifier_through_the_same_loop(b
     assert [row["round"] for row in result.history] == [0, 1, 2]
 
     base, _ = load_backbone(backbone, num_labels=10)
-    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["attention.o_proj", "mlp.fc2"],
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=TARGET_MODULES_BY_MODEL_TYPE["vit"],
                                            modules_to_save=["classifier"]))
     before = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
     result = train(lora, data, tmp_path / "lora", dataclasses.replace(RECIPE, epochs_per_round=3),
@@ -341,7 +359,8 @@ def test_model_card_front_matter_and_tables_without_training():
     card = ModelCard(text)
     assert card.data.base_model == "google/vit-base-patch16-224"
     assert card.data.library_name == "peft" and "mimi" in card.data.tags
-    assert text.count("| `vit.layers.") == 4
+    modules = model.base_model.adapter_widths()
+    assert len(modules) == 4 and all(text.count(f"| `{name}` |") == 1 for name in modules)  # a row per module
     assert is_hub_model_id("owner/name") and not is_hub_model_id("fmnist-vit") and not is_hub_model_id("/tmp/x")
 
 
