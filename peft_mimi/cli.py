@@ -73,8 +73,8 @@ def train_parser():
     for f in dataclasses.fields(options):
         f.type = options.__annotations__[f.name]
     return HfArgumentParser((RunArguments, options, TrainingRecipe), prog="peft-mimi train",
-                            description="Run MiMi's schedule: train, prune, ..., train; save the adapter. Give one "
-                                        "budget: --target-compression or --target-params.")
+                            description="Run MiMi's schedule: train, prune, ..., train; save the adapter. Give at "
+                                        "most one budget: --target-compression (default 32) or --target-params.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from ._peft_type import PeftType
 from .files import check_adapter_weights, check_module_names
 from .pruning import SCORES, SELECTIONS
 
+DEFAULT_TARGET_COMPRESSION = 32.0  # the budget of MiMiConfig(): what uniform adapters of width d/32 hold
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 
 # Default target modules per transformers model type: the attention output projection and the second MLP
@@ -33,8 +34,9 @@ class MiMiConfig(PeftConfig):
     outputs of the attention and MLP blocks, trained large and pruned neuron by neuron, globally across layers,
     down to a parameter budget.
 
-    Give exactly one budget: ``target_compression`` (σt; the budget is what uniform adapters of width
-    ``floor(d/σt)`` would hold) or ``target_params`` (an absolute number of adapter parameters).
+    Give at most one budget: ``target_compression`` (σt; the budget is what uniform adapters of width
+    ``floor(d/σt)`` would hold) or ``target_params`` (an absolute number of adapter parameters). Without either,
+    σt = 32 (``MiMiConfig()`` works, as every PEFT config does).
     """
 
     init_compression: float = field(
@@ -43,7 +45,8 @@ class MiMiConfig(PeftConfig):
     )
     target_compression: Optional[float] = field(
         default=None,
-        metadata={"help": "σt: prune until the adapters hold no more than uniform adapters of width d/σt."},
+        metadata={"help": "σt: prune until the adapters hold no more than uniform adapters of width d/σt "
+                          f"(default {DEFAULT_TARGET_COMPRESSION:g} when target_params is not given either)."},
     )
     target_params: Optional[int] = field(
         default=None,
@@ -124,12 +127,13 @@ class MiMiConfig(PeftConfig):
                 raise ValueError(f"MiMiConfig.{name} must be a number > 0, got {value!r}.")
 
         positive_number("init_compression", self.init_compression)
-        if (self.target_compression is None) == (self.target_params is None):
+        if self.target_compression is not None and self.target_params is not None:
             raise ValueError(
-                "MiMiConfig needs exactly one budget: target_compression (e.g. 32.0) or target_params "
-                f"(e.g. 400_000); got target_compression={self.target_compression!r}, "
-                f"target_params={self.target_params!r}."
+                "MiMiConfig takes one budget: target_compression (e.g. 32.0) or target_params (e.g. 400_000), not "
+                f"both; got target_compression={self.target_compression!r}, target_params={self.target_params!r}."
             )
+        if self.target_compression is None and self.target_params is None:  # MiMiConfig() works, like LoraConfig()
+            self.target_compression = DEFAULT_TARGET_COMPRESSION
         if self.target_compression is not None:
             positive_number("target_compression", self.target_compression)
             if self.target_compression < self.init_compression:

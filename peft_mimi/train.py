@@ -230,7 +230,7 @@ def train(
     :class:`TrainResult`.
 
     ``model`` given by name is loaded with a fresh head for the dataset's labels and wrapped with ``mimi``
-    (required then: it holds the budget). A model object is trained as it is; ``processor`` (its image
+    (default: ``MiMiConfig()``, σt = 32). A model object is trained as it is; ``processor`` (its image
     processor) is then required. ``push_to_hub`` names a Hub repository to upload the adapter folder to, with
     the token huggingface_hub finds (never written to disk).
 
@@ -598,9 +598,7 @@ def _load_run(model: str | nn.Module, data: str | datasets.DatasetDict, recipe: 
     names, id2label, label2id = dataset_labels(dataset)
     set_seed(recipe.seed)  # the new head and W_down: the same on every process
     if isinstance(model, str | os.PathLike):
-        if mimi is None:
-            raise ValueError("Training a backbone given by name needs its MiMi config with the budget: "
-                             "mimi=MiMiConfig(target_compression=64) (--target-compression 64).")
+        mimi = mimi if mimi is not None else MiMiConfig()
         model_name = _model_reference(str(model))
         base, loaded_processor = load_backbone(model_name, num_labels=len(names), id2label=id2label,
                                                label2id=label2id)

@@ -17,11 +17,17 @@ from peft_mimi import MiMiConfig
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_mimi"
 
 
+def test_a_config_without_arguments_works_like_every_peft_config():
+    config = MiMiConfig()
+    assert (config.target_compression, config.target_params) == (32.0, None)
+    assert MiMiConfig(target_params=1000).target_compression is None  # the default never adds a second budget
+    assert MiMiConfig.from_peft_type(**config.to_dict()).target_compression == 32.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "exactly one budget"),
-        ({"target_compression": 8.0, "target_params": 100}, "exactly one budget"),
+        ({"target_compression": 8.0, "target_params": 100}, "takes one budget"),
         ({"target_compression": 0}, r"target_compression must be a number > 0, got 0"),
         ({"target_compression": float("nan")}, "target_compression must be a number > 0"),
         ({"target_compression": "32"}, "target_compression must be a number > 0, got '32'"),
