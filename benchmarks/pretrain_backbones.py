@@ -2,32 +2,53 @@
 
     python benchmarks/pretrain_backbones.py                      # both, as shipped
     python benchmarks/pretrain_backbones.py --models fmnist-vit --epochs 1
+    python benchmarks/pretrain_backbones.py --smoke              # 300 images, 1 epoch, a temporary directory
+    python benchmarks/pretrain_backbones.py --cards-only         # rewrite README.md from pretrain_log.json
 
 Each model is written to ``peft_mimi/backbones/weights/<name>/``: ``model.safetensors`` and ``config.json``
 (with Fashion-MNIST's id2label), ``preprocessor_config.json`` (a ``ViTImageProcessor``: 32x32, the mean/std
-below) and ``pretrain_log.json`` (per-epoch loss and test accuracy, wall time, seed, command, versions).
+below), ``pretrain_log.json`` (per-epoch training loss, final test accuracy on all 10,000 test images and on the
+first 2,000, wall time, seed, recipe, command, versions) and ``README.md`` (rendered from the log).
 
 Data: the Debian package ``dataset-fashion-mnist`` (60k train / 10k test, 28x28 greyscale), made RGB and
-resized to 32x32 by ``peft_mimi.data.ImageTransform``; training adds a light random resized crop and
-horizontal flips (labels of clothing survive a flip).
+resized to 32x32 by ``peft_mimi.data.ImageTransform``; training adds a light random resized crop (area 0.8-1)
+and horizontal flips (labels of clothing survive a flip).
+
+Training is ``peft_mimi.train.train``, the project's one training loop: the freshly initialised classifier (every
+parameter trainable) trains one round of the recipe's epochs with AdamW at one learning rate for the whole model
+(``head_lr=None``), weight decay 0.05, a cosine schedule after a 5 % linear warm-up, gradient clipping at 1.0.
+
+The shipped weights and logs were made by the earlier version of this script (git commit 672c37e), which had its
+own training loop with the same recipe. Rerunning this script gives a backbone of the same recipe, not a
+bit-identical one (the initial weights are the same: the model is built right after ``torch.manual_seed(seed)``
+as before). What differs:
+
+* weight decay: ``build_optimizer`` decays every trainable tensor with 2 or more dimensions; the old loop
+  exempted those named ``*position*`` (ViT's position embeddings, Swin's relative-position bias tables);
+* warm-up: ``floor(0.05 * steps)`` optimizer steps instead of ``ceil(0.05 * steps)``;
+* data order and augmentation: drawn from train()'s seeds per ``(seed, round, epoch)`` and per batch instead of
+  one shuffling generator and torch's global RNG;
+* the logged training loss of an epoch is the mean over its batches (the old loop weighted by images, so the
+  smaller last batch counted less);
+* test accuracy is measured once, after the last epoch; the old log (and the shipped cards) had test accuracy
+  after every epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from transformers import (
@@ -37,10 +58,10 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
-    get_cosine_schedule_with_warmup,
 )
 
 from peft_mimi.data import ImageTransform, dataset_labels, load_builtin_dataset, make_collate_fn
+from peft_mimi.train import TrainingRecipe, evaluate, train
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "peft_mimi" / "backbones" / "weights"
 IMAGE_SIZE = 32
@@ -48,6 +69,9 @@ IMAGE_SIZE = 32
 MEAN = (0.2860, 0.2860, 0.2860)
 STD = (0.3530, 0.3530, 0.3530)
 SUBSET = 2000  # the first SUBSET test images: the quick check tests/test_backbones.py repeats
+TRAINER = "peft_mimi.train.train"  # recorded in every new log; a log without it comes from the old loop
+EARLIER_VERSION = "672c37e"  # the last commit whose script had its own training loop (made the shipped weights)
+SMOKE_TRAIN, SMOKE_TEST = 300, 200  # images of a --smoke run
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,12 @@ class Recipe:
     lr: float
     batch_size: int
     description: str
+
+    def training_recipe(self, epochs: int, batch_size: int, seed: int) -> TrainingRecipe:
+        """The settings of :func:`peft_mimi.train.train` for this backbone: one round of ``epochs`` epochs, the
+        whole model at ``lr`` (no separate head rate), weight decay 0.05, 5 % warm-up, clipping at 1.0, flips."""
+        return TrainingRecipe(epochs_per_round=epochs, batch_size=batch_size, lr=self.lr, head_lr=None,
+                              weight_decay=0.05, warmup_ratio=0.05, max_grad_norm=1.0, flip=True, seed=seed)
 
 
 def build_vit(id2label: dict[int, str], label2id: dict[str, int]) -> PreTrainedModel:
@@ -91,96 +121,78 @@ RECIPES = {
 }
 
 
-@torch.no_grad()
-def predict(model: PreTrainedModel, loader: DataLoader) -> torch.Tensor:
-    """Predicted class of every example, in loader order."""
-    model.eval()
-    return torch.cat([model(pixel_values=batch["pixel_values"]).logits.argmax(-1) for batch in loader])
+def image_processor() -> ViTImageProcessor:
+    """The processor saved with both backbones: resize to 32x32, then normalise with Fashion-MNIST's mean/std."""
+    return ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(MEAN),
+                             image_std=list(STD))
+
+
+def subset_accuracy(model: PreTrainedModel, test: Any, processor: ViTImageProcessor, num_labels: int) -> float:
+    """Top-1 accuracy of ``model`` on the first :data:`SUBSET` images of ``test``, with the eval transform."""
+    loader = DataLoader(test.select(range(min(SUBSET, len(test)))), batch_size=500,
+                        collate_fn=make_collate_fn(ImageTransform.from_processor(processor, train=False), num_labels))
+    accelerator = Accelerator()
+    return evaluate(model, accelerator.prepare(loader), accelerator)
 
 
 def pretrain(
-    name: str, recipe: Recipe, epochs: int, batch_size: int, seed: int, out: Path, limit: int | None = None
+    name: str, recipe: Recipe, epochs: int, batch_size: int, seed: int, out: Path, smoke: bool = False
 ) -> dict[str, Any]:
-    """Train ``recipe`` from scratch, evaluate after every epoch, save to ``out/name``; return the log."""
-    torch.manual_seed(seed)
+    """Build ``recipe``'s model from scratch, train it with :func:`peft_mimi.train.train` (all parameters), save
+    model, processor, log and card to ``out/name``; return the log. ``smoke``: the first SMOKE_TRAIN training
+    and SMOKE_TEST test images only."""
     data = load_builtin_dataset("fashion_mnist")
-    if limit:  # smoke runs only
-        data = DatasetDict({"train": data["train"].select(range(limit)), "test": data["test"]})
+    if smoke:
+        data = DatasetDict({"train": data["train"].select(range(SMOKE_TRAIN)),
+                            "test": data["test"].select(range(SMOKE_TEST))})
     names, id2label, label2id = dataset_labels(data)
+    torch.manual_seed(seed)  # the initial weights
     model = recipe.build(id2label, label2id)
-    train_loader = DataLoader(
-        data["train"], batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-        collate_fn=make_collate_fn(ImageTransform(IMAGE_SIZE, MEAN, STD, train=True, flip=True), len(names)),
-    )
-    test_loader = DataLoader(
-        data["test"], batch_size=500,
-        collate_fn=make_collate_fn(ImageTransform(IMAGE_SIZE, MEAN, STD, train=False), len(names)),
-    )
-    test_labels = torch.tensor(data["test"]["label"])
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "position" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "position" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=recipe.lr)
-    steps = epochs * len(train_loader)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=math.ceil(0.05 * steps),
-                                                num_training_steps=steps)
-
-    history, start = [], time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        total, count = 0.0, 0
-        for batch in train_loader:
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            total, count = total + loss.item() * len(batch["labels"]), count + len(batch["labels"])
-        correct = predict(model, test_loader) == test_labels
-        history.append({
-            "epoch": epoch,
-            "train_loss": round(total / count, 5),
-            "test_accuracy": round(correct.float().mean().item(), 5),
-            "test_accuracy_first_2000": round(correct[:SUBSET].float().mean().item(), 5),
-            "elapsed_s": round(time.perf_counter() - start, 1),
-        })
-        print(f"[{name}] epoch {epoch}/{epochs}: {history[-1]}", flush=True)
+    processor = image_processor()
+    settings = recipe.training_recipe(epochs, batch_size, seed)
+    with tempfile.TemporaryDirectory(prefix=f"pretrain-{name}-") as run_dir:  # train()'s checkpoints and metrics
+        result = train(model, data, run_dir, settings, processor=processor)
+    last = result.history[-1]
+    print(f"[{name}] {epochs} epoch(s): losses {[round(loss, 4) for loss in last['epoch_losses']]}, "
+          f"test accuracy {last['accuracy']:.4f}", flush=True)
 
     log = {
         "name": name,
         "description": recipe.description,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in result.model.parameters()),
         "dataset": f"fashion_mnist (Debian package dataset-fashion-mnist): {len(data['train'])} train / "
                    f"{len(data['test'])} test",
         "preprocessing": {"image_size": IMAGE_SIZE, "mean": MEAN, "std": STD, "train_crop_scale": [0.8, 1.0],
                           "train_flip": True, "eval": "resize 28x28 -> 32x32 (bilinear, antialiased)"},
-        "optimizer": {"name": "AdamW", "lr": recipe.lr, "weight_decay": 0.05, "schedule": "cosine, 5% warmup",
-                      "batch_size": batch_size, "grad_clip": 1.0},
+        "trainer": TRAINER,
+        "optimizer": {"name": "AdamW", "lr": settings.lr, "weight_decay": settings.weight_decay,
+                      "schedule": f"cosine, {settings.warmup_ratio:.0%} warmup", "batch_size": settings.batch_size,
+                      "grad_clip": settings.max_grad_norm},
+        "training_recipe": settings.settings(),
         "epochs": epochs,
-        "history": history,
-        "test_accuracy": history[-1]["test_accuracy"],
-        "test_accuracy_first_2000": history[-1]["test_accuracy_first_2000"],
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "history": [{"epoch": epoch, "train_loss": round(loss, 5)}
+                    for epoch, loss in enumerate(last["epoch_losses"], start=1)],
+        "test_accuracy": round(last["accuracy"], 5),
+        "test_accuracy_first_2000": round(subset_accuracy(result.model, data["test"], processor, len(names)), 5),
+        "wall_time_s": round(last["seconds"], 1),  # training and the final test evaluation
         "seed": seed,
         "torch_threads": torch.get_num_threads(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     **{m: __import__(m).__version__ for m in ("transformers", "datasets", "numpy")}},
+                     **{m: __import__(m).__version__ for m in ("transformers", "datasets", "numpy", "accelerate")}},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
-    save(model, log, out / name)
+    save(result.model, processor, log, out / name)
     return log
 
 
-def save(model: PreTrainedModel, log: dict[str, Any], target: Path) -> None:
-    """Write the model, its processor and its log to a staging directory, then swap it in."""
+def save(model: PreTrainedModel, processor: ViTImageProcessor, log: dict[str, Any], target: Path) -> None:
+    """Write the model, its processor, its log and its card to a staging directory, then swap it in."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private
     model.save_pretrained(staging)
-    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(MEAN),
-                      image_std=list(STD)).save_pretrained(staging)
+    processor.save_pretrained(staging)
     (staging / "pretrain_log.json").write_text(json.dumps(log, indent=2) + "\n")
     write_card(staging, log)
     for path in staging.iterdir():
@@ -192,16 +204,35 @@ def save(model: PreTrainedModel, log: dict[str, Any], target: Path) -> None:
 
 
 def write_card(folder: Path, log: dict[str, Any]) -> None:
-    """README.md for the model folder, from its pretrain log."""
-    rows = "\n".join(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['test_accuracy']:.4f} |" for h in log["history"])
+    """README.md for the model folder, from its pretrain log (this script's, or the old loop's: see the module
+    docstring)."""
+    old_loop = log.get("trainer") != TRAINER
+    if old_loop:  # test accuracy after every epoch
+        header = "| epoch | train loss | test accuracy |\n|---|---|---|"
+        rows = [f"| {h['epoch']} | {h['train_loss']:.4f} | {h['test_accuracy']:.4f} |" for h in log["history"]]
+        provenance = f"""
+These weights and `pretrain_log.json` come from the earlier version of `benchmarks/pretrain_backbones.py` (git
+commit {EARLIER_VERSION}), which had its own training loop. The script now trains through `{TRAINER}` with the
+same recipe: rerunning it gives a backbone of the same recipe, not a bit-identical one. It applies weight decay
+to the parameters named `*position*` too (ViT's position embeddings, Swin's relative-position bias tables; the old
+loop exempted them), warms up for floor instead of ceil of 5 % of the steps, draws data order and augmentation
+from train()'s seeds, logs an epoch's loss as the mean over batches instead of images, and measures test accuracy
+only after the last epoch (the table below has it after every epoch, as the old loop logged it).
+"""
+    else:
+        header = "| epoch | train loss |\n|---|---|"
+        rows = [f"| {h['epoch']} | {h['train_loss']:.4f} |" for h in log["history"]]
+        provenance = ""
+    trainer = "" if old_loop else f" through `{log['trainer']}`"
     prep = log["preprocessing"]
+    test_images = int(log["dataset"].rsplit(" / ", 1)[1].split()[0])  # "...: 60000 train / 10000 test"
     (folder / "README.md").write_text(f"""# {log['name']}
 
 {log['description'][0].upper() + log['description'][1:]}; {log['parameters']:,} parameters, trained from scratch
-on {log['dataset']} by `benchmarks/pretrain_backbones.py` of peft-mimi.
+on {log['dataset']} by `benchmarks/pretrain_backbones.py` of peft-mimi{trainer}.
 Load it with `peft_mimi.backbones.load_backbone("{log['name']}")`.
-
-- Test accuracy on the 10,000 test images: **{log['test_accuracy']:.4f}**
+{provenance}
+- Test accuracy on the {test_images:,} test images: **{log['test_accuracy']:.4f}**
 - Input: {prep['image_size']}x{prep['image_size']} RGB (greyscale replicated), mean {prep['mean'][0]}, std \
 {prep['std'][0]}; training crops (area {prep['train_crop_scale']}) and flips
 - {log['epochs']} epochs of {log['optimizer']['name']} (lr {log['optimizer']['lr']}, batch \
@@ -209,9 +240,8 @@ Load it with `peft_mimi.backbones.load_backbone("{log['name']}")`.
 {log['wall_time_s'] / 60:.1f} min on {log['torch_threads']} CPU thread(s)
 - License: Apache-2.0, like peft-mimi. Fashion-MNIST is (c) Zalando SE, MIT license.
 
-| epoch | train loss | test accuracy |
-|---|---|---|
-{rows}
+{header}
+{chr(10).join(rows)}
 """)
 
 
@@ -223,20 +253,29 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     # One thread: on a shared 2-core machine, two threads per process trained 4-8x slower than one.
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="parent directory of the model folders")
-    parser.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke runs)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"parent directory of the model folders (default {WEIGHTS_DIR}; with --smoke, a "
+                             "temporary directory, deleted at the end)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"check the pipeline: {SMOKE_TRAIN} training and {SMOKE_TEST} test images, 1 epoch")
     parser.add_argument("--cards-only", action="store_true", help="rewrite README.md from pretrain_log.json")
     args = parser.parse_args()
+    if args.smoke and args.out is not None and args.out.resolve() == WEIGHTS_DIR:
+        parser.error("--smoke would overwrite the shipped weights: leave out --out, or give another directory.")
     if args.cards_only:
         for name in args.models:
-            write_card(args.out / name, json.loads((args.out / name / "pretrain_log.json").read_text()))
+            folder = (args.out or WEIGHTS_DIR) / name
+            write_card(folder, json.loads((folder / "pretrain_log.json").read_text()))
         return
     torch.set_num_threads(args.threads)
-    for name in args.models:
-        recipe = RECIPES[name]
-        log = pretrain(name, recipe, args.epochs or recipe.epochs, args.batch_size or recipe.batch_size, args.seed,
-                       args.out, args.limit)
-        print(f"[{name}] test accuracy {log['test_accuracy']:.4f} in {log['wall_time_s']:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="pretrain-smoke-") as scratch:
+        out = args.out or (Path(scratch) if args.smoke else WEIGHTS_DIR)
+        for name in args.models:
+            recipe = RECIPES[name]
+            epochs = args.epochs or (1 if args.smoke else recipe.epochs)
+            log = pretrain(name, recipe, epochs, args.batch_size or recipe.batch_size, args.seed, out, args.smoke)
+            print(f"[{name}] test accuracy {log['test_accuracy']:.4f} (first {SUBSET}: "
+                  f"{log['test_accuracy_first_2000']:.4f}) in {log['wall_time_s']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -69,6 +70,37 @@ def test_accuracy_benchmark_smoke_runs_every_part_and_the_summary_pairs_seeds(tm
     diff = cell["mimi_minus_adapter"]
     assert diff["wins"] + diff["ties"] + diff["losses"] == 1
     assert abs(diff["mean_diff"] - 100 * (cell["accuracy_mimi"][0] - cell["accuracy_adapter"][0])) < 1e-9
+
+
+@pytest.mark.slow
+def test_pretrain_backbones_smoke_trains_both_through_train_and_the_shipped_cards_name_the_old_loop(
+    tmp_path, monkeypatch
+):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = ROOT / "benchmarks" / "pretrain_backbones.py"
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    for name in ("fmnist-vit", "fmnist-swin"):
+        folder = tmp_path / name
+        for file in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md"):
+            assert (folder / file).stat().st_size > 0, f"{name}/{file}"
+        log = json.loads((folder / "pretrain_log.json").read_text())
+        assert log["trainer"] == "peft_mimi.train.train" and log["epochs"] == 1
+        assert log["training_recipe"]["head_lr"] is None and log["training_recipe"]["warmup_ratio"] == 0.05
+        assert [row["epoch"] for row in log["history"]] == [1] and log["history"][0]["train_loss"] > 0
+        assert 0 <= log["test_accuracy"] <= 1 and 0 <= log["test_accuracy_first_2000"] <= 1
+
+    # The shipped weights came from the old loop: their cards are what the script renders for such a log.
+    spec = importlib.util.spec_from_file_location("pretrain_backbones", script)
+    pretrain = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, pretrain)  # its dataclass looks its module up there
+    spec.loader.exec_module(pretrain)
+    for name in pretrain.RECIPES:
+        shipped = pretrain.WEIGHTS_DIR / name
+        pretrain.write_card(tmp_path, json.loads((shipped / "pretrain_log.json").read_text()))
+        card = (tmp_path / "README.md").read_text()
+        assert card == (shipped / "README.md").read_text(), f"rerun: pretrain_backbones.py --cards-only ({name})"
+        assert pretrain.EARLIER_VERSION in card and "not a bit-identical one" in card
 
 
 def test_training_subsets_keep_every_class_even_when_the_split_is_sorted_by_class():
