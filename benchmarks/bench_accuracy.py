@@ -60,6 +60,22 @@ def lr_for(method: Method, args) -> float:
     return args.lr_full if method.kind == "full" else args.lr
 
 
+def run_order(entry: tuple) -> tuple:
+    """The order in which a grid runs at each seed and task, so that an interrupted grid has the comparisons that
+    matter most: the floors (seconds), MiMi and vanilla adapters of its size at each budget, the σ = 4 adapters,
+    then LoRA, AdaLoRA and full fine-tuning (the slowest)."""
+    method, _, sigma = entry
+    rank = {"probe": 0, "pixels": 1, "mimi": 2, "adapter": 3, "lora": 5, "adalora": 6, "linear": 7, "bitfit": 8,
+            "full": 9}[method.kind]
+    if method.kind == "adapter" and sigma is None:
+        rank = 4  # the large σ = 4 adapters, after every budget's MiMi / vanilla pair
+    if rank < 2:
+        return (0, rank, 0.0)
+    if rank < 4:
+        return (1, -(sigma or 0), rank)
+    return (2, rank, -(sigma or 0))
+
+
 def run_dir(args, name: str, task: str, method: Method, seed: int, sigma: float | None) -> Path | None:
     """Where a run keeps its checkpoints, so that --resume continues a run interrupted in the middle."""
     if args.runs_dir is None:
@@ -190,6 +206,7 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         kinds = args.budget_methods.get(sigma, args.methods)
         entries += [(m, total, sigma) for m in methods_at(sigma, rank) if m.kind in kinds]
     entries += [(m, max_epochs, None) for m in FIXED if m.kind in args.fixed]
+    entries.sort(key=run_order)  # cheap floors first, then MiMi against its same-size rivals, full FT last
     args.labels = {m.label for m, *_ in entries}
     started = time.time()
 
