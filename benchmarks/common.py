@@ -34,7 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TARGET_MODULES = ["attention.o_proj", "mlp.fc2"]  # the MiMi defaults (transformers 5), shared by LoRA and adapters
+# the MiMi defaults (transformers 5 names, then 4.x's), shared by LoRA and adapters
+TARGET_MODULES = ["attention.o_proj", "mlp.fc2", "output.dense"]
 TINY = "tiny-vit"  # fmnist-vit's exact architecture with random weights: for smoke runs, and for cost measurements
 # (FLOPs, latency, bytes) that do not depend on weight values when the pretrained weights are not there
 SMOKE = "smoke-vit"  # a much smaller random ViT (width 32, depth 2, patch 8) for the --smoke runs CI makes

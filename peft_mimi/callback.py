@@ -103,8 +103,8 @@ class MiMiPruningCallback(TrainerCallback):
                     "(Trainer(optimizers=(optimizer, scheduler))). Pass optimizers=(optimizer, None), or drop "
                     "restart_lr and restart your scheduler at callback.prune_steps yourself."
                 )
-            if warmup_ratio is None:
-                warmup_ratio = trainer.args.warmup_steps
+            if warmup_ratio is None:  # transformers 4.x: warmup_ratio; 5.x: a ratio in warmup_steps
+                warmup_ratio = getattr(trainer.args, "warmup_ratio", 0.0) or trainer.args.warmup_steps
                 if warmup_ratio >= 1:
                     raise ValueError(
                         f"restart_lr=True warms up for a fraction of each round's steps, but TrainingArguments has "
@@ -126,7 +126,7 @@ class MiMiPruningCallback(TrainerCallback):
         """``Trainer.create_scheduler`` for ``restart_lr=True``: same contract, the round-aligned schedule."""
         if trainer.lr_scheduler is None:
             planned = mimi_tuner(trainer.model).planned_rounds(self.adapter_name)
-            prune_steps = self.plan(num_training_steps, trainer.state.num_train_epochs, planned)
+            prune_steps = self.plan(num_training_steps, _num_train_epochs(trainer, num_training_steps), planned)
             trainer.lr_scheduler = round_aligned_scheduler(optimizer or trainer.optimizer, prune_steps,
                                                            num_training_steps, warmup_ratio)
             # as Trainer.create_scheduler does, so that a later train() builds a schedule for its own max_steps
@@ -192,6 +192,18 @@ class MiMiPruningCallback(TrainerCallback):
                      **kwargs):
         mimi_tuner(model).compact(self.adapter_name)
         return control
+
+
+def _num_train_epochs(trainer: Trainer, max_steps: int) -> float:
+    """The Trainer's number of epochs for ``max_steps`` optimizer steps. transformers 4.x builds the scheduler
+    before it sets ``state.num_train_epochs``, so it is computed here as the Trainer computes it."""
+    if trainer.state.num_train_epochs:
+        return trainer.state.num_train_epochs
+    args = trainer.args
+    if args.max_steps <= 0:
+        return math.ceil(args.num_train_epochs)
+    steps_per_epoch = max(len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps, 1)
+    return math.ceil(max_steps / steps_per_epoch)
 
 
 def round_aligned_lr_factor(step: int, boundaries: Sequence[int], warmup_ratio: float) -> float:

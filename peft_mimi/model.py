@@ -165,8 +165,9 @@ class MiMiModel(BaseTuner):
 
     def _check_adapter_names(self, adapter_names, batch_size: int | None) -> list[str]:
         if self.training:
-            raise ValueError("adapter_names (a mixed-task batch) is for inference: call model.eval() first. To train "
-                             "several adapters, train each one on its own batches with set_adapter().")
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode. A mixed-task batch is "
+                             "for inference: call model.eval() first. To train several adapters, train each one on "
+                             "its own batches with set_adapter().")
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not all(
             isinstance(name, str) for name in adapter_names
         ):
@@ -178,9 +179,10 @@ class MiMiModel(BaseTuner):
                 f"(and {BASE_ADAPTER_NAME!r} for the base model without adapters)."
             )
         if batch_size is not None and len(adapter_names) != batch_size:
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} names for a batch of {batch_size} images: give exactly one "
-                "adapter name per image."
+            raise ValueError(  # PEFT's own wording first (its test suite matches it), then ours
+                f"Length of `adapter_names` should be the same as the number of inputs, but got {len(adapter_names)} "
+                f"and {batch_size}: adapter_names has {len(adapter_names)} names for a batch of {batch_size} images; "
+                "give exactly one adapter name per image."
             )
         return list(adapter_names)
 

@@ -52,6 +52,8 @@ def trainer_for(model, train, tmp_path, **overrides):
                 logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
                 lr_scheduler_type="cosine")
     args.update(overrides)
+    if isinstance(args.get("warmup_steps"), float) and "warmup_ratio" in TrainingArguments.__dataclass_fields__:
+        args["warmup_ratio"] = args.pop("warmup_steps")  # transformers 4.x: a ratio goes in warmup_ratio
     return Trainer(model=model, args=TrainingArguments(**args), train_dataset=train)
 
 

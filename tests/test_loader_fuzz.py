@@ -34,13 +34,38 @@ HEADROOM_MB = 1024  # RLIMIT_AS above the warmed-up child's size
 GROWTH_MB = 64  # the adapters are ~10 KB: a load that grows the child's peak RSS by this much allocated too much
 BASES = ("plain", "rich")
 VIAS = ("from_pretrained", "trainable", "load_adapter")
-WIDTH_MODULES = ("vit.layers.0.attention.o_proj", "vit.layers.0.mlp.fc2", "vit.layers.1.attention.o_proj",
-                 "vit.layers.1.mlp.fc2")
+# The corpus names the tiny ViT's adapted modules as transformers 5 does; under transformers 4.x a recorded name
+# stands for the module at the same place (block 0's attention and MLP outputs, then block 1's; in_this_transformers)
+CORPUS_MODULES = ("vit.layers.0.attention.o_proj", "vit.layers.0.mlp.fc2", "vit.layers.1.attention.o_proj",
+                  "vit.layers.1.mlp.fc2")
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 # ------------------------------------------------------------------------------------------------ adapters
+def adapted_modules() -> tuple[str, ...]:
+    """The tiny ViT's adapted modules, in this transformers' names, in the order of CORPUS_MODULES."""
+    from conftest import make_model
+    from peft import get_peft_model
+
+    from peft_mimi import MiMiConfig
+
+    return tuple(get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0)).base_model.adapter_widths())
+
+
+WIDTH_MODULES = adapted_modules()
+
+
+def in_this_transformers(case: dict) -> dict:
+    """A corpus ``case`` with its module names, in ``ops`` and in ``expect`` (escaped or not), as this transformers
+    names them."""
+    text = json.dumps(case)
+    for recorded, actual in zip(CORPUS_MODULES, WIDTH_MODULES, strict=True):
+        escaped = json.dumps(re.escape(recorded))[1:-1], json.dumps(re.escape(actual))[1:-1]
+        text = text.replace(*escaped).replace(recorded, actual)
+    return json.loads(text)
+
+
 def save_base_adapters(root: Path) -> dict[str, Path]:
     """Two tiny real MiMi adapters of a tiny random ViT: ``plain`` (4 adapters of width 8) and ``rich`` (biases,
     the classifier in ``modules_to_save``, one adapter removed (width 0), one with masked neurons)."""
@@ -55,7 +80,7 @@ def save_base_adapters(root: Path) -> dict[str, Path]:
     widths = dict(zip(WIDTH_MODULES, (0, 5, 8, 8)))
     rich = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, adapter_bias=True,
                                                         modules_to_save=["classifier"], adapter_widths=widths))
-    rich.base_model.model.vit.layers[1].mlp.fc2.mask_neurons("default", torch.tensor([True, False] * 4))
+    rich.base_model.model.get_submodule(WIDTH_MODULES[3]).mask_neurons("default", torch.tensor([True, False] * 4))
     rich.save_pretrained(root / "rich")
     return {"plain": root / "plain", "rich": root / "rich"}
 
@@ -360,7 +385,7 @@ PART_NAMES = ("mimi_down.weight", "mimi_up.weight", "mimi_down.bias", "mimi_up.b
               "mimi_down.default.weight", "mimi_side.weight", "mimi_down", "lora_A.weight", "classifier.weight")
 NAMES = st.one_of(
     st.tuples(st.sampled_from(("base_model.model.", "", "base_model.", "model.")),
-              st.sampled_from((*WIDTH_MODULES, "vit.layers.2.mlp.fc2", "classifier", "vit", "")) | TEXT,
+              st.sampled_from((*WIDTH_MODULES, WIDTH_MODULES[1].replace(".0.", ".2."), "classifier", "vit", "")) | TEXT,
               st.sampled_from((".", "")), st.sampled_from(PART_NAMES)).map("".join),
     TEXT,
 )
@@ -435,7 +460,7 @@ def corpus_cases() -> list:
 def test_a_corpus_case_ends_as_recorded(loader, bases, cases, path):
     """Each file in tests/fuzz_corpus is a case that once crashed, over-allocated or ended in an exception that did not
     name the problem: ``bug`` says what it did, ``expect`` is ``"loaded"`` or a regex its refusal must match."""
-    case = json.loads(path.read_text())
+    case = in_this_transformers(json.loads(path.read_text()))
     outcome = load_case(loader, bases, cases, case)
     assert_clean(outcome, case)
     if case["expect"] == "loaded":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -207,7 +208,10 @@ def test_loading_without_importing_peft_mimi_fails_in_peft_and_the_card_says_wha
 
 
 # ------------------------------------------------- adapter_config.json is checked against the weights before allocating
-LAYER = "vit.layers.0.mlp.fc2"
+# the tiny ViT's adapted modules, in this transformers' names: block 0's attention and MLP outputs, then block 1's
+ADAPTED = tuple(get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0)).base_model.adapter_widths())
+BLOCK_0 = os.path.commonprefix(ADAPTED[:2])  # 'vit.layers.0.' (transformers 5), 'vit.encoder.layer.0.' (4.x)
+LAYER = ADAPTED[1]  # block 0's MLP output
 KEY = f"base_model.model.{LAYER}"
 
 
@@ -233,7 +237,7 @@ def _edit_adapter(directory: Path, config: dict | None = None, tensors=None) -> 
 
 
 def _widths(**changes) -> dict:
-    widths = {f"vit.layers.{i}.{m}": 8 for i in (0, 1) for m in ("attention.o_proj", "mlp.fc2")}
+    widths = dict.fromkeys(ADAPTED, 8)
     widths.update({LAYER: changes.pop("width", 8)})
     return {k: v for k, v in widths.items() if v is not None}
 
@@ -264,7 +268,8 @@ def _set(name, value):
          rf"holds an adapter for module '{LAYER}' \(mimi_down.weight of shape \(8, 32\)\) but .*adapter_config.json "
          "records no width for it"),
         ({"adapter_widths": {}}, None, r"records no adapter_widths \(got \{\}\), which every saved MiMi adapter has"),
-        ({"adapter_bias": True}, None, r"has adapter_bias=True but .* holds no biases for module 'vit.layers.0"),
+        ({"adapter_bias": True}, None,
+         rf"has adapter_bias=True but .* holds no biases for module '{re.escape(BLOCK_0)}"),
         (None, _set(f"{KEY}.mimi_down.weight", torch.zeros(8, 32, dtype=torch.int8)),
          rf"holds mimi_down.weight of module '{LAYER}' \(shape \(8, 32\)\) as I8; MiMi weights are floating point"),
         (None, _set(f"{KEY}.mimi_mask", torch.ones(8)),
@@ -295,7 +300,7 @@ def test_a_config_that_disagrees_with_its_weights_is_refused_naming_file_module_
 
 def test_an_adapter_saved_in_half_precision_or_with_masks_and_biases_still_loads(tmp_path):
     model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, adapter_bias=True))
-    model.base_model.model.vit.layers[0].mlp.fc2.mask_neurons("default", torch.tensor([True, False] * 4))
+    model.base_model.model.get_submodule(LAYER).mask_neurons("default", torch.tensor([True, False] * 4))
     model.save_pretrained(tmp_path)
     _edit_adapter(tmp_path, tensors=lambda w: w.update({k: v.bfloat16() for k, v in w.items() if "mimi_mask" not in k}))
     loaded = PeftModel.from_pretrained(make_model("vit"), tmp_path)
@@ -344,12 +349,12 @@ def test_the_weights_are_checked_against_the_model_before_injection(tmp_path):
     loaded = PeftModel.from_pretrained(make_model("vit"), tmp_path)
     check_adapter_fits_model(loaded.base_model.model, config, weights)  # a second adapter onto wrapped layers
 
-    with pytest.raises(ValueError, match=r"Adapter mismatch in module 'vit.layers.0.attention.o_proj': "
+    with pytest.raises(ValueError, match=rf"Adapter mismatch in module '{re.escape(ADAPTED[0])}': "
                                          r"mimi_down.weight has shape \(8, 32\) in the weights file but \(8, 64\) in "
                                          r"the model \(recorded width 8\)\. The adapter in .* belongs to a different "
                                          r"backbone \(hidden size 32\)"):
         check_adapter_fits_model(make_model("vit", hidden_size=64), config, weights)
-    with pytest.raises(ValueError, match=r"records width 8 for module 'vit.layers.1.attention.o_proj', which this "
+    with pytest.raises(ValueError, match=rf"records width 8 for module '{re.escape(ADAPTED[2])}', which this "
                                          r"ViTForImageClassification does not have .* different backbone"):
         check_adapter_fits_model(make_model("vit", layers=1), config, weights)
     config.adapter_widths.pop(LAYER)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,36 @@ def test_a_live_run_owns_its_output_directory_and_a_killed_one_does_not(backbone
         holder.wait()
     result = train(backbone, output_dir=out, resume=True, **SETTINGS)
     assert result.rounds == 2
+
+
+def test_a_second_run_on_a_live_directory_is_refused_and_the_first_finishes_unharmed(backbone, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        import peft_mimi.train as t
+        from peft_mimi import MiMiConfig
+        real = t.make_collate_fn
+        def slow(transform, num_labels=None):  # a slow data pipeline: the run stays live for a few seconds
+            collate = real(transform, num_labels)
+            return (lambda examples: (time.sleep(0.3), collate(examples))[1]) if transform.train else collate
+        t.make_collate_fn = slow
+        t.train({backbone!r}, "digits", {str(out)!r}, t.TrainingRecipe(**{dataclasses.asdict(RECIPE)!r}),
+                mimi=MiMiConfig(target_compression=16.0))
+    """)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the first run holds the lock
+            if (out / ".lock").is_file() and f"pid {first.pid}" in (out / ".lock").read_text():
+                break
+            assert first.poll() is None, first.stderr.read()[-2000:]
+            time.sleep(0.1)
+        with pytest.raises(train_module.OutputDirectoryBusy, match="being written by a live run"):
+            train(backbone, output_dir=out, resume=True, **SETTINGS)
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    finally:
+        first.kill()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in metrics] == [0, 1, 2]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_progress_in_a_log_file_is_plain_lines(backbone, tmp_path, capfd, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -43,13 +44,23 @@ def test_import_registers_a_real_peft_type_and_is_idempotent():
     assert MiMiConfig(target_compression=8.0).peft_type == PeftType.MIMI
 
 
+def is_attention_output(name: str) -> bool:
+    """The attention output projection, in transformers 5's names or 4.x's."""
+    return name.endswith(("attention.o_proj", "attention.output.dense"))
+
+
+def is_mlp_output(name: str) -> bool:
+    """The second MLP Linear, in transformers 5's names or 4.x's (`layer.N.output.dense`; DINOv2's `mlp.fc2`)."""
+    return name.endswith(("mlp.fc2", ".output.dense")) and not is_attention_output(name)
+
+
 def test_default_targets_are_attention_output_and_mlp_output(family):
     model = get_peft_model(make_model(family), mimi())
     names = list(model.base_model.adapter_widths())
     depth = 2
     assert len(names) == 2 * depth, names
-    assert sum("o_proj" in n for n in names) == depth
-    assert sum("fc2" in n for n in names) == depth
+    assert sum(is_attention_output(n) for n in names) == depth, names
+    assert sum(is_mlp_output(n) for n in names) == depth, names
 
 
 def test_widths_start_proportional_to_the_layer(family):
@@ -308,23 +319,27 @@ def test_merge_is_refused_with_an_explanation_and_unload_returns_the_base():
 def test_a_file_whose_tensors_disagree_with_the_recorded_widths_is_refused(tmp_path):
     model = get_peft_model(make_model("vit"), mimi(target_compression=32.0, init_weights=False))
     prune_to_budget(model)
+    widths = model.base_model.adapter_widths()
+    module = next(name for name, width in widths.items() if is_attention_output(name) and width > 0)
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(path)
-    key = next(k for k in tensors if k.endswith("attention.o_proj.mimi_down.weight") and tensors[k].shape[0] > 0)
+    key = next(k for k in tensors if k.endswith(f"{module}.mimi_down.weight"))
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
     save_file(tensors, path)
-    with pytest.raises(ValueError, match=r"o_proj.*shape \(\d+, 32\) in the weights file but \(\d+, 32\)"):
+    shapes = r"shape \(\d+, 32\) in the weights file but \(\d+, 32\)"
+    with pytest.raises(ValueError, match=f"{re.escape(module)}.*{shapes}"):
         PeftModel.from_pretrained(make_model("vit"), tmp_path)
 
 
 def test_a_file_missing_a_live_adapter_is_refused(tmp_path):
     model = get_peft_model(make_model("vit"), mimi(init_weights=False))
+    module = [name for name in model.base_model.adapter_widths() if is_mlp_output(name)][1]  # the 2nd block's MLP
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
-    tensors = {k: v for k, v in load_file(path).items() if "layers.1.mlp.fc2" not in k}
+    tensors = {k: v for k, v in load_file(path).items() if f"{module}.mimi_" not in k}
     save_file(tensors, path)
-    with pytest.raises(ValueError, match="no tensor for module 'vit.layers.1.mlp.fc2'"):
+    with pytest.raises(ValueError, match=f"no tensor for module '{re.escape(module)}'"):
         PeftModel.from_pretrained(make_model("vit"), tmp_path)
 
 
