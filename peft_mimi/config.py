@@ -105,8 +105,15 @@ class MiMiConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """PEFT's loader, plus: a local adapter whose weights file is damaged is refused here, naming the file,
         before PEFT reads it (``PeftModel.from_pretrained`` and ``load_adapter`` load the config first)."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, RecursionError) as err:  # e.g. a key named like a loader argument, absurd nesting
+            raise ValueError(
+                f"{os.path.join(directory, 'adapter_config.json')} cannot be read as a MiMi adapter config "
+                f"({type(err).__name__}: {str(err)[:200]}). The file is damaged or was not written by peft_mimi: "
+                "save the adapter again with save_pretrained."
+            ) from None
         if os.path.isdir(directory):
             config._adapter_weights = check_adapter_weights(directory)  # checked against the model on load
         return config
