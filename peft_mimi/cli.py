@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -102,33 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peft-mimi`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        try:
-            return _train(argv[1:])
-        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as err:
-            print(f"peft-mimi train: error: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        except FloatingPointError as err:
-            print(f"peft-mimi train: training failed: {err}", file=sys.stderr)
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            print("peft-mimi train: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+    if argv[:1] == ["train"]:  # its options come from the dataclasses (train_parser)
+        return _exit_code("train", lambda: _train(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "adapter_dir", None) is not None and not args.adapter_dir.is_dir():
         parser.error(f"{args.adapter_dir} is not a directory; pass the adapter directory that `peft-mimi train` "
                      "writes (OUTPUT_DIR/adapter)")
+    return _exit_code(args.command, lambda: {"eval": _eval, "info": _info}[args.command](args))
+
+
+def _exit_code(command: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit code; a known failure is printed as one line naming ``command`` and mapped to its code."""
     try:
-        return {"eval": _eval, "info": _info}[args.command](args)
+        return run()
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as err:
-        print(f"peft-mimi {args.command}: error: {err}", file=sys.stderr)
+        print(f"peft-mimi {command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except FloatingPointError as err:
-        print(f"peft-mimi {args.command}: training failed: {err}", file=sys.stderr)
+        print(f"peft-mimi {command}: training failed: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"peft-mimi {args.command}: interrupted", file=sys.stderr)
+        print(f"peft-mimi {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
