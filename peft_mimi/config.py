@@ -71,6 +71,15 @@ class MiMiConfig(PeftConfig):
             "possible (False: the paper's plain removal)."
         },
     )
+    budget_tolerance: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Budget search, in accuracy points: after each round, measure accuracy on a validation split "
+            "carved from the training images; keep pruning while it stays within this many points of the best round "
+            "so far, and keep the smallest adapter within it (1.0: the smallest adapter that loses at most 1 point). "
+            "The budget (target_compression / target_params) is the floor. None: prune to the budget."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: W_up starts at zero so the model starts equal to the base model; False: random."},
@@ -167,6 +176,14 @@ class MiMiConfig(PeftConfig):
         for name in ("init_weights", "adapter_bias", "reconstruct"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MiMiConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.budget_tolerance is not None and (
+            isinstance(self.budget_tolerance, bool) or not isinstance(self.budget_tolerance, (int, float))
+            or not 0 <= self.budget_tolerance < math.inf
+        ):
+            raise ValueError(
+                f"MiMiConfig.budget_tolerance is in accuracy points and must be a number >= 0 (e.g. 1.0: lose at most "
+                f"1 point), or None to prune to the budget; got {self.budget_tolerance!r}."
+            )
         if isinstance(self.rounds_done, bool) or not isinstance(self.rounds_done, int) or self.rounds_done < 0:
             raise ValueError(f"MiMiConfig.rounds_done must be an int >= 0, got {self.rounds_done!r}.")
         if self.adapter_widths is not None:

@@ -230,3 +230,32 @@ def select_neurons(
                 live[a] += 1
                 remaining += cost
     return keep
+
+
+def budget_search(sizes: Sequence[int], accuracies: Sequence[float], tolerance: float) -> tuple[int, bool]:
+    """Budget search, the paper's alternative stop rule: which of the rounds trained so far to keep, and whether to
+    prune again.
+
+    ``sizes[r]`` and ``accuracies[r]`` are the adapter parameters and the validation accuracy (a fraction in
+    [0, 1]) after round ``r``'s training; ``tolerance`` is in accuracy points (1.0 = 0.01). A round is *within
+    tolerance* when its accuracy is at most ``tolerance`` points below the best accuracy of all rounds so far.
+    Returns ``(chosen, keep_pruning)``: ``chosen`` is the smallest round within tolerance (ties: the more accurate,
+    then the later), ``keep_pruning`` is whether the latest round is within tolerance (once it is not, a smaller
+    adapter is not worth training). Rounds are compared as they are, so a later round that beats the best moves the
+    bar up for all of them.
+    """
+    if len(sizes) != len(accuracies) or not sizes:
+        raise ValueError(f"budget_search needs one size per accuracy and at least one round, got {len(sizes)} sizes "
+                         f"and {len(accuracies)} accuracies")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ValueError(f"tolerance must be a number of accuracy points >= 0, got {tolerance!r}")
+    if not all(0.0 <= a <= 1.0 for a in accuracies):  # also refuses NaN (an empty validation split)
+        raise ValueError(f"validation accuracies must be fractions in [0, 1], got {list(accuracies)}")
+    best = max(accuracies)
+
+    def within(accuracy: float) -> bool:  # in points, with a margin for the rounding of fractions like 0.85 - 0.01
+        return (best - accuracy) * 100 <= tolerance + 1e-9
+
+    candidates = [r for r, accuracy in enumerate(accuracies) if within(accuracy)]
+    chosen = min(candidates, key=lambda r: (sizes[r], -accuracies[r], -r))
+    return chosen, within(accuracies[-1])
