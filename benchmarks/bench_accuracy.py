@@ -18,6 +18,7 @@ Results are rewritten after every run, so an interrupted run leaves its finished
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import statistics
@@ -111,11 +112,11 @@ def run_grid(args, backbone: str, task: str, entries: list[tuple[Method, int, fl
                                 image_size=args.image_size, max_train=max_train, max_test=args.max_test,
                                 run_dir=run_dir(args, name, task, method, seed, sigma),
                                 mixed_precision=args.mixed_precision, checkpoint_every_steps=args.checkpoint_every,
-                                head_lr=args.head_lr)
+                                head_lr=args.head_lr, num_workers=args.num_workers)
             n_train = min(max_train or 10**9, len(common.task_dataset(task)["train"]))
             row = {"task": task, "budget_sigma": sigma, "label": method.label, "method": asdict(method),
                    "seed": seed, "lr": lr_for(method, args), "max_train": max_train, "n_train": n_train,
-                   **asdict(result)}
+                   "device": common.device_name(), **asdict(result)}
             rows.append(row)
             print(f"[{name}] {task} seed={seed} {method.label}: acc={result.accuracy:.4f} "
                   f"params={result.method_params} epochs={result.epochs} wall={result.wall_s:.0f}s", flush=True)
@@ -207,7 +208,9 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         entries += [(m, total, sigma) for m in methods_at(sigma, rank) if m.kind in kinds]
     entries += [(m, max_epochs, None) for m in FIXED if m.kind in args.fixed]
     entries.sort(key=run_order)  # cheap floors first, then MiMi against its same-size rivals, full FT last
-    args.labels = {m.label for m, *_ in entries}
+    args.labels = {m.label for m, *_ in entries}  # the whole table's rows, also those --only leaves to others
+    if args.only:
+        entries = [e for e in entries if e[0].kind in args.only]
     started = time.time()
 
     def write(rows: list[dict], final: bool = False) -> None:
@@ -231,6 +234,11 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
                  "evaluation per round (MiMi evaluates after every round). Accuracy = test top-1 %, mean ± std over "
                  "seeds. The two floors are not trained by the loop: logistic regression (scikit-learn, converged, C "
                  "by 3-fold CV on the training set) on the raw pixels and on the frozen backbone's features.")
+        devices = collections.Counter(r.get("device", "cpu") for r in rows if r["method"]["kind"] not in ("probe",
+                                                                                                        "pixels"))
+        if devices:  # rows recorded before devices were (all on this project's 2-core CPU) count as "cpu"
+            intro += (" Trained on: " + ", ".join(f"{d} ({n} runs)" for d, n in devices.most_common())
+                      + "; each row's device is in the JSON (wall times are not comparable across devices).")
         publish(args, out, "accuracy", "Accuracy at matched budgets", intro,
                 ["task", "σt", "method", "params", "% of backbone", "epochs", "accuracy %", "seeds"], table_rows,
                 rows, summary, started, final)
@@ -419,6 +427,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-json", default=None, help="allocation: take MiMi widths from this accuracy.json")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs already recorded in <out>/<what>.json with the same settings")
+    parser.add_argument("--only", nargs="*", default=[], metavar="KIND",
+                        help="accuracy: run only these kinds of the table (e.g. probe pixels on a CPU, the trained "
+                             "methods on a GPU machine); the table keeps every other row already recorded")
+    parser.add_argument("--resume-from", nargs="*", type=Path, default=[], metavar="JSON",
+                        help="with --resume: also reuse the runs recorded in these results files (the same table "
+                             "run in parts on other machines; each named like the output, e.g. accuracy.json), "
+                             "when their settings match")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per run")
     parser.add_argument("--notes", default="", help="a paragraph appended to the .md (the honest reading)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--smoke", action="store_true", help="tiny random ViT, a few images, one seed: seconds")
@@ -435,11 +451,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     args.previous = {}
     for what in ("accuracy", "ablation", "sweep"):
-        path = args.out / f"{what}.json"
-        if args.resume and path.is_file():
-            previous = json.loads(path.read_text())
-            same = all(previous["config"].get(k) == getattr(args, k) for k in RESUME_KEYS)
-            args.previous[what] = previous["rows"] if same else []
+        args.previous[what] = []
+        for path in [args.out / f"{what}.json", *(p for p in args.resume_from if p.stem == what)]:
+            if args.resume and path.is_file():
+                previous = json.loads(path.read_text())
+                if all(previous["config"].get(k) == getattr(args, k) for k in RESUME_KEYS):
+                    args.previous[what] += previous["rows"]
+        # a run recorded in several files counts once (the first file that has it)
+        keys = [(r["task"], r["label"], r["seed"], r["budget_sigma"], r["epochs"]) for r in args.previous[what]]
+        args.previous[what] = [r for i, (r, k) in enumerate(zip(args.previous[what], keys)) if k not in keys[:i]]
     probe_model, args.processor = common.load_model(args.backbone, 10, args.image_size)
     backbone_size = common.backbone_params(probe_model)
     args.num_labels = common.num_labels_of(args.tasks[0])

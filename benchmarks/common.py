@@ -215,7 +215,7 @@ class RunResult:
 def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round: int, total_epochs: int | None,
         lr: float, batch_size: int, image_size: int | None = None, max_train: int | None = None,
         max_test: int | None = None, run_dir: Path | None = None, mixed_precision: str | None = None,
-        checkpoint_every_steps: int | None = None, head_lr: float | None = None) -> RunResult:
+        checkpoint_every_steps: int | None = None, head_lr: float | None = None, num_workers: int = 0) -> RunResult:
     """Train ``method`` on built-in ``task`` with `peft_mimi.train.train` and return test accuracy, counts and
     timings. MiMi trains ``(R+1)·epochs_per_round`` epochs (R = planned rounds); every other method trains
     ``total_epochs`` (pass MiMi's total for matched-epoch comparisons) in one round. ``run_dir`` keeps the run's
@@ -237,7 +237,7 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
         epochs_per_round=epochs_per_round if mimi else total_epochs,
         final_epochs=method.final_epochs if mimi else None, batch_size=batch_size, lr=method.lr or lr,
         head_lr=head_lr, seed=seed, image_size=image_size, max_train_samples=max_train, max_eval_samples=max_test,
-        mixed_precision=mixed_precision, checkpoint_every_steps=checkpoint_every_steps)
+        mixed_precision=mixed_precision, checkpoint_every_steps=checkpoint_every_steps, num_workers=num_workers)
     with tempfile.TemporaryDirectory() as scratch:
         result = train(model, data, run_dir or Path(scratch) / "run", recipe, processor=processor, resume=True)
     segments = [{"round": row["round"], "epochs": row["epoch"] - (previous["epoch"] if previous else 0),
@@ -283,7 +283,13 @@ def environment() -> dict:
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "cpu_count": os.cpu_count(), "device": device_name(),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def device_name() -> str:
+    """The accelerator that `peft_mimi.train` (accelerate) trains on here: the GPU's name, else "cpu"."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def command_line() -> str:
@@ -294,8 +300,12 @@ def write_results(out: Path, name: str, raw: dict, markdown: str) -> None:
     """``<out>/<name>.json`` (raw numbers, environment, command) and ``<out>/<name>.md`` (command on top)."""
     out.mkdir(parents=True, exist_ok=True)
     raw = {"command": command_line(), "environment": environment(), **raw}
-    (out / f"{name}.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
-    (out / f"{name}.md").write_text(f"Command: `{command_line()}`\n\n{markdown.strip()}\n")
+    # written aside and renamed: a run killed mid-write never leaves a truncated file that --resume cannot read
+    for path, text in ((out / f"{name}.json", json.dumps(raw, indent=1, default=str) + "\n"),
+                       (out / f"{name}.md", f"Command: `{command_line()}`\n\n{markdown.strip()}\n")):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:

@@ -54,7 +54,8 @@ __all__ = [
 BUILTIN_TEST_SIZE = 0.2
 BUILTIN_SEED = 0
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where the Debian package puts the files; PEFT_MIMI_FASHION_MNIST_DIR points elsewhere (a copy on another machine).
+FASHION_MNIST_DIR = Path(os.environ.get("PEFT_MIMI_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -218,7 +219,8 @@ def _find_idx(stem: str) -> Path:
             return candidate
     raise FileNotFoundError(
         f"Fashion-MNIST file {stem}(.gz) not found in {FASHION_MNIST_DIR}; "
-        f"install the Debian package with: {_FASHION_MNIST_PACKAGE}"
+        f"install the Debian package with: {_FASHION_MNIST_PACKAGE} (or set PEFT_MIMI_FASHION_MNIST_DIR to a folder "
+        "holding the four IDX files)"
     )
 
 
