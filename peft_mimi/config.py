@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -18,14 +19,48 @@ DEFAULT_TARGET_COMPRESSION = 32.0  # the budget of MiMiConfig(): what uniform ad
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 
 # Default target modules per transformers model type: the attention output projection and the second MLP
-# Linear of every block. transformers 5 names first, then the 4.x names (`output.dense` covers both
-# `attention.output.dense` and the MLP's `output.dense`; `intermediate.dense` is not matched).
+# Linear of every block, as names that PEFT matches against the end of a module's name. transformers 5 names
+# first, then the 4.x names where they differ (`output.dense` covers both `attention.output.dense` and the MLP's
+# `output.dense`; `intermediate.dense` is not matched). A DINOv2 with SwiGLU MLPs (`use_swiglu_ffn=True`) ends
+# its MLP in `mlp.down_proj` (5.x) or `mlp.weights_out` (4.x).
+_VIT_TARGETS = ("attention.o_proj", "mlp.fc2", "output.dense")
+_CLIP_TARGETS = ("self_attn.out_proj", "mlp.fc2")
 TARGET_MODULES_BY_MODEL_TYPE: dict[str, list[str]] = {
-    "vit": ["attention.o_proj", "mlp.fc2", "output.dense"],
-    "deit": ["attention.o_proj", "mlp.fc2", "output.dense"],
-    "dinov2": ["attention.o_proj", "mlp.fc2", "output.dense"],
-    "swin": ["attention.o_proj", "mlp.fc2", "output.dense"],
+    "vit": list(_VIT_TARGETS),
+    "deit": list(_VIT_TARGETS),
+    "dinov2": [*_VIT_TARGETS, "mlp.down_proj", "mlp.weights_out"],
+    "swin": list(_VIT_TARGETS),
+    "beit": list(_VIT_TARGETS),
+    "data2vec-vision": list(_VIT_TARGETS),
+    "vit_mae": list(_VIT_TARGETS),
+    "vit_msn": list(_VIT_TARGETS),
+    "dinov3_vit": ["attention.o_proj", "mlp.down_proj"],
+    "clip_vision_model": list(_CLIP_TARGETS),
+    "clip": list(_CLIP_TARGETS),
+    "siglip_vision_model": list(_CLIP_TARGETS),
+    "siglip": list(_CLIP_TARGETS),
 }
+# Model types whose default targets count only inside one submodule: the encoder of the vision tower, so that
+# CLIPModel's and SiglipModel's text towers and SigLIP's attention-pooling head (no transformer block, and unused
+# by SiglipForImageClassification) get no adapters.
+TARGET_SCOPE_BY_MODEL_TYPE: dict[str, str] = {
+    "clip": "vision_model.encoder",
+    "siglip_vision_model": "encoder",
+    "siglip": "vision_model.encoder",
+}
+
+
+def default_target_modules(model_type: Optional[str]) -> Union[set[str], str, None]:
+    """PEFT's ``target_modules`` for a transformers ``model_type`` (None: no defaults): the set of names of
+    `TARGET_MODULES_BY_MODEL_TYPE`, or, for a model type scoped by `TARGET_SCOPE_BY_MODEL_TYPE`, a regex that
+    matches those names only below that submodule."""
+    names = TARGET_MODULES_BY_MODEL_TYPE.get(model_type)
+    if names is None:
+        return None
+    scope = TARGET_SCOPE_BY_MODEL_TYPE.get(model_type)
+    if scope is None:
+        return set(names)
+    return rf"(?:.*\.)?{re.escape(scope)}\.(?:.*\.)?(?:{'|'.join(re.escape(name) for name in names)})"
 
 
 @dataclass

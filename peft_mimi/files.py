@@ -254,7 +254,7 @@ def check_adapter_fits_model(model: nn.Module, config: Any, weights: AdapterWeig
     ``nn.Linear`` with as many output features as the file's tensors (the loader allocates ``width x out_features``
     per matrix); and every Linear its ``target_modules`` match must have a recorded width (else the loader would
     create an adapter of initial width there, which the file does not fill)."""
-    from .config import TARGET_MODULES_BY_MODEL_TYPE  # config imports this module
+    from .config import default_target_modules  # config imports this module
 
     widths = config.adapter_widths or {}
     modules = dict(model.named_modules())
@@ -286,7 +286,7 @@ def check_adapter_fits_model(model: nn.Module, config: Any, weights: AdapterWeig
     if config.target_modules is None:  # what MiMiModel._prepare_adapter_config fills in
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         config = copy.copy(config)
-        config.target_modules = set(TARGET_MODULES_BY_MODEL_TYPE.get(model_type, ()))
+        config.target_modules = default_target_modules(model_type) or set()
     wrapped = tuple(f"{name}." for name, module in modules.items() if isinstance(module, BaseTunerLayer))
     for name, module in modules.items():
         if (

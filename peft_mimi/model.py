@@ -1,7 +1,8 @@
 """`MiMiModel`: the PEFT tuner that wraps the target Linears and runs MiMi's model-wide verbs.
 
-It walks the model (which modules get adapters, at which width), gathers scores from every layer, asks
-`peft_mimi.pruning` which neurons to remove, and tells each layer to mask or shrink itself. It also guards
+It walks the model (which modules get adapters, at which width; a warning when target_modules adapt only part of
+the attention and MLP outputs of a block), gathers scores from every layer, asks `peft_mimi.pruning` which
+neurons to remove, and tells each layer to mask or shrink itself. It also guards
 saving and loading: a saved adapter holds only live neurons plus the recorded widths, and a file whose tensors
 disagree with those widths is refused. A classification head in ``modules_to_save`` is loaded at the size it was
 saved with, so that adapters for tasks with different numbers of classes can share one backbone; and
@@ -20,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftMo
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
+from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig, default_target_modules
 from .files import check_adapter_fits_model
 from .layer import BASE_ADAPTER_NAME, MERGE_ERROR, Linear, MiMiLayer
 from .pruning import (
@@ -70,14 +71,15 @@ class MiMiModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: MiMiConfig, model_config: dict) -> MiMiConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
-            if model_type not in TARGET_MODULES_BY_MODEL_TYPE:
+            target_modules = default_target_modules(model_type)
+            if target_modules is None:
                 raise ValueError(
                     f"MiMi has no default target_modules for model type {model_type!r} (defaults exist for "
                     f"{sorted(TARGET_MODULES_BY_MODEL_TYPE)}). Name the Linear layers to adapt with "
                     f"MiMiConfig(target_modules=[...]); this model's Linear layers end in: "
                     f"{_linear_name_suffixes(self.model)}."
                 )
-            peft_config.target_modules = set(TARGET_MODULES_BY_MODEL_TYPE[model_type])
+            peft_config.target_modules = target_modules
         return peft_config
 
     def _create_and_replace(
@@ -129,6 +131,8 @@ class MiMiModel(BaseTuner):
                     f"This model's adapted modules are e.g. {sorted(layers)[:3]}."
                 )
         self._record_widths(adapter_name)
+        if not config.inference_mode:
+            _warn_untargeted_block_outputs(model, adapter_name, set(layers))
         is_new = config.rounds_done == 0 and not config.inference_mode
         if is_new and config.target_params is not None and config.target_params >= self.live_params(adapter_name):
             warnings.warn(
@@ -500,3 +504,48 @@ def _linear_name_suffixes(model: nn.Module) -> list[str]:
             if suffix not in suffixes:
                 suffixes.append(suffix)
     return suffixes
+
+
+# The Linears that end the attention or MLP sub-layer of a transformer block: every family's default targets, and
+# timm's attention projection (timm's MLP ends in `mlp.fc2`, a default already)
+_BLOCK_OUTPUT_SUFFIXES = tuple(sorted({
+    f".{name}" for names in (*TARGET_MODULES_BY_MODEL_TYPE.values(), ["attn.proj"]) for name in names
+}))
+
+
+def _block_of(name: str) -> str | None:
+    """The transformer block a module belongs to: its name up to the last numeric index (``vit.encoder.layer.3``
+    for ``vit.encoder.layer.3.mlp.fc2``), None outside numbered blocks (e.g. a pooling head)."""
+    parts = name.split(".")
+    indices = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[: indices[-1] + 1]) if indices else None
+
+
+def _untargeted_block_outputs(model: nn.Module, adapted: set[str]) -> list[str]:
+    """Names of the Linears that end an attention or MLP sub-layer (see ``_BLOCK_OUTPUT_SUFFIXES``) inside a block
+    where a module of ``adapted`` (module names) sits, but that are not in ``adapted`` themselves."""
+    blocks = {_block_of(name) for name in adapted} - {None}
+    return [
+        name for name, module in model.named_modules()
+        if name not in adapted and name.endswith(_BLOCK_OUTPUT_SUFFIXES) and _block_of(name) in blocks
+        and isinstance(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, nn.Linear)
+    ]
+
+
+def _warn_untargeted_block_outputs(model: nn.Module, adapter_name: str, adapted: set[str]) -> None:
+    """One warning, names summarised per block position, when ``adapted`` covers only part of the blocks' outputs."""
+    untargeted = _untargeted_block_outputs(model, adapted)
+    if not untargeted:
+        return
+    patterns: dict[str, int] = {}
+    for name in untargeted:
+        pattern = ".".join("*" if part.isdigit() else part for part in name.split("."))
+        patterns[pattern] = patterns.get(pattern, 0) + 1
+    summary = ", ".join(f"{pattern} ({count} modules)" for pattern, count in patterns.items())
+    warnings.warn(
+        f"MiMi adapter {adapter_name!r} adapts {len({_block_of(name) for name in untargeted})} transformer block(s) "
+        f"only in part: these attention/MLP outputs get no adapter: {summary}. MiMi adapts the attention output "
+        "and the MLP output of every block; add these names to target_modules (or leave target_modules unset to "
+        "use the defaults of a supported model type).",
+        stacklevel=2,
+    )
