@@ -6,6 +6,11 @@ The callback only decides *when*: it splits the Trainer's planned steps into ``R
 tensors, so the Trainer's optimizer, scheduler, checkpoints and ``resume_from_checkpoint`` keep working; at the
 end of training the adapters are shrunk to their live neurons.
 
+With ``MiMiConfig.budget_tolerance`` set, the callback runs the budget search: at the end of every segment it asks the
+Trainer to evaluate (its ``eval_dataset``, held out from the training images, and its ``compute_metrics``, which must
+return ``"accuracy"``), keeps a copy of the smallest adapter whose accuracy is within the tolerance of the best
+segment so far, stops training once a segment falls outside it, and restores that copy when training ends.
+
 The learning rate can follow the rounds too (``MiMiPruningCallback.attach(trainer, restart_lr=True)``): every
 segment gets its own linear warm-up and cosine decay to 0, as each round does in the paper's code and in
 `peft_mimi.train`. `round_aligned_lr_factor` is that schedule as a pure function.
@@ -15,14 +20,20 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from bisect import bisect_right
 from collections.abc import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .model import MiMiModel
+from .pruning import budget_search
+
+SEARCH_FILE = "mimi_budget_search.safetensors"  # the budget search's state, in each Trainer checkpoint
 
 
 def mimi_tuner(model) -> MiMiModel:
@@ -57,11 +68,20 @@ class MiMiPruningCallback(TrainerCallback):
     segment, then cosine to 0), and gradients are clipped at norm 5.0 as in the paper's code and in
     `peft_mimi.train`: set ``max_grad_norm=5.0`` (the Trainer's default is 1.0). Without ``restart_lr`` the
     Trainer's own ``lr_scheduler_type`` (e.g. ``"cosine"``) runs once over all the segments.
+
+    Budget search (``MiMiConfig.budget_tolerance`` in accuracy points): the validation signal is the Trainer's
+    evaluation at the end of every segment, ``metrics[validation_metric]`` (default ``"eval_accuracy"``, a fraction:
+    give the Trainer an ``eval_dataset`` carved from the training images, never the test set, and a
+    ``compute_metrics`` returning ``{"accuracy": ...}``). The rule is `peft_mimi.pruning.budget_search`: training
+    stops at the first segment more than the tolerance below the best, and when it ends the smallest adapter within
+    the tolerance (weights, masks, head and ``rounds_done``) is restored, then compacted. Each segment's accuracy and
+    the chosen round are logged as ``mimi/validation_accuracy`` and ``mimi/chosen_round``. The search's state goes
+    into every Trainer checkpoint (``mimi_budget_search.safetensors``), so ``resume_from_checkpoint`` continues it.
     """
 
     def __init__(
         self, *, epochs_per_round: float | None = None, steps_per_round: int | None = None,
-        adapter_name: str | None = None,
+        adapter_name: str | None = None, validation_metric: str = "eval_accuracy",
     ) -> None:
         if epochs_per_round is not None and steps_per_round is not None:
             raise ValueError("Give epochs_per_round or steps_per_round, not both.")
@@ -72,8 +92,16 @@ class MiMiPruningCallback(TrainerCallback):
         self.epochs_per_round = epochs_per_round
         self.steps_per_round = steps_per_round
         self.adapter_name = adapter_name
+        self.validation_metric = validation_metric
         self.prune_steps: list[int] = []
         self._pending_logs: dict[str, float] = {}
+        # budget search: live parameters and validation accuracy of every segment so far, the chosen segment and a
+        # copy of its adapter state (trainable tensors and neuron masks), the step whose evaluation ends a segment
+        self.search_sizes: list[int] = []
+        self.search_accuracies: list[float] = []
+        self.chosen_round: int | None = None
+        self._chosen_state: dict[str, torch.Tensor] | None = None
+        self._segment_end: int | None = None
 
     @classmethod
     def attach(
@@ -93,7 +121,14 @@ class MiMiPruningCallback(TrainerCallback):
         so it works with any Trainer (``Seq2SeqTrainer``, your own subclass) and with ``resume_from_checkpoint``,
         which restores the scheduler's position after ``create_scheduler`` has built it.
         """
-        mimi_tuner(trainer.model)
+        tuner = mimi_tuner(trainer.model)
+        if _tolerance(tuner, kwargs.get("adapter_name")) is not None and trainer.eval_dataset is None:
+            raise ValueError(
+                "MiMiConfig.budget_tolerance chooses among the rounds on validation accuracy, but this Trainer has no "
+                "eval_dataset. Hold out part of the training images (e.g. dataset.train_test_split(0.1, "
+                "stratify_by_column='label')), never the test set, and pass it as eval_dataset with a compute_metrics "
+                "that returns {'accuracy': ...}."
+            )
         if not restart_lr and warmup_ratio is not None:
             raise ValueError("warmup_ratio is the warm-up of each round's learning-rate restart: pass restart_lr=True.")
         if restart_lr:
@@ -162,12 +197,54 @@ class MiMiPruningCallback(TrainerCallback):
         # resume_from_checkpoint: the Trainer has loaded the masked adapter; realign the round counter with it
         config = tuner.peft_config[tuner._adapter(self.adapter_name)]
         config.rounds_done = sum(step <= state.global_step for step in self.prune_steps)
+        self.search_sizes, self.search_accuracies, self.chosen_round, self._chosen_state = [], [], None, None
+        self._segment_end = None
+        if _tolerance(tuner, self.adapter_name) is not None and state.global_step >= min(self.prune_steps,
+                                                                                          default=state.max_steps):
+            self._load_search(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                     **kwargs):
-        if state.global_step not in self.prune_steps:
-            return control
         tuner = mimi_tuner(model)
+        if _tolerance(tuner, self.adapter_name) is not None:
+            if state.global_step in self.prune_steps or state.global_step == state.max_steps:
+                self._segment_end = state.global_step  # on_evaluate records the segment, then prunes
+                control.should_evaluate = True
+            return control
+        if state.global_step in self.prune_steps:
+            self._prune(tuner, control)
+        return control
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None,
+                    model=None, **kwargs):
+        if self._segment_end != state.global_step:  # an evaluation of the Trainer's own schedule
+            return control
+        self._segment_end = None
+        tuner = mimi_tuner(model)
+        accuracy = (metrics or {}).get(self.validation_metric)
+        if accuracy is None:
+            raise ValueError(
+                f"The budget search reads the validation accuracy from the Trainer's evaluation, "
+                f"metrics[{self.validation_metric!r}], but the metrics are {sorted(metrics or {})}. Pass the Trainer a "
+                "compute_metrics that returns {'accuracy': ...} (a fraction), or name the metric with "
+                "MiMiPruningCallback(validation_metric=...)."
+            )
+        self.search_sizes.append(tuner.live_params(self.adapter_name))
+        self.search_accuracies.append(float(accuracy))
+        chosen, keep_pruning = budget_search(self.search_sizes, self.search_accuracies,
+                                             _tolerance(tuner, self.adapter_name))
+        if chosen == len(self.search_sizes) - 1:  # the choice only stays or moves to the newest segment
+            self._chosen_state = {name: tensor.detach().clone() for name, tensor in _adapter_state(model).items()}
+        self.chosen_round = chosen
+        if not keep_pruning:
+            control.should_training_stop = True
+        elif state.global_step in self.prune_steps:
+            self._prune(tuner, control)
+        self._pending_logs.update({"mimi/validation_accuracy": float(accuracy), "mimi/chosen_round": chosen})
+        return control
+
+    def _prune(self, tuner: MiMiModel, control: TrainerControl) -> None:
+        """One pruning round (masking); its metrics go out with the next log."""
         widths = tuner.prune_round(self.adapter_name, compact=False)
         config = tuner.peft_config[tuner._adapter(self.adapter_name)]
         self._pending_logs = {
@@ -178,7 +255,6 @@ class MiMiPruningCallback(TrainerCallback):
             **{f"mimi/width/{name}": width for name, width in widths.items()},
         }
         control.should_log = True
-        return control
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if self._pending_logs and logs is not None:
@@ -188,10 +264,60 @@ class MiMiPruningCallback(TrainerCallback):
             self._pending_logs = {}
         return control
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Budget search: its state goes into the checkpoint the Trainer has just written."""
+        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self.search_sizes and state.is_world_process_zero and os.path.isdir(directory):
+            save_file({name: tensor.contiguous() for name, tensor in self._chosen_state.items()},
+                      os.path.join(directory, SEARCH_FILE),
+                      metadata={"sizes": ",".join(map(str, self.search_sizes)),
+                                "accuracies": ",".join(map(repr, self.search_accuracies)),
+                                "chosen_round": str(self.chosen_round)})
+        return control
+
+    def _load_search(self, directory: str) -> None:
+        from safetensors import safe_open
+
+        path = os.path.join(directory, SEARCH_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"Cannot continue the budget search: {path} is missing. Resume from a checkpoint that a Trainer "
+                "with MiMiPruningCallback wrote in its output_dir (the search's state is saved in each one)."
+            )
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata()
+        self.search_sizes = [int(v) for v in metadata["sizes"].split(",")]
+        self.search_accuracies = [float(v) for v in metadata["accuracies"].split(",")]
+        self.chosen_round = int(metadata["chosen_round"])
+        self._chosen_state = load_file(path)
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                      **kwargs):
-        mimi_tuner(model).compact(self.adapter_name)
+        tuner = mimi_tuner(model)
+        if self._chosen_state is not None:  # budget search: back to the chosen segment's adapter, then compact
+            own = _adapter_state(model)
+            with torch.no_grad():
+                for name, tensor in self._chosen_state.items():
+                    own[name].copy_(tensor)
+            adapter = tuner._adapter(self.adapter_name)
+            for _, layer in tuner._layers(adapter):
+                layer.refresh_mask_state(adapter)
+            tuner.peft_config[adapter].rounds_done = self.chosen_round
+        tuner.compact(self.adapter_name)
         return control
+
+
+def _tolerance(tuner: MiMiModel, adapter_name: str | None) -> float | None:
+    """``MiMiConfig.budget_tolerance`` of the adapter: None when there is no budget search."""
+    return tuner.peft_config[tuner._adapter(adapter_name)].budget_tolerance
+
+
+def _adapter_state(model) -> dict[str, torch.Tensor]:
+    """The tensors that make a masked MiMi model's trained state: its trainable parameters (adapters, head) and the
+    neurons' masks (shapes do not change while the callback prunes, so this state can be copied back in place)."""
+    state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    state.update({name: b for name, b in model.named_buffers() if ".mimi_mask." in name})
+    return state
 
 
 def _num_train_epochs(trainer: Trainer, max_steps: int) -> float:

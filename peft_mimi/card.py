@@ -58,6 +58,16 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"adapter": _tuner(model).live_params(), "head": head, "base": base}
 
 
+def saved_round(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The row of ``history`` (one per round, as ``peft_mimi.train`` writes them) whose adapter was saved: the round
+    the budget search chose (``chosen_round`` of the last row), else the last round; None for no rows."""
+    if not history:
+        return None
+    chosen = history[-1].get("chosen_round")
+    return next((row for row in history if row.get("round") == chosen), history[-1]) if chosen is not None \
+        else history[-1]
+
+
 def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "n/a"
 
@@ -84,8 +94,9 @@ def model_card(
     is a Hub id (see :func:`is_hub_model_id`), the dataset and the
     final accuracy as ``model-index`` results. Body: base model, budget, rounds, parameter counts, the metrics of
     every round (``history``: dicts with ``round``, ``epoch``, ``live_params``, ``accuracy``, ``loss``,
-    ``seconds``), a per-layer widths table, the training ``settings`` and how to load the adapter (from
-    ``repo_id`` when given). Reads the model only; mutates nothing.
+    ``seconds``, and with a validation split ``validation_accuracy`` and the budget search's ``chosen_round``; the
+    accuracy reported is the saved round's, see :func:`saved_round`), a per-layer widths table, the training
+    ``settings`` and how to load the adapter (from ``repo_id`` when given). Reads the model only; mutates nothing.
     """
     tuner = _tuner(model)
     config = tuner.peft_config[tuner.active_adapters[0]]
@@ -93,7 +104,9 @@ def model_card(
     widths, dims = tuner.adapter_widths(), tuner.feature_sizes()
     counts = parameter_counts(model)
     budget, rounds = tuner.budget(), config.rounds_done
-    accuracy = next((row["accuracy"] for row in reversed(history) if row.get("accuracy") is not None), None)
+    saved = saved_round(history)
+    accuracy = saved.get("accuracy") if saved else None
+    search = saved.get("chosen_round") is not None if saved else False
 
     target = (f"σt = {config.target_compression:g}" if config.target_compression is not None
               else f"{config.target_params:,} parameters")
@@ -136,16 +149,29 @@ def model_card(
         f"| adapter parameters | {counts['adapter']:,} ({_percent(counts['adapter'], counts['base'])} of the base) |",
         f"| head parameters | {counts['head']:,} |",
         f"| adapters kept | {sum(w > 0 for w in widths.values())} of {len(widths)} |",
+        f"| budget search | tolerance {config.budget_tolerance:g} accuracy points on a validation split of the "
+        f"training images: kept round {saved['round']} of the {len(history)} trained (validation accuracy "
+        f"{saved['validation_accuracy']:.4f}, best {max(r['validation_accuracy'] for r in history):.4f}); the "
+        "budget above is the floor it could go to |" if search and config.budget_tolerance is not None else None,
     ]
     lines = [line for line in lines if line is not None]
     if history:
+        columns = ["round", "epoch", "live_params", "accuracy", "loss", "seconds"]
+        if any(row.get("validation_accuracy") is not None for row in history):
+            columns.insert(4, "validation_accuracy")
+        names = {"epoch": "epochs", "live_params": "adapter params", "accuracy": "test accuracy",
+                 "validation_accuracy": "validation accuracy", "loss": "train loss"}
         lines += ["", "## Metrics per round", "",
-                  "Round r trains at the widths left by r pruning rounds; accuracy is measured after its training.",
-                  "", "| round | epochs | adapter params | accuracy | train loss | seconds |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "Round r trains at the widths left by r pruning rounds; accuracy is measured after its training."
+                  + (" The saved adapter is the round marked **saved**, chosen on validation accuracy only."
+                     if search else ""),
+                  "", "| " + " | ".join(names.get(key, key) for key in columns) + " |",
+                  "|" + "---:|" * len(columns)]
         for row in history:
-            lines.append("| " + " | ".join(_format_metric(row.get(key), key) for key in
-                                            ("round", "epoch", "live_params", "accuracy", "loss", "seconds")) + " |")
+            cells = [_format_metric(row.get(key), key) for key in columns]
+            if search and row is saved:
+                cells[0] += " **saved**"
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Adapter widths", "", "Width 0: the adapter was removed and costs nothing.", "",
               "| module | d | width | parameters |", "|---|---:|---:|---:|"]
     for name, width in widths.items():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .card import saved_round
 from .config import ACTIVATIONS, MiMiConfig
 from .pruning import SCORES, SELECTIONS, adapter_params
 from .train import TrainingRecipe
@@ -29,7 +30,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # MiMi's method fields as CLI options: the fields, defaults and help texts are MiMiConfig's own
 _MIMI_FIELDS = ("target_compression", "target_params", "init_compression", "prune_ratio", "selection", "score",
-                "activation", "adapter_bias", "init_weights")
+                "activation", "adapter_bias", "init_weights", "budget_tolerance")
 _CHOICES = {"selection": SELECTIONS, "score": SCORES, "activation": ACTIVATIONS}
 
 
@@ -140,6 +141,9 @@ def _train(argv: list[str]) -> int:
         kept = sum(width > 0 for width in result.widths.values())
         print(f"accuracy {result.accuracy:.4f} after {result.rounds} pruning round(s); {result.live_params:,} "
               f"adapter parameters (budget {result.budget:,}), {kept} of {len(result.widths)} adapters kept")
+        if result.chosen_round is not None:
+            print(f"budget search kept round {result.chosen_round} of {len(result.history)} trained (validation "
+                  f"accuracy {result.validation_accuracy:.4f}, tolerance {mimi.budget_tolerance:g} points)")
         print(f"adapter saved to {result.adapter_dir}" + (f", pushed to {result.hub_url}" if result.hub_url else ""))
     return 0
 
@@ -179,7 +183,7 @@ def _info(args: argparse.Namespace) -> int:
     run_file = args.adapter_dir / RUN_FILE
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     if run.get("history"):
-        print(f"test accuracy: {run['history'][-1]['accuracy']:.4f} on {run.get('data')}")
+        print(f"test accuracy: {saved_round(run['history'])['accuracy']:.4f} on {run.get('data')}")
     return 0
 
 

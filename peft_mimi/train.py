@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .backbones import load_backbone
-from .card import model_card
+from .card import model_card, saved_round
 from .config import MiMiConfig
 from .data import (
     BUILTIN_DATASETS,
@@ -78,10 +78,11 @@ from .data import (
 )
 from .files import publish_directory
 from .model import MiMiModel
+from .pruning import budget_search
 from .serving import RUN_FILE
 
 __all__ = ["OutputDirectoryBusy", "TrainResult", "TrainingRecipe", "build_optimizer", "evaluate", "evaluate_adapter",
-           "latest_checkpoint", "train"]
+           "latest_checkpoint", "split_validation", "train"]
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -94,6 +95,7 @@ _CHECKPOINT_FORMAT = 2
 # the head trains at the same rate by default.
 DEFAULT_LR = 3e-3
 DEFAULT_HEAD_LR = None  # None: the head trains at `lr`
+DEFAULT_VALIDATION_FRACTION = 0.1  # the budget search's validation split when the recipe names none
 
 
 @dataclass
@@ -126,6 +128,10 @@ class TrainingRecipe:
         "help": "Train on a class-balanced random subset of this many images."})
     max_eval_samples: Optional[int] = field(default=None, metadata={
         "help": "Evaluate on a class-balanced subset of this many images."})
+    validation_fraction: Optional[float] = field(default=None, metadata={
+        "help": "Hold out this fraction of the training images (stratified by class, seeded) as a validation split, "
+                "measured after every round and never trained on; the test split is never used for choices. "
+                f"Default: {DEFAULT_VALIDATION_FRACTION:g} when MiMiConfig.budget_tolerance is set, else no split."})
     seed: int = field(default=0, metadata={"help": "Seed of the head, the adapters, data order and augmentation."})
     mixed_precision: Optional[str] = field(default=None, metadata={
         "help": "'no', 'fp16' or 'bf16' (default: accelerate's configuration)."})
@@ -143,6 +149,12 @@ class TrainingRecipe:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value < math.inf):
                 raise ValueError(f"TrainingRecipe.{name} must be a number > 0, got {value!r}.")
+        if self.validation_fraction is not None and (
+            isinstance(self.validation_fraction, bool) or not isinstance(self.validation_fraction, (int, float))
+            or not 0 < self.validation_fraction < 1
+        ):
+            raise ValueError(f"TrainingRecipe.validation_fraction is the share of the training images held out for "
+                             f"validation and must be in (0, 1) (e.g. 0.1), got {self.validation_fraction!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainingRecipe.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
         if not self.weight_decay >= 0:
@@ -165,19 +177,22 @@ class TrainingRecipe:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: final accuracy, widths (MiMi only) and parameter counts, the per-round
-    history, paths, and the trained model (in eval mode, the same as the saved one)."""
+    """What :func:`train` returns: the saved model's test accuracy, widths (MiMi only) and parameter counts, the
+    per-round history, paths, and the trained model (in eval mode, the same as the saved one). With budget search
+    the saved model is the chosen round's, not necessarily the last one trained."""
 
     accuracy: float
     widths: dict[str, int] | None
     live_params: int  # MiMi: parameters of the live adapter neurons; other models: trainable parameters
     budget: int | None
-    rounds: int
+    rounds: int  # pruning rounds behind the saved adapter
     history: list[dict[str, Any]]
     output_dir: Path
     adapter_dir: Path
     hub_url: str | None = None
     model: nn.Module | None = field(default=None, repr=False)
+    validation_accuracy: float | None = None  # of the saved model, on the validation split (None: no split)
+    chosen_round: int | None = None  # budget search: the round whose adapter was saved (None: no search)
 
     @property
     def seconds(self) -> float:
@@ -273,6 +288,7 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
     run = _load_run(model, data, recipe, mimi, processor, checkpoint, accelerator)
     peft_model, tuner, pos = run.model, run.tuner, run.position
     eval_loader = accelerator.prepare(run.eval_loader)
+    validation_loader = accelerator.prepare(run.validation_loader) if run.validation_loader is not None else None
     # optimizer steps per epoch on each process (every epoch has the same number of batches)
     steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / recipe.gradient_accumulation_steps)
     epochs = [recipe.epochs_in_round(r, pos.total_rounds) for r in range(pos.total_rounds + 1)]
@@ -320,13 +336,26 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
             pos.epoch, pos.batch = epoch + 1, 0
         checkpoint = None
         accuracy = evaluate(model, eval_loader, accelerator, **run.forward_kwargs)
-        pos.history.append(_round_metrics(peft_model, tuner, pos, accuracy, time.perf_counter() - started,
-                                          sum(epochs[: pos.round + 1])))
+        validation = (evaluate(model, validation_loader, accelerator, **run.forward_kwargs)
+                      if validation_loader is not None else None)
+        row = _round_metrics(peft_model, tuner, pos, accuracy, validation, time.perf_counter() - started,
+                             sum(epochs[: pos.round + 1]))
+        pos.history.append(row)
+        keep_pruning = True
+        if run.tolerance is not None:  # budget search: choose among the rounds on validation accuracy only
+            chosen, keep_pruning = budget_search([r["live_params"] for r in pos.history],
+                                                 [r["validation_accuracy"] for r in pos.history], run.tolerance)
+            row["chosen_round"] = pos.history[chosen]["round"]
+            if chosen == pos.round:  # the choice only ever stays or moves to the newest round: one copy suffices
+                run.chosen_state = _trainable_tensors(accelerator.unwrap_model(model))
         if accelerator.is_local_main_process:
-            size = (f"{pos.history[-1]['live_params']:,} adapter parameters (budget {tuner.budget():,})" if tuner
-                    else f"{pos.history[-1]['live_params']:,} trainable parameters")
-            progress.write(f"round {pos.round}/{pos.total_rounds}: accuracy {accuracy:.4f}, {size}")
-        if pos.round == pos.total_rounds:
+            size = (f"{row['live_params']:,} adapter parameters (budget {tuner.budget():,})" if tuner
+                    else f"{row['live_params']:,} trainable parameters")
+            checked = "" if validation is None else f", validation {validation:.4f}"
+            search = ("" if run.tolerance is None else f"; keeping round {row['chosen_round']}"
+                      + ("" if keep_pruning else f", stop: more than {run.tolerance:g} points below the best"))
+            progress.write(f"round {pos.round}/{pos.total_rounds}: accuracy {accuracy:.4f}{checked}, {size}{search}")
+        if pos.round == pos.total_rounds or not keep_pruning:
             pos.finished = True
         else:  # prune, then the next round trains a smaller model with a fresh optimizer and schedule
             peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -339,13 +368,17 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
     progress.close()
 
     peft_model = accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
+    saved = saved_round(pos.history)
+    if run.tolerance is not None:  # the smallest adapter within tolerance: its widths, rounds and weights
+        _set_trainable(peft_model, tuner, saved["widths"], saved["round"], run.chosen_state, "the budget search")
     adapter_dir = _save_adapter(accelerator, output_dir, peft_model, run, pos.history, push_to_hub)
-    hub_url = _push_to_hub(accelerator, adapter_dir, push_to_hub, pos.history) if push_to_hub else None
+    hub_url = _push_to_hub(accelerator, adapter_dir, push_to_hub, saved) if push_to_hub else None
     return TrainResult(
-        accuracy=pos.history[-1]["accuracy"], widths=tuner.adapter_widths() if tuner else None,
-        live_params=pos.history[-1]["live_params"], budget=tuner.budget() if tuner else None,
-        rounds=pos.total_rounds, history=pos.history, output_dir=output_dir, adapter_dir=adapter_dir,
-        hub_url=hub_url, model=peft_model.eval(),
+        accuracy=saved["accuracy"], widths=tuner.adapter_widths() if tuner else None,
+        live_params=saved["live_params"], budget=tuner.budget() if tuner else None,
+        rounds=saved["round"], history=pos.history, output_dir=output_dir, adapter_dir=adapter_dir,
+        hub_url=hub_url, model=peft_model.eval(), validation_accuracy=saved["validation_accuracy"],
+        chosen_round=saved.get("chosen_round"),
     )
 
 
@@ -549,6 +582,9 @@ class _Run:
     recipe: TrainingRecipe
     settings: dict[str, Any]  # what decides the computation: a resumed run must match it
     data_name: str
+    validation_loader: DataLoader | None = None  # the validation split carved from train (None: no split)
+    tolerance: float | None = None  # budget search: MiMiConfig.budget_tolerance (None: prune to the budget)
+    chosen_state: dict[str, torch.Tensor] | None = None  # budget search: trainable tensors of the chosen round
 
     def epoch_loader(self, round_: int, epoch: int) -> DataLoader:
         """The training batches of one epoch; order and augmentation depend only on ``(seed, round, epoch)``.
@@ -627,19 +663,45 @@ def _load_run(model: str | nn.Module, data: str | datasets.DatasetDict, recipe: 
         _check_checkpoint(state, settings, accelerator, checkpoint)
         position = _Position(**state["position"])
         _restore_trainable(model, tuner, position, checkpoint)
+    tolerance = tuner.peft_config[tuner.active_adapters[0]].budget_tolerance if tuner else None
     flip = recipe.flip if recipe.flip is not None else getattr(BUILTIN_DATASETS.get(data_name), "flip_ok", True)
     augment = ImageTransform.from_processor(processor, train=True, flip=flip, seed=recipe.seed)
     eval_transform = ImageTransform.from_processor(processor, train=False)
-    test = balanced_subset(dataset["test"], recipe.max_eval_samples, seed=0)
+
+    def eval_loader(split: Any) -> DataLoader:
+        return DataLoader(split, batch_size=recipe.batch_size, collate_fn=make_collate_fn(eval_transform, len(names)),
+                          num_workers=recipe.num_workers)
+
+    train_set = balanced_subset(dataset["train"], recipe.max_train_samples, seed=recipe.seed)
+    fraction = recipe.validation_fraction or (DEFAULT_VALIDATION_FRACTION if tolerance is not None else None)
+    validation = None
+    if fraction is not None:
+        train_set, validation = split_validation(train_set, fraction, seed=recipe.seed)
+    chosen = checkpoint / _CHOSEN_FILE if checkpoint is not None else None
     return _Run(
         model=model, tuner=tuner, processor=processor, labels=names, position=position,
         forward_kwargs=_forward_kwargs(model, eval_transform),
-        eval_loader=DataLoader(test, batch_size=recipe.batch_size, collate_fn=make_collate_fn(eval_transform,
-                               len(names)), num_workers=recipe.num_workers),
-        train_set=balanced_subset(dataset["train"], recipe.max_train_samples, seed=recipe.seed),
-        collate=make_collate_fn(augment, len(names)), augment=augment, recipe=recipe, settings=settings,
-        data_name=data_name,
+        eval_loader=eval_loader(balanced_subset(dataset["test"], recipe.max_eval_samples, seed=0)),
+        train_set=train_set, collate=make_collate_fn(augment, len(names)), augment=augment, recipe=recipe,
+        settings=settings, data_name=data_name,
+        validation_loader=eval_loader(validation) if validation is not None else None, tolerance=tolerance,
+        chosen_state=load_file(str(chosen)) if chosen is not None and chosen.is_file() else None,
     )
+
+
+def split_validation(train: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train, validation)``: ``fraction`` of the training images held out, stratified by class and seeded, so
+    that choices (the budget search) never look at the test split. Every class with at least two images keeps
+    some for training; raises ValueError when a class has a single image or the split cannot hold one per class."""
+    try:
+        parts = train.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed, keep_in_memory=True)
+    except ValueError as err:
+        classes = len(set(train["label"]))
+        raise ValueError(f"Cannot hold out {fraction:g} of {len(train)} training images as a validation split "
+                         f"stratified over their {classes} classes ({err}). Each class needs two images or more, and "
+                         "the split one per class: use more training images (max_train_samples) or another "
+                         "validation_fraction.") from None
+    return parts["train"], parts["test"]
 
 
 def _resolve_data(data: str | datasets.DatasetDict) -> tuple[datasets.DatasetDict, str]:
@@ -657,7 +719,8 @@ def _mimi_settings(tuner: MiMiModel) -> dict[str, Any]:
     config = tuner.peft_config[tuner.active_adapters[0]]
     return {name: getattr(config, name) for name in ("init_compression", "target_compression", "target_params",
                                                      "prune_ratio", "selection", "score", "reconstruct",
-                                                     "activation", "adapter_bias", "init_weights")}
+                                                     "activation", "adapter_bias", "init_weights",
+                                                     "budget_tolerance")}
 
 
 def _check_head_size(model: nn.Module, num_labels: int) -> None:
@@ -683,8 +746,8 @@ def _mean_finite_loss(accelerator: Accelerator, loss: torch.Tensor, pos: _Positi
     return float(mean)
 
 
-def _round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: _Position, accuracy: float, seconds: float,
-                   epochs_so_far: int) -> dict[str, Any]:
+def _round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: _Position, accuracy: float,
+                   validation: float | None, seconds: float, epochs_so_far: int) -> dict[str, Any]:
     widths = tuner.adapter_widths() if tuner else None
     return {
         "round": pos.round,
@@ -695,7 +758,9 @@ def _round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: _Position, ac
         "live_params": tuner.live_params() if tuner else sum(p.numel() for p in model.parameters()
                                                                  if p.requires_grad),
         "budget": tuner.budget() if tuner else None,
-        "accuracy": accuracy,
+        "accuracy": accuracy,  # on the test split
+        "validation_accuracy": validation,  # on the validation split carved from train (None: no split)
+        "chosen_round": None,  # budget search: the round it keeps so far
         "loss": pos.loss_sum / pos.loss_count if pos.loss_count else None,
         "epoch_losses": list(pos.epoch_losses),
         "seconds": round(seconds, 3),
@@ -736,7 +801,8 @@ def _save_checkpoint(
 ) -> None:
     """Write checkpoint ``ckpt-<serial>`` atomically (temporary directory, fsync, rename), then delete older
     ones. Every process saves its own RNG state; the main process writes the rest: the trainable tensors, the
-    adapters' widths (in ``state.json``), optimizer and scheduler. At a round boundary there is no ``optimizer``
+    adapters' widths (in ``state.json``), optimizer and scheduler, and the budget search's chosen adapter (its
+    widths and round are in the history). At a round boundary there is no ``optimizer``
     or ``scheduler`` to save: the next round builds new ones for the pruned adapters."""
     pos.serial += 1
     root = output_dir / CHECKPOINT_DIR
@@ -749,8 +815,9 @@ def _save_checkpoint(
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         pos.widths = _physical_widths(run.tuner)
-        save_file({name: p.detach().contiguous() for name, p in unwrapped.named_parameters() if p.requires_grad},
-                  str(tmp / _TRAINABLE_FILE))
+        save_file(_trainable_tensors(unwrapped), str(tmp / _TRAINABLE_FILE))
+        if run.chosen_state is not None:  # budget search: the adapter it keeps so far
+            save_file(run.chosen_state, str(tmp / _CHOSEN_FILE))
         statistics = _round_statistics(run.tuner) if run.tuner is not None and optimizer is not None else {}
         if statistics:  # mid-round, with a data-aware score or reconstruct: what the next cut will use
             save_file(statistics, str(tmp / _STATISTICS_FILE))
@@ -770,6 +837,7 @@ def _save_checkpoint(
 
 
 _TRAINABLE_FILE = "trainable.safetensors"
+_CHOSEN_FILE = "chosen.safetensors"
 _STATISTICS_FILE = "round_statistics.safetensors"
 
 
@@ -787,26 +855,45 @@ def _physical_widths(tuner: MiMiModel | None) -> dict[str, int] | None:
     return {name: layer.physical_width(adapter) for name, layer in tuner._layers(adapter)}
 
 
+def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}``: a CPU copy of every trainable parameter (adapters and head) of an unwrapped model."""
+    return {name: p.detach().cpu().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
 @torch.no_grad()
-def _restore_trainable(model: nn.Module, tuner: MiMiModel | None, pos: _Position, checkpoint: Path) -> None:
-    """Bring a freshly built ``model`` to the checkpoint: the adapters shrunk to the saved widths (the kept
-    neurons are then overwritten), the rounds done, and every trainable tensor."""
+def _set_trainable(model: nn.Module, tuner: MiMiModel | None, widths: dict[str, int] | None, rounds_done: int,
+                   tensors: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Bring ``model`` to a saved state (mutates it): every adapter shrunk or rebuilt to its physical width in
+    ``widths`` (its neurons are then overwritten), ``rounds_done`` recorded, and every trainable tensor copied from
+    ``tensors`` (see :func:`_trainable_tensors`). ``source`` names where the state comes from, for errors."""
     if tuner is not None:
         adapter = tuner.active_adapters[0]
+        config = tuner.peft_config[adapter]
         for name, layer in tuner._layers(adapter):
-            width = pos.widths[name]
-            layer.keep_neurons(adapter, torch.arange(layer.live_width(adapter)) < width)
-        tuner.peft_config[adapter].rounds_done = pos.round
+            width = widths[name]
+            if width <= layer.live_width(adapter):
+                layer.keep_neurons(adapter, torch.arange(layer.live_width(adapter)) < width)
+            else:  # an earlier, wider state (budget search); the new neurons' random start must not move the RNG
+                with torch.random.fork_rng(devices=[]):
+                    layer.update_layer(adapter, width, init_weights=config.init_weights, activation=config.activation,
+                                       bias=config.adapter_bias, score=config.score, reconstruct=config.reconstruct)
+        config.rounds_done = rounds_done
         tuner._record_widths(adapter)
-    saved = load_file(str(checkpoint / _TRAINABLE_FILE))
     params = dict(model.named_parameters())
     wanted = {name for name, p in params.items() if p.requires_grad}
-    if set(saved) != wanted:
-        raise ValueError(f"Cannot resume {checkpoint}: its trainable tensors differ from the model's (only in the "
-                         f"checkpoint: {sorted(set(saved) - wanted)[:5]}, only in the model: "
-                         f"{sorted(wanted - set(saved))[:5]}). Resume with the same model and settings.")
-    for name, tensor in saved.items():
+    if set(tensors) != wanted:
+        only_saved, only_model = sorted(set(tensors) - wanted)[:5], sorted(wanted - set(tensors))[:5]
+        raise ValueError(f"Cannot restore {source}: its trainable tensors differ from the model's (only saved: "
+                         f"{only_saved}, only in the model: {only_model}). Resume with the same model and settings.")
+    for name, tensor in tensors.items():
         params[name].copy_(tensor)
+
+
+@torch.no_grad()
+def _restore_trainable(model: nn.Module, tuner: MiMiModel | None, pos: _Position, checkpoint: Path) -> None:
+    """Bring a freshly built ``model`` to the checkpoint: the adapters at the saved widths, the rounds done, every
+    trainable tensor and the round statistics of data-aware scores."""
+    _set_trainable(model, tuner, pos.widths, pos.round, load_file(str(checkpoint / _TRAINABLE_FILE)), checkpoint)
     if tuner is not None and (checkpoint / _STATISTICS_FILE).is_file():
         adapter, layers = tuner.active_adapters[0], dict(tuner._layers(tuner.active_adapters[0]))
         grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -872,7 +959,7 @@ def _save_adapter(
     return adapter_dir
 
 
-def _push_to_hub(accelerator: Accelerator, adapter_dir: Path, repo_id: str, history: list[dict]) -> str | None:
+def _push_to_hub(accelerator: Accelerator, adapter_dir: Path, repo_id: str, saved: dict[str, Any]) -> str | None:
     """Upload the adapter folder to the Hub model repository ``repo_id`` (created if missing); main process only."""
     url = None
     if accelerator.is_main_process:
@@ -880,8 +967,8 @@ def _push_to_hub(accelerator: Accelerator, adapter_dir: Path, repo_id: str, hist
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=str(adapter_dir), repo_type="model",
-            commit_message=f"MiMi adapter: accuracy {history[-1]['accuracy']:.4f}, "
-                           f"{history[-1]['live_params']:,} adapter parameters",
+            commit_message=f"MiMi adapter: accuracy {saved['accuracy']:.4f}, "
+                           f"{saved['live_params']:,} adapter parameters",
         )
         url = str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")
     accelerator.wait_for_everyone()
