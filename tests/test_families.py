@@ -159,3 +159,25 @@ def test_a_dual_tower_model_gets_adapters_in_its_vision_encoder_only(model_class
     assert len(names) == 2 * LAYERS
     in_vision_encoder = {f"vision_model.encoder.{name}" for name, _ in vision.encoder.named_modules()}
     assert set(names) <= in_vision_encoder
+
+
+class TimmLikeViT(nn.Module):
+    """timm's block layout (`blocks.N.attn.qkv/proj`, `blocks.N.mlp.fc1/fc2`), a model without a model type."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "attn": nn.ModuleDict({"qkv": nn.Linear(HIDDEN, 3 * HIDDEN), "proj": nn.Linear(HIDDEN, HIDDEN)}),
+            "mlp": nn.ModuleDict({"fc1": nn.Linear(HIDDEN, 2 * HIDDEN), "fc2": nn.Linear(2 * HIDDEN, HIDDEN)}),
+        }) for _ in range(LAYERS))
+        self.head = nn.Linear(HIDDEN, 3)
+
+
+def test_a_model_without_defaults_is_warned_about_by_its_layout():
+    with pytest.warns(UserWarning, match=rf"blocks\.\*\.attn\.proj \({LAYERS} modules\)"):
+        get_peft_model(TimmLikeViT(), MiMiConfig(target_modules=["mlp.fc2", "head"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(TimmLikeViT(), MiMiConfig(target_modules=["attn.proj", "mlp.fc2"]))
+    assert not [w for w in caught if "only in part" in str(w.message)]
+    assert len(model.base_model.adapter_widths()) == 2 * LAYERS
