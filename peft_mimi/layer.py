@@ -8,14 +8,21 @@ An adapter of width 0 has no tensors at all and costs nothing.
 
 Mixed-task batches: ``forward(x, adapter_names=[...])`` (one adapter name per image, ``"__base__"`` for none, as
 in PEFT's LoRA) adds to each image's rows the delta of that image's adapter only, whatever adapters are active.
+
+Inference: ``fuse(adapter_names)`` folds ``W_down`` into the wrapped Linear (:class:`FusedMiMiLinear`: one matrix
+product gives ``y`` and ``W_down·y``, a second one ``W_up·act(·)``), so that an adapter costs its arithmetic and
+little else; a layer whose adapters were all removed becomes its plain Linear again. ``unfuse()`` undoes it; while
+fused, training and pruning are refused, and adding, switching or deleting adapters undoes the fusion.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -31,8 +38,55 @@ MERGE_ERROR = (
 )
 
 
+FUSED_ERROR = (
+    "The MiMi adapters are fused for inference (fuse_for_inference()): call unfuse() before {verb}. Fusion caches "
+    "the adapters' weights, which training, pruning or changing adapters would make stale."
+)
+
+
 def _activation(name: str) -> nn.Module:
     return nn.Identity() if name == "identity" else ACT2FN[name]
+
+
+# the same non-linearities as `_activation`, as torch functions: what the fused path and exported models call
+FUSED_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": None}
+
+
+class FusedMiMiLinear(nn.Module):
+    """A Linear with MiMi adapters folded in, for inference; plain torch, nothing of PEFT or peft_mimi's tuner.
+
+    ``weight`` is ``(d + n, k)``: the wrapped Linear's ``W`` (d rows) stacked on ``W_down·W`` (n rows), and
+    ``bias`` ``(d + n,)`` is ``[b; W_down·b + b_down]``, so that ``z = weight·x + bias`` holds ``y`` then
+    ``W_down·y``; the output is ``y + W_up·act(W_down·y) + b_up`` (``up_weight``: ``(d, n)``). Equal to the
+    adapted layer up to float rounding. Several adapters active together are one wider adapter (their neurons
+    side by side, ``b_up`` summed)."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
+        activation: str,
+    ) -> None:
+        super().__init__()
+        if activation not in FUSED_ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(FUSED_ACTIVATIONS)}")
+        self.out_features, self.width = up_weight.shape
+        self.in_features = weight.shape[1]
+        self.activation = activation
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.up_weight = nn.Parameter(up_weight, requires_grad=False)
+        self.up_bias = None if up_bias is None else nn.Parameter(up_bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.weight, self.bias)
+        hidden = z[..., self.out_features:]
+        act = FUSED_ACTIVATIONS[self.activation]
+        if act is not None:
+            hidden = act(hidden)
+        return z[..., : self.out_features] + F.linear(hidden, self.up_weight, self.up_bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, width={self.width}, "
+                f"activation={self.activation}")
 
 
 class MiMiLayer(BaseTunerLayer):
@@ -60,6 +114,11 @@ class MiMiLayer(BaseTunerLayer):
         self._activity: dict[str, torch.Tensor] = {}
         # adapters with masked neurons, kept on the Python side so that forward needs no device sync
         self._masked: set[str] = set()
+        self._activation_name: dict[str, str] = {}
+        # fused for inference (see `fuse`): the adapters folded in, and the FusedMiMiLinear computing them (None when
+        # none has a live neuron here); kept out of _modules so that state_dict and parameters() do not see it
+        self.fused_adapters: tuple[str, ...] = ()
+        self.__dict__["_fused"] = None
         self._disable_adapters = False
         self.merged_adapters = []
         if not isinstance(base_layer, nn.Linear):
@@ -79,9 +138,11 @@ class MiMiLayer(BaseTunerLayer):
     ) -> None:
         """Create (or replace) adapter ``adapter_name`` with ``width`` neurons (0 = no adapter on this layer).
         ``reconstruct``: gather the activations' second moment in training so that cuts can refit ``W_up``."""
+        self._unfuse_for("adding or replacing an adapter")
         if width < 0:
             raise ValueError(f"adapter width must be >= 0, got {width}")
         self.mimi_activation[adapter_name] = _activation(activation)
+        self._activation_name[adapter_name] = activation
         self.mimi_score[adapter_name] = score
         self.mimi_reconstruct[adapter_name] = reconstruct
         self.mimi_width[adapter_name] = width
@@ -149,6 +210,7 @@ class MiMiLayer(BaseTunerLayer):
     def mask_neurons(self, adapter_name: str, keep_live: torch.Tensor) -> None:
         """Mask neurons: ``keep_live`` is a bool tensor over the *live* neurons (True = stays live).
         Shapes do not change, so an optimizer over these parameters keeps working."""
+        self._check_not_fused("pruning")
         live = self.live_neurons(adapter_name)
         if keep_live.shape != live.shape:
             raise ValueError(f"keep mask has shape {tuple(keep_live.shape)}, expected {tuple(live.shape)}")
@@ -168,6 +230,7 @@ class MiMiLayer(BaseTunerLayer):
         """Physically shrink the adapter to its live neurons, minus those with ``keep_live`` False (a bool
         tensor over the live neurons; None keeps all live ones). Returns the new width; at 0 the adapter's
         tensors are deleted. Parameters are replaced: rebuild any optimizer that held the old ones."""
+        self._check_not_fused("pruning or compacting")
         live = self.live_neurons(adapter_name)
         if keep_live is not None:
             if keep_live.shape != live.shape:
@@ -263,6 +326,7 @@ class MiMiLayer(BaseTunerLayer):
         """Before removing the live neurons with ``keep_live`` False, refit the kept neurons' ``W_up`` columns so
         that the adapter's output changes as little as possible on the activations seen in training since the
         last round (`peft_mimi.pruning.reconstructed_up`). Returns False (nothing changed) without statistics."""
+        self._check_not_fused("pruning")
         gram = self._gram.get(adapter_name)
         if gram is None or self.physical_width(adapter_name) == 0 or bool(keep_live.all()):
             return False
@@ -298,9 +362,83 @@ class MiMiLayer(BaseTunerLayer):
         return self._grad_l1.get(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self._unfuse_for("deleting an adapter")
         self._untrack_gradients(adapter_name)
         self._masked.discard(adapter_name)
+        self._activation_name.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+        if self.fused_adapters and names != self.fused_adapters:
+            self._unfuse_for("switching adapters")
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+
+    # ------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def fused_module(self, adapter_names: Sequence[str]) -> FusedMiMiLinear | None:
+        """The inference form of this layer with ``adapter_names`` active: a new :class:`FusedMiMiLinear` holding
+        the live neurons of those adapters (masked and removed ones are left out), in the wrapped Linear's dtype
+        and on its device, sharing no tensor with this layer; None when none of them has a live neuron here (the
+        wrapped Linear alone is the inference form). Adapters active together must share one activation."""
+        parts = [(name, self.live_neurons(name)) for name in adapter_names if self.live_width(name) > 0]
+        if not parts:
+            return None
+        activations = {self._activation_name[name] for name, _ in parts}
+        if len(activations) > 1:
+            raise ValueError(f"Adapters {[name for name, _ in parts]} use different activations {sorted(activations)} "
+                             "and cannot be fused together; fuse one adapter at a time.")
+        base = self.get_base_layer()
+        device, dtype = base.weight.device, base.weight.dtype
+        downs = [self.mimi_down[name] for name, _ in parts]
+        ups = [self.mimi_up[name] for name, _ in parts]
+        lives = [live.to(device) for _, live in parts]
+        # the folded rows in float64: W_down·W and W_down·b then round once to the base dtype
+        w_down = torch.cat([down.weight[live] for down, live in zip(downs, lives)]).double()
+        folded_weight = w_down @ base.weight.double()
+        folded_bias = torch.zeros(len(w_down), dtype=torch.float64, device=device)
+        if base.bias is not None:
+            folded_bias += w_down @ base.bias.double()
+        if downs[0].bias is not None:
+            folded_bias += torch.cat([down.bias[live] for down, live in zip(downs, lives)]).double()
+        has_bias = base.bias is not None or downs[0].bias is not None
+        base_bias = base.bias if base.bias is not None else torch.zeros(self.out_features, dtype=dtype, device=device)
+        up_weight = torch.cat([up.weight[:, live] for up, live in zip(ups, lives)], dim=1)
+        up_bias = sum(up.bias for up in ups) if ups[0].bias is not None else None
+        return FusedMiMiLinear(
+            weight=torch.cat([base.weight, folded_weight.to(dtype)]),
+            bias=torch.cat([base_bias, folded_bias.to(dtype)]) if has_bias else None,
+            up_weight=up_weight.to(dtype).contiguous(),
+            up_bias=None if up_bias is None else up_bias.to(dtype).clone(),
+            activation=activations.pop(),
+        )
+
+    def fuse(self, adapter_names: Sequence[str]) -> None:
+        """Fold ``adapter_names`` (the live neurons) into this layer for inference (see :class:`FusedMiMiLinear`):
+        forward then costs two matrix products, or only the wrapped Linear's when none has a live neuron here.
+        Holds a copy of the wrapped weight until :meth:`unfuse`. Calling it again refreshes the copy. An adapter
+        this layer does not carry counts as removed here."""
+        if not adapter_names:
+            raise ValueError("fuse() needs at least one adapter name.")
+        self.__dict__["_fused"] = self.fused_module(adapter_names)
+        self.fused_adapters = tuple(adapter_names)
+
+    def unfuse(self) -> None:
+        """Drop the fused copy: forward runs the adapters' own modules again (training and pruning allowed)."""
+        self.__dict__["_fused"] = None
+        self.fused_adapters = ()
+
+    def _check_not_fused(self, verb: str) -> None:
+        if self.fused_adapters:
+            raise RuntimeError(FUSED_ERROR.format(verb=verb))
+
+    def _unfuse_for(self, verb: str) -> None:
+        """Changing the adapters makes the fused copy stale: drop it (with a warning) rather than refuse, so that the
+        change happens whole (PEFT updates its own records before reaching the layers)."""
+        if self.fused_adapters:
+            warnings.warn(f"{verb} undoes fuse_for_inference(); call it again for the fused inference path.",
+                          stacklevel=3)
+            self.unfuse()
 
     # ------------------------------------------------------------------------------------- merging
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -314,6 +452,8 @@ def _refresh_masks_after_load(layer: MiMiLayer, incompatible_keys) -> None:
     for adapter_name in layer.mimi_width:
         if adapter_name in layer.mimi_mask and not layer.mimi_mask[adapter_name].is_meta:
             layer.refresh_mask_state(adapter_name)
+    if layer.fused_adapters:  # new weights: fold them in again
+        layer.fuse(layer.fused_adapters)
 
 
 class Linear(nn.Module, MiMiLayer):
@@ -358,7 +498,13 @@ class Linear(nn.Module, MiMiLayer):
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
         """The base layer's output plus the deltas of the active adapters, or, with ``adapter_names`` (one name
-        per image of the batch), plus the delta of each image's own adapter (see :meth:`_mixed_batch_forward`)."""
+        per image of the batch), plus the delta of each image's own adapter (see :meth:`_mixed_batch_forward`).
+        Fused (:meth:`fuse`): the fused module alone, unless adapters are disabled or ``adapter_names`` is given."""
+        if self.fused_adapters and adapter_names is None and not self._disable_adapters:
+            if self.training:
+                raise RuntimeError(FUSED_ERROR.format(verb="training (model.train())"))
+            fused = self._fused
+            return self.base_layer(x, *args, **kwargs) if fused is None else fused(x)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
@@ -393,6 +539,12 @@ class Linear(nn.Module, MiMiLayer):
             return result
         # one scatter for all adapters: an index_add per adapter would copy the whole output each time
         return result.index_add(0, torch.cat(indices), torch.cat(deltas))
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self._fused is not None:  # not a registered submodule: move and cast it along (.to(), .half(), ...)
+            self._fused._apply(fn, recurse)
+        return self
 
     def __repr__(self) -> str:
         return "mimi." + super().__repr__()

@@ -200,6 +200,28 @@ class MiMiModel(BaseTuner):
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
 
+    # ------------------------------------------------------------------------------------ inference
+    def fuse_for_inference(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the adapters (default: the active ones) into the wrapped Linears for fast inference: each adapted
+        layer becomes two matrix products, a layer whose adapters were removed its plain Linear (see
+        `peft_mimi.layer.FusedMiMiLinear`); outputs equal the unfused model's up to float rounding. Holds a copy
+        of the adapted Linears' weights. Training and pruning raise until :meth:`unfuse`; adding, switching or
+        deleting adapters undoes the fusion (with a warning); mixed-task batches (``adapter_names=...`` in
+        forward) and ``disable_adapter()`` still work, unfused."""
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._adapter(name)
+        for _, layer in self._fusable_layers():
+            layer.fuse(names)
+
+    def unfuse(self) -> None:
+        """Undo :meth:`fuse_for_inference`: the adapters run as separate modules again and can be trained."""
+        for _, layer in self._fusable_layers():
+            layer.unfuse()
+
+    def _fusable_layers(self) -> Iterator[tuple[str, MiMiLayer]]:
+        return ((name, m) for name, m in self.model.named_modules() if isinstance(m, MiMiLayer))
+
     # --------------------------------------------------------------------------------- inspection
     def _adapter(self, adapter_name: str | None) -> str:
         if adapter_name is None:

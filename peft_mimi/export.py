@@ -1,0 +1,107 @@
+"""Deployment forms of a MiMi model: a plain module, a torch.export program and an ONNX file.
+
+    from peft_mimi.export import to_plain_module, export_program, export_onnx
+
+    plain = to_plain_module(peft_model)                    # the transformers model, adapters folded in, no PEFT
+    export_program(peft_model, example, "model.pt2")       # torch only:  torch.export.load("model.pt2").module()
+    export_onnx(peft_model, example, "model.onnx")         # onnxruntime: session.run(None, {"pixel_values": x})
+
+Every form holds the active adapter's live neurons folded into the Linears they adapt
+(`peft_mimi.layer.FusedMiMiLinear`: two matrix products per adapted layer), its own classification head, and nothing
+of the adapters that were removed: those layers are their plain Linear again. The exported program and the ONNX
+graph take ``pixel_values`` ``(batch, 3, H, W)`` at the example's height and width (any batch size) and return the
+logits ``(batch, num_classes)``; loading them needs neither PEFT nor peft_mimi.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+
+from .layer import MiMiLayer
+from .model import MiMiModel
+
+__all__ = ["export_onnx", "export_program", "to_plain_module"]
+
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+
+
+def to_plain_module(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """A copy of the base model of ``model`` (a `PeftModel` or `MiMiModel` with MiMi adapters) in eval mode, with
+    ``adapter_names`` (default: the active adapters) folded into each adapted Linear (`FusedMiMiLinear`, or the
+    plain Linear where they were removed) and each ``modules_to_save`` wrapper replaced by that adapter's copy
+    (e.g. its classification head). Its forward and outputs are the base model's (e.g. ``.logits``); ``model`` is
+    not changed. Raises ``ValueError`` for anything else, e.g. a model with adapters of another PEFT method."""
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    if not isinstance(tuner, MiMiModel):
+        raise ValueError(f"to_plain_module takes a PeftModel with MiMi adapters (or its MiMiModel), got "
+                         f"{type(tuner).__name__}.")
+    names = list(tuner.active_adapters if adapter_names is None else adapter_names)
+    for name in names:
+        tuner._adapter(name)  # an unknown name is a ValueError that lists the model's adapters
+    plain = copy.deepcopy(tuner.model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, MiMiLayer):
+            replacement = module.fused_module(names) or module.get_base_layer()
+        elif isinstance(module, ModulesToSaveWrapper):
+            present = [n for n in names if n in module.modules_to_save]
+            replacement = module.modules_to_save[present[0]] if present else module.original_module
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent), child, replacement)
+    return plain.eval().requires_grad_(False)
+
+
+class _Logits(nn.Module):
+    """``pixel_values -> logits`` of a Hugging Face image classifier: plain tensors in and out, for exporters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _logits_module(model: nn.Module) -> nn.Module:
+    has_adapters = any(isinstance(m, BaseTunerLayer | ModulesToSaveWrapper) for m in model.modules())
+    return _Logits(to_plain_module(model) if has_adapters else model.eval()).eval()
+
+
+def export_program(
+    model: nn.Module, example: torch.Tensor, path: str | os.PathLike | None = None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``pixel_values -> logits`` for ``model`` (a MiMi `PeftModel`, folded with
+    :func:`to_plain_module`, or a plain module from it), any batch size at ``example``'s image size; saved to
+    ``path`` (``.pt2``) when given. Load it with torch alone: ``torch.export.load(path).module()(pixel_values)``."""
+    module = _logits_module(model)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
+    if path is not None:
+        torch.export.save(program, path)
+    return program
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = 17) -> None:
+    """Write ``pixel_values -> logits`` of ``model`` (as for :func:`export_program`) to the ONNX file ``path``:
+    input ``"pixel_values"`` (dynamic batch, ``example``'s image size), output ``"logits"``. Uses torch's
+    TorchScript-based exporter (``dynamo=False``), which needs no package beyond torch and onnx."""
+    module = _logits_module(model)
+    with warnings.catch_warnings(), torch.no_grad():
+        # transformers' shape checks are constants at a fixed image size: the tracer's warnings about them are noise
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )

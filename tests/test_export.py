@@ -1,0 +1,201 @@
+"""Inference forms of a MiMi model (issue #16): adapters fused into the Linears they adapt, a plain module without
+PEFT, a torch.export program loadable with torch alone, and ONNX run by onnxruntime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+import torch
+from conftest import make_images, make_model
+from peft import get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
+
+from peft_mimi import MiMiConfig
+from peft_mimi.export import export_onnx, export_program, to_plain_module
+from peft_mimi.layer import FusedMiMiLinear, MiMiLayer
+
+
+def adapted_model(family: str = "vit", num_classes: int = 5, seed: int = 1, adapter_name: str = "default"):
+    """A tiny backbone with a fresh head of ``num_classes``, random MiMi adapters (σ0 = 4: widths 8 on 32 features,
+    16 on 64): the first adapted module removed (width 0), the next one's neurons half masked, the rest whole."""
+    base = make_model(family)
+    torch.manual_seed(seed)
+    base.classifier = torch.nn.Linear(base.classifier.in_features, num_classes)
+    model = get_peft_model(base, MiMiConfig(init_compression=4.0, target_compression=8.0, init_weights=False,
+                                            modules_to_save=["classifier"]), adapter_name=adapter_name)
+    layers = [m for m in model.modules() if isinstance(m, MiMiLayer)]
+    layers[0].keep_neurons(adapter_name, torch.zeros(layers[0].physical_width(adapter_name), dtype=torch.bool))
+    masked = layers[1].physical_width(adapter_name)
+    layers[1].mask_neurons(adapter_name, torch.arange(masked) % 2 == 0)
+    return model.eval()
+
+
+def logits(model, images: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixel_values=images, **kwargs).logits
+
+
+def test_fused_model_gives_the_same_logits_and_removed_adapters_become_plain_linears(family):
+    model = adapted_model(family)
+    images = make_images(3)
+    expected = logits(model, images)
+    model.fuse_for_inference()
+    torch.testing.assert_close(logits(model, images), expected, atol=1e-5, rtol=1e-5)
+    widths = model.base_model.adapter_widths()
+    plain = to_plain_module(model)
+    for name, width in widths.items():
+        module = plain.get_submodule(name.removeprefix("base_model.model."))
+        if width == 0:
+            assert type(module) is torch.nn.Linear
+        else:
+            assert isinstance(module, FusedMiMiLinear) and module.width == width
+    layers = [m for m in model.modules() if isinstance(m, MiMiLayer)]
+    assert widths[next(iter(widths))] == 0 and layers[1].live_width("default") < layers[1].physical_width("default")
+    model.unfuse()
+    torch.testing.assert_close(logits(model, images), expected)
+
+
+def fused_layers(model) -> list[MiMiLayer]:
+    return [m for m in model.modules() if isinstance(m, MiMiLayer) and m.fused_adapters]
+
+
+def test_fusion_refuses_training_and_pruning_until_unfused():
+    model = adapted_model()
+    model.fuse_for_inference()
+    images = make_images(2)
+    with pytest.raises(RuntimeError, match=r"unfuse\(\) before pruning"):
+        model.base_model.prune_round()
+    with pytest.raises(RuntimeError, match=r"unfuse\(\) before training"):
+        model.train()(pixel_values=images)
+    with pytest.raises(ValueError, match="No adapter named 'nope'"):
+        model.fuse_for_inference(["nope"])
+    assert fused_layers(model)
+    model.unfuse()
+    assert not fused_layers(model)
+    loss = model(pixel_values=images).logits.sum()  # still in train mode: training works again
+    loss.backward()
+    down = next(m for m in model.modules() if isinstance(m, MiMiLayer) and "default" in m.mimi_down)
+    assert down.mimi_down["default"].weight.grad is not None
+    model.base_model.prune_round()
+
+
+def test_fused_model_still_serves_mixed_batches_disabled_adapters_and_other_dtypes():
+    model = adapted_model()
+    model.add_adapter("other", MiMiConfig(target_compression=8.0, init_weights=False, modules_to_save=["classifier"]))
+    model.set_adapter("default")
+    model.eval()
+    images = make_images(4)
+    names = ["default", "other", "__base__", "other"]
+    mixed, with_default = logits(model, images, adapter_names=names), logits(model, images)
+    with model.disable_adapter():
+        bare = logits(model, images)
+    model.fuse_for_inference()
+    torch.testing.assert_close(logits(model, images, adapter_names=names), mixed)
+    torch.testing.assert_close(logits(model, images), with_default, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, images), bare)
+    model.double()  # the fused copy follows .to() / .double() like the module's own tensors
+    torch.testing.assert_close(logits(model, images.double()).float(), with_default, atol=1e-5, rtol=1e-5)
+
+
+def test_adding_switching_or_deleting_adapters_undoes_the_fusion():
+    model = adapted_model()
+    images = make_images(2)
+    for change in (lambda: model.add_adapter("other", MiMiConfig(init_weights=False)),
+                   lambda: model.set_adapter("other"), lambda: model.delete_adapter("default")):
+        model.fuse_for_inference()
+        with pytest.warns(UserWarning, match="undoes fuse_for_inference"):
+            change()
+        assert not fused_layers(model)
+    assert model.active_adapters == ["other"] and list(model.peft_config) == ["other"]
+    expected = logits(model, images)
+    model.fuse_for_inference()
+    torch.testing.assert_close(logits(model, images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_active_together_fuse_as_one_wider_adapter():
+    model = adapted_model()
+    model.add_adapter("other", MiMiConfig(target_compression=8.0, init_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    images = make_images(2)
+    expected = logits(model, images)
+    model.base_model.fuse_for_inference()
+    torch.testing.assert_close(logits(model, images), expected, atol=1e-5, rtol=1e-5)
+    layer = [m for m in model.modules() if isinstance(m, MiMiLayer)][-1]
+    assert layer._fused.width == layer.live_width("default") + layer.live_width("other")
+
+
+def test_plain_module_has_nothing_of_peft_and_leaves_the_peft_model_alone():
+    model = adapted_model(num_classes=7)
+    images = make_images(3)
+    expected = logits(model, images)
+    plain = to_plain_module(model)
+    assert not any(isinstance(m, BaseTunerLayer | ModulesToSaveWrapper) for m in plain.modules())
+    assert plain.classifier.out_features == 7 and not plain.training
+    torch.testing.assert_close(logits(plain, images), expected, atol=1e-5, rtol=1e-5)
+    assert any(isinstance(m, MiMiLayer) for m in model.modules())  # the PEFT model keeps its adapters
+    torch.testing.assert_close(logits(model, images), expected)
+    with pytest.raises(ValueError, match="PeftModel with MiMi adapters"):
+        to_plain_module(make_model())
+
+
+def test_fused_and_plain_models_compile_to_one_graph_with_the_same_logits():
+    model = adapted_model("dinov2")
+    images = make_images(2)
+    expected = logits(model, images)
+    model.fuse_for_inference()
+    for module in (model, to_plain_module(model)):
+        torch._dynamo.reset()
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(logits(compiled, images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_exported_program_runs_with_torch_alone(tmp_path):
+    model = adapted_model("dinov2")
+    images = make_images(5)
+    export_program(model, make_images(2), tmp_path / "model.pt2")
+    torch.save({"images": images, "logits": logits(model, images)}, tmp_path / "expected.pt")
+    check = textwrap.dedent(f"""
+        import sys
+        for blocked in ("peft_mimi", "peft", "transformers"):
+            sys.modules[blocked] = None  # importing any of them now fails
+        import torch
+        module = torch.export.load({str(tmp_path / "model.pt2")!r}).module()
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        torch.testing.assert_close(module(expected["images"]), expected["logits"], atol=1e-5, rtol=1e-5)
+        print("ok", type(module).__name__)
+    """)
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+def _onnx_op_counts(path) -> Counter:
+    import onnx
+
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_onnx_matches_pytorch_and_holds_only_live_adapters(family, tmp_path):
+    import onnxruntime
+
+    model = adapted_model(family)
+    images = make_images(5)
+    export_onnx(model, make_images(2), tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"pixel_values": images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), logits(model, images), atol=1e-4, rtol=1e-4)
+    # one more matrix product (W_up) per adapter with live neurons, none for a removed one: W_down is folded
+    bare = make_model(family)
+    bare.classifier = torch.nn.Linear(bare.classifier.in_features, 5)
+    export_onnx(bare, make_images(2), tmp_path / "bare.onnx")
+    live = sum(width > 0 for width in model.base_model.adapter_widths().values())
+    products = [_onnx_op_counts(p)["MatMul"] + _onnx_op_counts(p)["Gemm"] for p in (tmp_path / "model.onnx",
+                                                                                      tmp_path / "bare.onnx")]
+    assert live == len(model.base_model.adapter_widths()) - 1
+    assert products[0] - products[1] == live
