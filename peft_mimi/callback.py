@@ -9,7 +9,7 @@ end of training the adapters are shrunk to their live neurons.
 With ``MiMiConfig.budget_tolerance`` set, the callback runs the budget search: at the end of every segment it asks the
 Trainer to evaluate (its ``eval_dataset``, held out from the training images, and its ``compute_metrics``, which must
 return ``"accuracy"``), keeps a copy of the smallest adapter whose accuracy is within the tolerance of the best
-segment so far, stops training once a segment falls outside it, and restores that copy when training ends.
+segment so far, and restores that copy when training ends.
 
 The learning rate can follow the rounds too (``MiMiPruningCallback.attach(trainer, restart_lr=True)``): every
 segment gets its own linear warm-up and cosine decay to 0, as each round does in the paper's code and in
@@ -72,9 +72,9 @@ class MiMiPruningCallback(TrainerCallback):
     Budget search (``MiMiConfig.budget_tolerance`` in accuracy points): the validation signal is the Trainer's
     evaluation at the end of every segment, ``metrics[validation_metric]`` (default ``"eval_accuracy"``, a fraction:
     give the Trainer an ``eval_dataset`` carved from the training images, never the test set, and a
-    ``compute_metrics`` returning ``{"accuracy": ...}``). The rule is `peft_mimi.pruning.budget_search`: training
-    stops at the first segment more than the tolerance below the best, and when it ends the smallest adapter within
-    the tolerance (weights, masks, head and ``rounds_done``) is restored, then compacted. Each segment's accuracy and
+    ``compute_metrics`` returning ``{"accuracy": ...}``). The rule is `peft_mimi.pruning.budget_search`: the rounds
+    go on down to the budget (the floor), and when training ends the smallest adapter within the tolerance of the
+    best segment (weights, masks, head and ``rounds_done``) is restored, then compacted. Each segment's accuracy and
     the chosen round are logged as ``mimi/validation_accuracy`` and ``mimi/chosen_round``. The search's state goes
     into every Trainer checkpoint (``mimi_budget_search.safetensors``), so ``resume_from_checkpoint`` continues it.
     """
@@ -231,14 +231,11 @@ class MiMiPruningCallback(TrainerCallback):
             )
         self.search_sizes.append(tuner.live_params(self.adapter_name))
         self.search_accuracies.append(float(accuracy))
-        chosen, keep_pruning = budget_search(self.search_sizes, self.search_accuracies,
-                                             _tolerance(tuner, self.adapter_name))
+        chosen = budget_search(self.search_sizes, self.search_accuracies, _tolerance(tuner, self.adapter_name))
         if chosen == len(self.search_sizes) - 1:  # the choice only stays or moves to the newest segment
             self._chosen_state = {name: tensor.detach().clone() for name, tensor in _adapter_state(model).items()}
         self.chosen_round = chosen
-        if not keep_pruning:
-            control.should_training_stop = True
-        elif state.global_step in self.prune_steps:
+        if state.global_step in self.prune_steps:
             self._prune(tuner, control)
         self._pending_logs.update({"mimi/validation_accuracy": float(accuracy), "mimi/chosen_round": chosen})
         return control

@@ -110,9 +110,9 @@ class MiMiConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Budget search, in accuracy points: after each round, measure accuracy on a validation split "
-            "carved from the training images; keep pruning while it stays within this many points of the best round "
-            "so far, and keep the smallest adapter within it (1.0: the smallest adapter that loses at most 1 point). "
-            "The budget (target_compression / target_params) is the floor. None: prune to the budget."
+            "carved from the training images, prune on down to the budget (target_compression / target_params: the "
+            "floor), and keep the smallest round whose accuracy is within this many points of the best round (1.0: "
+            "the smallest adapter that loses at most 1 point). None: the adapter at the budget."
         },
     )
     init_weights: bool = field(

@@ -232,17 +232,15 @@ def select_neurons(
     return keep
 
 
-def budget_search(sizes: Sequence[int], accuracies: Sequence[float], tolerance: float) -> tuple[int, bool]:
-    """Budget search, the paper's alternative stop rule: which of the rounds trained so far to keep, and whether to
-    prune again.
+def budget_search(sizes: Sequence[int], accuracies: Sequence[float], tolerance: float) -> int:
+    """Budget search, the paper's alternative stop rule: which of the rounds trained so far to keep.
 
     ``sizes[r]`` and ``accuracies[r]`` are the adapter parameters and the validation accuracy (a fraction in
     [0, 1]) after round ``r``'s training; ``tolerance`` is in accuracy points (1.0 = 0.01). A round is *within
     tolerance* when its accuracy is at most ``tolerance`` points below the best accuracy of all rounds so far.
-    Returns ``(chosen, keep_pruning)``: ``chosen`` is the smallest round within tolerance (ties: the more accurate,
-    then the later), ``keep_pruning`` is whether the latest round is within tolerance (once it is not, a smaller
-    adapter is not worth training). Rounds are compared as they are, so a later round that beats the best moves the
-    bar up for all of them.
+    Returns the smallest round within tolerance (ties: the more accurate, then the later). Rounds are compared as
+    they are, so a later round that beats the best moves the bar up for all of them; when sizes never grow (pruning
+    only removes), adding a round leaves the choice where it was or moves it to the new round.
     """
     if len(sizes) != len(accuracies) or not sizes:
         raise ValueError(f"budget_search needs one size per accuracy and at least one round, got {len(sizes)} sizes "
@@ -252,10 +250,6 @@ def budget_search(sizes: Sequence[int], accuracies: Sequence[float], tolerance: 
     if not all(0.0 <= a <= 1.0 for a in accuracies):  # also refuses NaN (an empty validation split)
         raise ValueError(f"validation accuracies must be fractions in [0, 1], got {list(accuracies)}")
     best = max(accuracies)
-
-    def within(accuracy: float) -> bool:  # in points, with a margin for the rounding of fractions like 0.85 - 0.01
-        return (best - accuracy) * 100 <= tolerance + 1e-9
-
-    candidates = [r for r, accuracy in enumerate(accuracies) if within(accuracy)]
-    chosen = min(candidates, key=lambda r: (sizes[r], -accuracies[r], -r))
-    return chosen, within(accuracies[-1])
+    # in points, with a margin for the rounding of fractions such as 0.85 - 0.01
+    within = [r for r, accuracy in enumerate(accuracies) if (best - accuracy) * 100 <= tolerance + 1e-9]
+    return min(within, key=lambda r: (sizes[r], -accuracies[r], -r))

@@ -341,10 +341,9 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
         row = _round_metrics(peft_model, tuner, pos, accuracy, validation, time.perf_counter() - started,
                              sum(epochs[: pos.round + 1]))
         pos.history.append(row)
-        keep_pruning = True
         if run.tolerance is not None:  # budget search: choose among the rounds on validation accuracy only
-            chosen, keep_pruning = budget_search([r["live_params"] for r in pos.history],
-                                                 [r["validation_accuracy"] for r in pos.history], run.tolerance)
+            chosen = budget_search([r["live_params"] for r in pos.history],
+                                   [r["validation_accuracy"] for r in pos.history], run.tolerance)
             row["chosen_round"] = pos.history[chosen]["round"]
             if chosen == pos.round:  # the choice only ever stays or moves to the newest round: one copy suffices
                 run.chosen_state = _trainable_tensors(accelerator.unwrap_model(model))
@@ -352,10 +351,9 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
             size = (f"{row['live_params']:,} adapter parameters (budget {tuner.budget():,})" if tuner
                     else f"{row['live_params']:,} trainable parameters")
             checked = "" if validation is None else f", validation {validation:.4f}"
-            search = ("" if run.tolerance is None else f"; keeping round {row['chosen_round']}"
-                      + ("" if keep_pruning else f", stop: more than {run.tolerance:g} points below the best"))
+            search = "" if run.tolerance is None else f"; keeping round {row['chosen_round']}"
             progress.write(f"round {pos.round}/{pos.total_rounds}: accuracy {accuracy:.4f}{checked}, {size}{search}")
-        if pos.round == pos.total_rounds or not keep_pruning:
+        if pos.round == pos.total_rounds:
             pos.finished = True
         else:  # prune, then the next round trains a smaller model with a fresh optimizer and schedule
             peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)

@@ -1,5 +1,5 @@
-"""Budget search (issue 13): prune while the validation accuracy stays within a tolerance of the best round so far,
-and keep the smallest adapter within it. The pure rule, `peft_mimi.train.train` (restore, early stop, the validation
+"""Budget search (issue 13): prune down to the floor, measuring the validation accuracy after every round, and keep the
+smallest adapter within a tolerance of the best round. The pure rule, `peft_mimi.train.train` (restore, the validation
 split, the saved config and card, resume mid-search), the CLI and the HF Trainer with `MiMiPruningCallback`.
 
 The end-to-end tests script the validation signal by round (`scripted_validation`): training, pruning, copies and
@@ -33,28 +33,28 @@ from peft_mimi.train import TrainingRecipe, latest_checkpoint, load_adapter, spl
 RECIPE = TrainingRecipe(epochs_per_round=1, batch_size=16, lr=3e-3, max_train_samples=96, max_eval_samples=48,
                         seed=0, checkpoint_every_steps=4)
 SEARCH = MiMiConfig(target_compression=32.0, budget_tolerance=1.0)
-# validation accuracy by round: round 1 is the best, round 2 falls 30 points below it, so the search stops there
-# (round 3 is never trained) and keeps round 1
-SCRIPT = {0: 0.50, 1: 0.60, 2: 0.30, 3: 0.99}
+# validation accuracy by round: round 1 is the best; rounds 2 and 3 (smaller) fall more than 1 point below it, so the
+# search trains all four rounds and keeps round 1
+SCRIPT = {0: 0.50, 1: 0.60, 2: 0.30, 3: 0.585}
 
 
 # ------------------------------------------------------------------------------------------------- the pure rule
-@pytest.mark.parametrize(("sizes", "accuracies", "tolerance", "chosen", "keep_pruning"), [
-    ([8, 4, 2, 1], [0.90, 0.895, 0.89, 0.85], 1.0, 2, False),  # the last round falls out: keep the one before
-    ([8, 4, 2, 1], [0.90, 0.90, 0.90, 0.90], 0.0, 3, True),  # all equal: the smallest
-    ([8, 4, 2], [0.70, 0.80, 0.805], 1.0, 2, True),  # an under-trained first round does not set the bar
-    ([8, 4, 2], [0.80, 0.795, 0.85], 1.0, 2, True),  # a later best moves the bar up for every round
-    ([8, 4, 2, 1], [0.85, 0.86, 0.84, 0.855], 1.0, 3, True),  # a dip, then back within 1 point
-    ([8, 4], [0.85, 0.84], 1.0, 1, True),  # exactly 1 point below counts as within (no rounding surprises)
-    ([8, 4], [0.85, 0.8399], 1.0, 0, False),
-    ([8, 4, 4], [0.90, 0.88, 0.895], 2.0, 2, True),  # same size: the more accurate
-    ([8, 4, 4], [0.90, 0.895, 0.89], 2.0, 1, True),
-    ([8, 4, 2, 1], [0.9, 0.5, 0.4, 0.3], 100.0, 3, True),  # tolerance 100 points: always the floor
-    ([5], [0.0], 1.0, 0, True),
+@pytest.mark.parametrize(("sizes", "accuracies", "tolerance", "chosen"), [
+    ([8, 4, 2, 1], [0.90, 0.895, 0.89, 0.85], 1.0, 2),  # the last round falls out: keep the one before
+    ([8, 4, 2, 1], [0.90, 0.90, 0.90, 0.90], 0.0, 3),  # all equal: the smallest
+    ([8, 4, 2], [0.70, 0.80, 0.805], 1.0, 2),  # an under-trained first round does not set the bar
+    ([8, 4, 2], [0.80, 0.795, 0.85], 1.0, 2),  # a later best moves the bar up for every round
+    ([8, 4, 2, 1], [0.85, 0.86, 0.84, 0.855], 1.0, 3),  # a dip, then back within 1 point
+    ([8, 4, 2, 1], [0.85, 0.86, 0.84, 0.80], 1.0, 1),  # a dip that never comes back: the round before it
+    ([8, 4], [0.85, 0.84], 1.0, 1),  # exactly 1 point below counts as within (no rounding surprises)
+    ([8, 4], [0.85, 0.8399], 1.0, 0),
+    ([8, 4, 4], [0.90, 0.88, 0.895], 2.0, 2),  # same size: the more accurate
+    ([8, 4, 4], [0.90, 0.895, 0.89], 2.0, 1),
+    ([8, 4, 2, 1], [0.9, 0.5, 0.4, 0.3], 100.0, 3),  # tolerance 100 points: always the floor
+    ([5], [0.0], 1.0, 0),
 ])
-def test_the_rule_keeps_the_smallest_round_within_tolerance_of_the_best(sizes, accuracies, tolerance, chosen,
-                                                                        keep_pruning):
-    assert budget_search(sizes, accuracies, tolerance) == (chosen, keep_pruning)
+def test_the_rule_keeps_the_smallest_round_within_tolerance_of_the_best(sizes, accuracies, tolerance, chosen):
+    assert budget_search(sizes, accuracies, tolerance) == chosen
 
 
 def test_the_rule_on_random_tables_and_why_one_copy_suffices():
@@ -69,11 +69,10 @@ def test_the_rule_on_random_tables_and_why_one_copy_suffices():
         tolerance = rng.choice([0.0, 0.5, 1.0, 5.0])
         previous = None
         for n in range(1, rounds + 1):
-            chosen, keep = budget_search(sizes[:n], accuracies[:n], tolerance)
+            chosen = budget_search(sizes[:n], accuracies[:n], tolerance)
             best = max(accuracies[:n])
             within = [r for r in range(n) if best - accuracies[r] <= tolerance / 100 + 1e-9]
             assert chosen in within and sizes[chosen] == min(sizes[r] for r in within)
-            assert keep == (n - 1 in within)
             assert previous is None or chosen in (previous, n - 1)
             previous = chosen
 
@@ -152,8 +151,8 @@ def test_a_search_never_validates_on_test_images(backbone, tmp_path, monkeypatch
     assert len(seen["trained"]) == 96 - len(seen["validated"])
     history = result.history
     for n in range(1, len(history) + 1):  # the row of every round records the rule's choice so far
-        chosen, _ = budget_search([r["live_params"] for r in history[:n]],
-                                  [r["validation_accuracy"] for r in history[:n]], 0.5)
+        chosen = budget_search([r["live_params"] for r in history[:n]],
+                               [r["validation_accuracy"] for r in history[:n]], 0.5)
         assert history[n - 1]["chosen_round"] == chosen
     assert result.chosen_round == history[-1]["chosen_round"]
     assert result.widths == history[result.chosen_round]["widths"]
@@ -182,16 +181,17 @@ def searched(backbone, tmp_path_factory):
         return train(backbone, "digits", tmp_path_factory.mktemp("search") / "out", RECIPE, mimi=SEARCH)
 
 
-def test_the_search_stops_outside_the_tolerance_and_saves_the_chosen_round(searched):
+def test_the_search_prunes_to_the_floor_and_saves_the_chosen_round(searched):
     history = searched.history
-    assert [row["round"] for row in history] == [0, 1, 2]  # round 2 fell out: round 3 was never trained
-    assert [row["validation_accuracy"] for row in history] == [0.5, 0.6, 0.3]
-    assert [row["chosen_round"] for row in history] == [0, 1, 1]
-    assert history[0]["live_params"] > history[1]["live_params"] > history[2]["live_params"] > 256
+    assert [row["round"] for row in history] == [0, 1, 2, 3]  # every planned round, down to the floor
+    assert [row["validation_accuracy"] for row in history] == [0.5, 0.6, 0.3, 0.585]
+    assert [row["chosen_round"] for row in history] == [0, 1, 1, 1]
+    assert history[0]["live_params"] > history[1]["live_params"] > history[2]["live_params"]
+    assert history[-1]["live_params"] <= 256 == searched.budget
     chosen = history[1]
     # the adapters were rebuilt at round 1's widths, larger than the last trained ones, with round 1's weights
     assert searched.chosen_round == searched.rounds == 1
-    assert searched.widths == chosen["widths"] and sum(chosen["widths"].values()) > sum(history[2]["widths"].values())
+    assert searched.widths == chosen["widths"] and sum(chosen["widths"].values()) > sum(history[3]["widths"].values())
     assert searched.live_params == chosen["live_params"] == searched.model.base_model.live_params()
     assert searched.accuracy == chosen["accuracy"] and searched.validation_accuracy == 0.6
     assert train_module.evaluate_adapter(searched.adapter_dir, "digits", max_eval_samples=48) == chosen["accuracy"]
@@ -210,7 +210,7 @@ def test_the_saved_adapter_records_the_option_and_reloads_at_the_chosen_widths(s
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=images).logits, searched.model(pixel_values=images).logits)
     card = (searched.adapter_dir / "README.md").read_text()
-    assert "| budget search | tolerance 1 accuracy points" in card and "kept round 1 of the 3 trained" in card
+    assert "| budget search | tolerance 1 accuracy points" in card and "kept round 1 of the 4 trained" in card
     assert "| 1 **saved** |" in card and "validation accuracy" in card
     assert "| budget_tolerance | `1.0` |" in card
     run = json.loads((searched.adapter_dir / "mimi_run.json").read_text())
@@ -220,7 +220,7 @@ def test_the_saved_adapter_records_the_option_and_reloads_at_the_chosen_widths(s
 def test_resume_in_the_middle_of_the_search_ends_like_an_uninterrupted_run(searched, backbone, tmp_path,
                                                                           monkeypatch):
     """Killed in round 2 (after the checkpoint at step 16, round 1 already chosen): the resumed run takes round 1's
-    adapter from the checkpoint, not from memory, and saves the same adapter."""
+    adapter from the checkpoint, not from memory, trains round 3 and saves the same adapter."""
     out = tmp_path / "out"
     scripted_validation(monkeypatch)
     with monkeypatch.context() as patch:
@@ -250,7 +250,7 @@ def test_the_cli_runs_the_search_from_its_flags(backbone, tmp_path, monkeypatch,
                      "--epochs-per-round", "1", "--batch-size", "16", "--max-train-samples", "96",
                      "--max-eval-samples", "48"])
     assert code == 0
-    assert "budget search kept round 1 of 3 trained (validation accuracy 0.6000, tolerance 1 points)" in \
+    assert "budget search kept round 1 of 4 trained (validation accuracy 0.6000, tolerance 1 points)" in \
         capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["budget_tolerance"] == 1.0 and config["rounds_done"] == 1
@@ -314,13 +314,13 @@ def test_the_trainer_callback_searches_on_the_trainers_evaluation(tmp_path):
     trainer.train()
 
     assert callback.prune_steps == [8, 16, 24]  # 4 steps per epoch, 32 steps, 4 segments
-    assert trainer.state.global_step == 24  # segment 2 fell out of the tolerance: training stopped
-    assert callback.search_accuracies == [0.5, 0.6, 0.3] and callback.chosen_round == 1
+    assert trainer.state.global_step == 32  # every segment trained, down to the floor
+    assert callback.search_accuracies == [0.5, 0.6, 0.3, 0.585] and callback.chosen_round == 1
     tuner = model.base_model
     parameters, widths = copies[1]
     assert tuner.adapter_widths() == widths and tuner.peft_config["default"].rounds_done == 1
     assert tuner.peft_config["default"].adapter_widths == widths  # compacted at the chosen widths
-    assert sum(widths.values()) > sum(copies[2][1].values())
+    assert sum(widths.values()) > sum(copies[3][1].values())
     for name, tensor in model.named_parameters():
         if ".mimi_" in name:  # the chosen segment's live neurons, now compact
             layer = name.split(".mimi_")[0]
@@ -331,7 +331,7 @@ def test_the_trainer_callback_searches_on_the_trainers_evaluation(tmp_path):
     head = {n: p for n, p in model.named_parameters() if ".modules_to_save." in n}
     assert head and all(torch.equal(p, parameters[n]) for n, p in head.items())  # the chosen segment's head too
     logged = [entry for entry in trainer.state.log_history if "mimi/validation_accuracy" in entry]
-    assert [entry["mimi/chosen_round"] for entry in logged] == [0, 1, 1]
+    assert [entry["mimi/chosen_round"] for entry in logged] == [0, 1, 1, 1]
 
     model.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -363,7 +363,7 @@ def test_the_trainer_search_resumes_from_a_checkpoint(tmp_path):
     trainer = trainer_with_search(resumed, tmp_path / "run", _ScriptedAccuracy(resumed))
     callback = MiMiPruningCallback.attach(trainer)
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-20"))
-    assert callback.search_accuracies == [0.5, 0.6, 0.3] and callback.chosen_round == 1
+    assert callback.search_accuracies == [0.5, 0.6, 0.3, 0.585] and callback.chosen_round == 1
     assert resumed.base_model.adapter_widths() == reference.base_model.adapter_widths()
     assert resumed.base_model.peft_config["default"].rounds_done == 1
 
