@@ -196,6 +196,41 @@ def plot_accuracy(summary: list[dict], path: Path, backbone: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parts
+def plot_losses(rows: list[dict], path: Path, backbone: str) -> None:
+    """Training loss per epoch (mean over seeds) of every trained method, one panel per task: shows whether the
+    σ = 4 adapters have converged in the table's epochs, and MiMi's jumps after each cut."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[tuple[str, str], list[list[float]]] = {}
+    for r in rows:
+        losses = [loss for segment in r.get("segments", []) for loss in segment["loss"]]
+        if losses:
+            curves.setdefault((r["task"], r["label"]), []).append(losses)
+    tasks = sorted({task for task, _ in curves})
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (curve_task, label), runs in sorted(curves.items()):
+            if curve_task != task:
+                continue
+            epochs = min(len(run) for run in runs)
+            mean = [statistics.fmean(run[e] for run in runs) for e in range(epochs)]
+            ax.plot(range(1, epochs + 1), mean, marker=".", label=f"{label} ({len(runs)} seeds)")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss (epoch mean, log)")
+        ax.set_title(f"{backbone} on {task}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
     entries = []
     max_epochs = 0
@@ -244,6 +279,7 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
                 rows, summary, started, final)
         if summary:
             plot_accuracy(summary, out / "accuracy.png", args.backbone)
+            plot_losses(rows, out / "accuracy_loss.png", args.backbone)
 
     rows = []
     for seed in args.seeds:  # seed-major: an interrupted grid has every task at the first seeds
