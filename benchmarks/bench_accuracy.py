@@ -241,7 +241,8 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         rank = common.lora_rank_for_budget(probe_model, common.adapter_budget(probe_model, sigma))
         kinds = args.budget_methods.get(sigma, args.methods)
         entries += [(m, total, sigma) for m in methods_at(sigma, rank) if m.kind in kinds]
-    entries += [(m, max_epochs, None) for m in FIXED if m.kind in args.fixed]
+    # the floors are not trained (their rows record 0 epochs): no epoch count, so that --resume finds them
+    entries += [(m, None if m.kind in common.FLOORS else max_epochs, None) for m in FIXED if m.kind in args.fixed]
     entries.sort(key=run_order)  # cheap floors first, then MiMi against its same-size rivals, full FT last
     args.labels = {m.label for m, *_ in entries}  # the whole table's rows, also those --only leaves to others
     if args.only:
