@@ -1,23 +1,39 @@
 """Inference cost (paper Table 4): counted GFLOPs and measured CPU latency relative to the bare backbone.
 
     python benchmarks/bench_inference.py                       # -> results/inference.{md,json}
+    python benchmarks/bench_inference.py --configs dinov2-s14@112 --repeats 40   # one backbone at one size
+    python benchmarks/bench_inference.py --profile             # -> results/inference_profile.md (where time goes)
     python benchmarks/bench_inference.py --smoke --out /tmp/x  # tiny random ViT, seconds
 
-Variants, on the same backbone in one process, timed round-robin (so that load from other processes hits all of
-them alike): the bare backbone; MiMi pruned to the budget B(σt) and compacted; the same pruning only masked
-(``prune_round(compact=False)``: full-size tensors); vanilla adapters at σ=4; LoRA at the rank whose size is
-closest to B(σt), unmerged and merged (``merge_and_unload``). Pruning decisions come from the adapters' initial
-random weights (``init_weights=False``), not from training: this measures what a given set of widths costs, and
-the widths of a trained MiMi model differ (see allocation.json), but its parameter count is the same budget.
-GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` per image (matrix products only; activations and additions
-are not counted). Latency: median over repeats, batch 1 and 32, ``torch.inference_mode``, fp32.
+Variants, on one backbone in one process: the bare backbone; MiMi pruned to the budget B(σt) and compacted, as
+``get_peft_model`` gives it (the default path), after ``fuse_for_inference()`` (the fast path), as the plain module
+of ``peft_mimi.export.to_plain_module``, exported to ONNX and run by onnxruntime (and the bare backbone the same way,
+the fair reference for that row); a mixed-task batch (``adapter_names``, two MiMi tasks alternating, batch 1: one
+name), whose overhead over one task's forward is its ratio to the default row; LoRA at the rank whose size is
+closest to B(σt), unmerged and merged (``merge_and_unload``); with ``--compile``, the bare backbone and the fused
+model under ``torch.compile`` (inductor). MiMi masked (not shrunk) and vanilla σ=4 adapters are counted (GFLOPs),
+not timed. Pruning decisions come from the adapters' random initial weights (``init_weights=False``): this measures
+what a set of widths costs; a trained model's widths differ but its parameter count is the same budget.
+
+Timing, built for a shared, noisy machine: every repeat runs each variant once, in a fresh random order, so that
+load from other processes hits all variants alike; a variant's latency is the median over repeats, and its ratio
+to the backbone is the median over repeats of (variant time / backbone time in the same repeat), which cancels
+slow drifts in load. The 1-minute load average (``os.getloadavg``) is recorded before and after each block.
+GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` per image (matrix products only). ``torch.inference_mode``,
+fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import random
 import statistics
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,43 +42,107 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+BARE = "backbone (no adapter)"
 
-def variants(backbone: str, sigma: float, image_size: int | None) -> dict[str, tuple[torch.nn.Module, int]]:
-    """``{label: (model in eval mode, adapter parameters)}``; every model has a fresh 10-class head."""
-    from peft import LoraConfig, get_peft_model
+
+def fresh_backbone(config: str, args) -> torch.nn.Module:
+    """A new copy of the backbone of ``config`` (``name[@pixels]``) with a 10-class head."""
+    return common.load_model(config.split("@")[0], 10, args.sizes[config])[0].eval()
+
+
+def mimi_model(config: str, sigma: float, args, *, tasks: int = 1, compact: bool = True):
+    """The backbone with ``tasks`` MiMi adapters (``task0``, ...; seeds 0, 1, ...) pruned to B(σt); ``task0``
+    active, eval mode."""
+    from peft import get_peft_model
 
     from peft_mimi import MiMiConfig
 
-    def fresh():
-        return common.load_model(backbone, 10, image_size)[0].eval()
+    model, config_name = None, config
+    for task in range(tasks):
+        torch.manual_seed(task)
+        config = MiMiConfig(init_compression=4.0, target_compression=sigma, init_weights=False)
+        if model is None:
+            model = get_peft_model(fresh_backbone(config_name, args), config, adapter_name="task0")
+        else:
+            model.add_adapter(f"task{task}", config)
+        model.base_model.set_adapter(f"task{task}")
+        while model.base_model.num_rounds():
+            model.base_model.prune_round(compact=compact)
+    model.base_model.set_adapter("task0")
+    return model.eval()
 
-    out = {"backbone (no adapter)": (fresh(), 0)}
-    for compact in (True, False):
-        torch.manual_seed(0)
-        model = get_peft_model(fresh(), MiMiConfig(init_compression=4.0, target_compression=sigma, init_weights=False))
-        tuner = model.base_model
-        while tuner.num_rounds():
-            tuner.prune_round(compact=compact)
-        alive = sum(w > 0 for w in tuner.adapter_widths().values())
-        label = (f"MiMi σt={sigma:g} compacted ({alive}/{len(tuner.adapter_widths())} adapters left)" if compact
-                 else f"MiMi σt={sigma:g} masked, not shrunk")
-        out[label] = (model.eval(), tuner.live_params())
-    torch.manual_seed(0)
-    model = get_peft_model(fresh(), MiMiConfig(init_compression=4.0, target_compression=4.0, init_weights=False))
-    out["Adapters σ=4 (vanilla)"] = (model.eval(), model.base_model.live_params())
-    probe = fresh()
-    rank = common.lora_rank_for_budget(probe, common.adapter_budget(probe, sigma))
+
+def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, dict]]:
+    """``({label: fn(x) -> logits}, {label: {"adapter_params", "gflops", ...}})``; the second dict also holds the
+    rows that are counted but not timed."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_mimi.export import export_onnx, to_plain_module
+
+    bare = fresh_backbone(backbone, args)
+    example = torch.randn(1, 3, args.pixels[backbone], args.pixels[backbone])
+    two_tasks = mimi_model(backbone, args.sigma, args, tasks=2)
+    params = two_tasks.base_model.live_params("task0")
+    widths = two_tasks.base_model.adapter_widths("task0")
+    alive = f"{sum(w > 0 for w in widths.values())}/{len(widths)} adapters"
+    fused = copy.deepcopy(two_tasks)
+    fused.fuse_for_inference()
+    plain = to_plain_module(two_tasks)
+    mimi = f"MiMi σt={args.sigma:g} ({alive})"
+    fns: dict[str, Callable] = {
+        BARE: lambda x: bare(pixel_values=x).logits,
+        f"{mimi}, default": lambda x: two_tasks(pixel_values=x).logits,
+        f"{mimi}, fuse_for_inference()": lambda x: fused(pixel_values=x).logits,
+        f"{mimi}, plain module (export.to_plain_module)": lambda x: plain(pixel_values=x).logits,
+        f"{mimi}, mixed-task batch (adapter_names, 2 tasks)": lambda x: two_tasks(
+            pixel_values=x, adapter_names=[f"task{i % 2}" for i in range(len(x))]).logits,
+    }
+    counted = {BARE: (bare, 0), f"{mimi}, default": (two_tasks, params),
+               f"{mimi}, fuse_for_inference()": (fused, params),
+               f"{mimi}, plain module (export.to_plain_module)": (plain, params),
+               f"{mimi}, mixed-task batch (adapter_names, 2 tasks)": (None, params)}
+    workdir = Path(tempfile.mkdtemp(prefix="bench_inference_"))
+    for label, model in ((f"{mimi}, ONNX (onnxruntime)", two_tasks), (f"{BARE}, ONNX (onnxruntime)", bare)):
+        path = workdir / f"{len(fns)}.onnx"
+        export_onnx(model, example, path)
+        fns[label] = onnx_runner(path, args.threads)
+        counted[label] = (None, params if model is two_tasks else 0)
+    probe = fresh_backbone(backbone, args)
+    rank = common.lora_rank_for_budget(probe, common.adapter_budget(probe, args.sigma))
     targets = [n for n, m in probe.named_modules()
                if isinstance(m, torch.nn.Linear) and any(n.endswith(t) for t in common.TARGET_MODULES)]
     for merged in (False, True):
         torch.manual_seed(0)
-        lora = get_peft_model(fresh(), LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
-                                                  init_lora_weights=False))
-        params = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
-        if merged:
-            lora = lora.merge_and_unload()
-        out[f"LoRA r={rank} {'merged' if merged else 'unmerged'}"] = (lora.eval(), params)
-    return out
+        lora = get_peft_model(fresh_backbone(backbone, args),
+                              LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+        lora_params = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+        lora = (lora.merge_and_unload() if merged else lora).eval()
+        label = f"LoRA r={rank} {'merged' if merged else 'unmerged'}"
+        fns[label] = lambda x, m=lora: m(pixel_values=x).logits
+        counted[label] = (lora, lora_params)
+    if args.compile:
+        for label, model in ((f"{BARE}, torch.compile", bare), (f"{mimi}, fused, torch.compile", fused)):
+            compiled = torch.compile(model)
+            fns[label] = lambda x, m=compiled: m(pixel_values=x).logits
+            counted[label] = (None, params if model is fused else 0)
+    masked = mimi_model(backbone, args.sigma, args, compact=False)
+    counted[f"MiMi σt={args.sigma:g} masked, not shrunk (not timed)"] = (masked, masked.base_model.live_params())
+    torch.manual_seed(0)
+    vanilla = mimi_model(backbone, 4.0, args)
+    counted["Adapters σ=4, vanilla (not timed)"] = (vanilla, vanilla.base_model.live_params())
+    rows = {label: {"adapter_params": p, "gflops": None if m is None else gflops_per_image(m, example)}
+            for label, (m, p) in counted.items()}
+    rows[BARE]["widths"] = widths
+    return fns, rows
+
+
+def onnx_runner(path: Path, threads: int) -> Callable:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["logits"], {"pixel_values": x.numpy()})[0]
 
 
 def gflops_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -72,84 +152,210 @@ def gflops_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def bench_backbone(backbone: str, args) -> dict:
-    models = variants(backbone, args.sigma, args.image_sizes.get(backbone))
-    size = common.image_size_of(common.load_model(backbone, 10, args.image_sizes.get(backbone))[1])
-    rows = {label: {"adapter_params": params, "gflops": gflops_per_image(m, torch.randn(1, 3, size, size)),
-                    "latency_s": {}} for label, (m, params) in models.items()}
+def interleaved_times(fns: dict[str, Callable], x: torch.Tensor, repeats: int, warmup: int = 2) -> dict:
+    """``{label: [seconds per repeat]}``: every repeat calls each fn once, in a random order (seeded by the repeat),
+    after ``warmup`` untimed calls each."""
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn(x)
+        for repeat in range(repeats):
+            order = list(fns)
+            random.Random(repeat).shuffle(order)
+            for label in order:
+                start = time.perf_counter()
+                fns[label](x)
+                times[label].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over repeats of time / reference time in the same repeat."""
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def bench_config(backbone: str, args) -> dict:
+    fns, rows = build_variants(backbone, args)
+    size = args.pixels[backbone]
+    blocks = {}
     for batch in args.batches:
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-        times: dict[str, list[float]] = {label: [] for label in models}
-        with torch.inference_mode():
-            for m, _ in models.values():  # warm-up
-                for _ in range(2):
-                    m(pixel_values=x)
-            for _ in range(args.repeats):  # round-robin: the same background load hits every variant
-                for label, (m, _) in models.items():
-                    times[label] += common.timed(lambda m=m, x=x: m(pixel_values=x), repeats=1, warmup=0)
-        for label in models:
-            rows[label]["latency_s"][str(batch)] = times[label]
-        print(f"[inference] {backbone} batch {batch}: " + ", ".join(
-            f"{k}={1000 * statistics.median(v):.1f}ms" for k, v in times.items()), flush=True)
-    return {"image_size": size, "backbone_params": common.backbone_params(models["backbone (no adapter)"][0]),
-            "variants": rows}
+        load_before = os.getloadavg()
+        repeats = args.repeats if batch == 1 else max(3, args.repeats // 2)
+        times = interleaved_times(fns, x, repeats)
+        blocks[str(batch)] = {"load_before": load_before, "load_after": os.getloadavg(), "repeats": repeats}
+        for label, ts in times.items():
+            rows[label].setdefault("latency_s", {})[str(batch)] = ts
+            rows[label].setdefault("ratio", {})[str(batch)] = paired_ratio(ts, times[BARE])
+        print(f"[inference] {backbone} batch {batch} (load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}): "
+              + ", ".join(f"{k}={1000 * statistics.median(v):.1f}ms" for k, v in times.items()), flush=True)
+    return {"image_size": size, "backbone_params": common.backbone_params(fresh_backbone(backbone, args)),
+            "blocks": blocks, "variants": rows}
 
 
 def markdown(results: dict, args) -> str:
     lines = ["# Inference cost relative to the bare backbone", "",
-             f"σt = {args.sigma:g} (MiMi's budget B(σt); LoRA at the rank closest to it), fp32, "
-             f"{args.threads} CPU thread(s), median of {args.repeats} repeats, timed round-robin in one process "
-             "on a shared 2-core machine. GFLOPs are counted matrix products per image (FlopCounterMode). "
-             "Adapter params exclude the head.", ""]
-    for backbone, res in results.items():
-        base = res["variants"]["backbone (no adapter)"]
+             f"σt = {args.sigma:g} (MiMi's budget B(σt); LoRA at the rank closest to it), fp32, {args.threads} CPU "
+             "thread(s), on a shared 2-core machine (other jobs running: see the load averages). Each repeat runs "
+             "every variant once in a random order; ms = median over repeats; × backbone = median over repeats of "
+             "the variant's time / the backbone's time in the same repeat. GFLOPs are counted matrix products per "
+             "image (FlopCounterMode). Adapter params exclude the head.", ""]
+    for config, res in results.items():
+        base = res["variants"][BARE]
         header = ["variant", "adapter params", "GFLOPs/img", "Δ GFLOPs"]
         for b in args.batches:
             header += [f"ms @ batch {b}", f"× backbone @ {b}"]
         rows = []
         for label, v in res["variants"].items():
-            delta = 100 * (v["gflops"] / base["gflops"] - 1)
-            row = [label, f"{v['adapter_params']:,}", f"{v['gflops']:.4f}", f"{delta:+.2f}%"]
+            flops = ["–", "–"] if v["gflops"] is None else [
+                f"{v['gflops']:.4f}", f"{100 * (v['gflops'] / base['gflops'] - 1):+.2f}%"]
+            row = [label, f"{v['adapter_params']:,}", *flops]
             for b in args.batches:
-                med = statistics.median(v["latency_s"][str(b)])
-                row += [f"{1000 * med:.2f}", f"{med / statistics.median(base['latency_s'][str(b)]):.3f}"]
+                if "latency_s" in v:
+                    row += [f"{1000 * statistics.median(v['latency_s'][str(b)]):.2f}", f"{v['ratio'][str(b)]:.3f}"]
+                else:
+                    row += ["–", "–"]
             rows.append(row)
-        lines += [f"## {backbone} ({res['backbone_params']:,} params, {res['image_size']} px)", "",
-                  common.table(header, rows), ""]
+        loads = "; ".join(f"batch {b}: {blk['repeats']} repeats, load {blk['load_before'][0]:.2f} → "
+                          f"{blk['load_after'][0]:.2f}" for b, blk in res["blocks"].items())
+        lines += [f"## {config} ({res['backbone_params']:,} params, {res['image_size']} px)", "",
+                  common.table(header, rows), "", f"1-minute load average before → after: {loads}.", ""]
     if args.notes:
         lines += [args.notes]
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------- profile
+def profile(args) -> None:
+    """Where one adapter's time goes (batch 1): torch.profiler over whole forwards of the bare backbone, the default
+    MiMi model and the fused one, and interleaved timings of one adapted layer and of its parts."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    backbone = args.configs[0]
+    pixels = args.pixels[backbone]
+    bare = fresh_backbone(backbone, args)
+    model = mimi_model(backbone, args.sigma, args)
+    fused = copy.deepcopy(model)
+    fused.fuse_for_inference()
+    x = torch.randn(1, 3, pixels, pixels)
+    lines = ["# Where the time of a MiMi adapter goes (batch 1)", "",
+             f"{backbone} at {pixels} px, MiMi σt={args.sigma:g} compacted, {args.threads} CPU thread(s), fp32, "
+             f"`torch.inference_mode`, 1-minute load average at the start {os.getloadavg()[0]:.2f}.", ""]
+    with torch.inference_mode():
+        for name, m in ((BARE, bare), ("MiMi, default", model), ("MiMi, fuse_for_inference()", fused)):
+            for _ in range(3):
+                m(pixel_values=x)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.repeats):
+                    m(pixel_values=x)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+            lines += [f"## torch.profiler, {name} ({args.repeats} forwards)", "", "```", table.strip(), "```", ""]
+    lines += layer_breakdown(model, fused, bare, x, args)
+    lines += [f"Load average at the end: {os.getloadavg()[0]:.2f}.", ""]
+    if args.notes:
+        lines += [args.notes]
+    common.write_results(args.out, "inference_profile", {"config": vars(args), "markdown": lines}, "\n".join(lines))
+
+
+def layer_breakdown(model, fused, bare, x, args) -> list[str]:
+    """Interleaved microbenchmarks of the widest adapted layer's forward and of each step inside it."""
+    import torch.nn.functional as F
+
+    from peft_mimi.layer import MiMiLayer
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MiMiLayer)}
+    name, layer = max(layers.items(), key=lambda item: item[1].live_width("task0"))
+    fused_layer = fused.get_submodule(name)
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    with torch.inference_mode():
+        model(pixel_values=x)
+    hook.remove()
+    h = captured["x"]
+    base = layer.get_base_layer()
+    down, up, act = layer.mimi_down["task0"], layer.mimi_up["task0"], layer.mimi_activation["task0"]
+    with torch.inference_mode():
+        y = base(h)
+        hidden = act(down(y))
+        delta = up(hidden)
+    steps = {
+        "wrapped nn.Linear alone (what the bare backbone runs)": lambda: base(h),
+        "MiMi layer forward, default (wrapper + Linear + adapter)": lambda: layer(h),
+        "MiMi layer forward, fused (fuse_for_inference)": lambda: fused_layer(h),
+        "dtype cast y.to(W_down.dtype) (a no-op in fp32)": lambda: y.to(down.weight.dtype),
+        "W_down as module call": lambda: down(y),
+        "W_down as F.linear": lambda: F.linear(y, down.weight),
+        "activation as module call (GELUActivation)": lambda: act(hidden),
+        "activation as F.gelu": lambda: F.gelu(hidden),
+        "W_up as module call": lambda: up(hidden),
+        "W_up as F.linear": lambda: F.linear(hidden, up.weight),
+        "residual add y + delta": lambda: y + delta,
+    }
+    calls = 200  # per timed repeat: one call of a few µs is below the timer's resolution
+    times = interleaved_times({label: (lambda _, fn=fn: [fn() for _ in range(calls)]) for label, fn in steps.items()},
+                              h, args.repeats)
+    us = {label: 1e6 * statistics.median(ts) / calls for label, ts in times.items()}
+    parts = ["dtype cast y.to(W_down.dtype) (a no-op in fp32)", "W_down as module call",
+             "activation as module call (GELUActivation)", "W_up as module call", "residual add y + delta"]
+    default = us["MiMi layer forward, default (wrapper + Linear + adapter)"]
+    linear = us["wrapped nn.Linear alone (what the bare backbone runs)"]
+    wrapper = default - linear - sum(us[p] for p in parts)
+    rows = [[label, f"{value:.1f}"] for label, value in us.items()]
+    rows.append(["PEFT wrapper and bookkeeping (default forward − Linear − the steps above)", f"{wrapper:.1f}"])
+    width = layer.live_width("task0")
+    return [f"## One adapted layer: {name} (d = {layer.feature_size}, width {width}, input {tuple(h.shape)})", "",
+            f"µs per call, median of {args.repeats} interleaved repeats of {calls} calls each.", "",
+            common.table(["step", "µs"], rows), "",
+            f"Adapter overhead per layer: default {default - linear:.1f} µs, fused "
+            f"{us['MiMi layer forward, fused (fuse_for_inference)'] - linear:.1f} µs over the Linear alone; "
+            f"{len(layers)} adapted layers.", ""]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=["fmnist-vit", "fmnist-swin", "dinov2-s14"])
-    parser.add_argument("--image-size", nargs="*", default=["dinov2-s14=56"],
-                        help="per-backbone resolution overrides, name=pixels")
+    parser.add_argument("--configs", nargs="+", default=["dinov2-s14@112", "dinov2-s14@224", "fmnist-vit",
+                                                          "fmnist-swin"],
+                        help="backbone[@pixels]: a backbone at its native size or at that many pixels")
     parser.add_argument("--sigma", type=float, default=64.0)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20, help="repeats at batch 1 (half as many at larger ones)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) variants")
+    parser.add_argument("--profile", action="store_true", help="write inference_profile.md for the first config")
     parser.add_argument("--notes", default="")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
-    args.image_sizes = {k: int(v) for k, v in (item.split("=") for item in args.image_size)}
     if args.smoke:
-        args.backbones, args.batches, args.repeats = [common.SMOKE], [1, 4], 3
+        args.configs, args.batches, args.repeats = [common.SMOKE], [1, 4], 3
+    args.sizes = {c: int(c.split("@")[1]) if "@" in c else None for c in args.configs}
     torch.set_num_threads(args.threads)
+    if args.profile:
+        _resolve_pixels(args, args.configs[:1])
+        profile(args)
+        return
     results = {}
-    for backbone in args.backbones:
+    for config in args.configs:
         try:
-            results[backbone] = bench_backbone(backbone, args)
+            _resolve_pixels(args, [config])
+            results[config] = bench_config(config, args)
         except (OSError, FileNotFoundError, ImportError) as error:  # a backbone that cannot load is reported
-            results[backbone] = {"error": f"{type(error).__name__}: {error}"}
-            print(f"[inference] {backbone} skipped: {error}", flush=True)
+            results[config] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"[inference] {config} skipped: {error}", flush=True)
         ok = {k: v for k, v in results.items() if "error" not in v}
         skipped = {k: v["error"] for k, v in results.items() if "error" in v}
         md = markdown(ok, args) + "".join(f"\n\nNot measured: {k} ({e})" for k, e in skipped.items())
-        common.write_results(args.out, "inference", {"config": {k: v for k, v in vars(args).items()},
-                                                     "results": results}, md)
+        common.write_results(args.out, "inference", {"config": vars(args), "results": results}, md)
+
+
+def _resolve_pixels(args, configs: list[str]) -> None:
+    """``args.pixels[config]``: the image side each config runs at (its override, else the processor's)."""
+    args.pixels = getattr(args, "pixels", {})
+    for config in configs:
+        name = config.split("@")[0]
+        args.pixels[config] = args.sizes[config] or common.image_size_of(common.load_model(name, 10)[1])
 
 
 if __name__ == "__main__":

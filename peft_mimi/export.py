@@ -2,13 +2,13 @@
 
     from peft_mimi.export import to_plain_module, export_program, export_onnx
 
-    plain = to_plain_module(peft_model)                    # the transformers model, adapters folded in, no PEFT
+    plain = to_plain_module(peft_model)                    # the transformers model with its adapters, no PEFT
     export_program(peft_model, example, "model.pt2")       # torch only:  torch.export.load("model.pt2").module()
     export_onnx(peft_model, example, "model.onnx")         # onnxruntime: session.run(None, {"pixel_values": x})
 
-Every form holds the active adapter's live neurons folded into the Linears they adapt
-(`peft_mimi.layer.FusedMiMiLinear`: two matrix products per adapted layer), its own classification head, and nothing
-of the adapters that were removed: those layers are their plain Linear again. The exported program and the ONNX
+Every form holds the active adapter's live neurons, each adapted Linear and its adapter as one module
+(`peft_mimi.layer.FusedMiMiLinear`), its own classification head, and nothing of the adapters that were removed:
+those layers are their plain Linear again. The exported program and the ONNX
 graph take ``pixel_values`` ``(batch, 3, H, W)`` at the example's height and width (any batch size) and return the
 logits ``(batch, num_classes)``; loading them needs neither PEFT nor peft_mimi.
 """
@@ -36,8 +36,8 @@ INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 
 def to_plain_module(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """A copy of the base model of ``model`` (a `PeftModel` or `MiMiModel` with MiMi adapters) in eval mode, with
-    ``adapter_names`` (default: the active adapters) folded into each adapted Linear (`FusedMiMiLinear`, or the
-    plain Linear where they were removed) and each ``modules_to_save`` wrapper replaced by that adapter's copy
+    each adapted Linear and ``adapter_names`` (default: the active adapters) as one `FusedMiMiLinear` (the plain
+    Linear where they were removed) and each ``modules_to_save`` wrapper replaced by that adapter's copy
     (e.g. its classification head). Its forward and outputs are the base model's (e.g. ``.logits``); ``model`` is
     not changed. Raises ``ValueError`` for anything else, e.g. a model with adapters of another PEFT method."""
     tuner = model.base_model if isinstance(model, PeftModel) else model
@@ -80,8 +80,8 @@ def _logits_module(model: nn.Module) -> nn.Module:
 def export_program(
     model: nn.Module, example: torch.Tensor, path: str | os.PathLike | None = None
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``pixel_values -> logits`` for ``model`` (a MiMi `PeftModel`, folded with
-    :func:`to_plain_module`, or a plain module from it), any batch size at ``example``'s image size; saved to
+    """``torch.export`` of ``pixel_values -> logits`` for ``model`` (a MiMi `PeftModel`, made plain
+    with :func:`to_plain_module`, or a plain module from it), any batch size at ``example``'s image size; saved to
     ``path`` (``.pt2``) when given. Load it with torch alone: ``torch.export.load(path).module()(pixel_values)``."""
     module = _logits_module(model)
     batch = torch.export.Dim("batch", min=1, max=4096)

@@ -9,8 +9,8 @@ An adapter of width 0 has no tensors at all and costs nothing.
 Mixed-task batches: ``forward(x, adapter_names=[...])`` (one adapter name per image, ``"__base__"`` for none, as
 in PEFT's LoRA) adds to each image's rows the delta of that image's adapter only, whatever adapters are active.
 
-Inference: ``fuse(adapter_names)`` folds ``W_down`` into the wrapped Linear (:class:`FusedMiMiLinear`: one matrix
-product gives ``y`` and ``W_down·y``, a second one ``W_up·act(·)``), so that an adapter costs its arithmetic and
+Inference: ``fuse(adapter_names)`` runs the wrapped Linear and the adapters as one :class:`FusedMiMiLinear` (three
+matrix products, the residual added in place, no Python in between), so that an adapter costs its arithmetic and
 little else; a layer whose adapters were all removed becomes its plain Linear again. ``unfuse()`` undoes it; while
 fused, training and pruning are refused, and adding, switching or deleting adapters undoes the fusion.
 """
@@ -53,36 +53,41 @@ FUSED_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": tor
 
 
 class FusedMiMiLinear(nn.Module):
-    """A Linear with MiMi adapters folded in, for inference; plain torch, nothing of PEFT or peft_mimi's tuner.
+    """A Linear and its MiMi adapter as one module, for inference: plain torch, nothing of PEFT or peft_mimi's tuner.
 
-    ``weight`` is ``(d + n, k)``: the wrapped Linear's ``W`` (d rows) stacked on ``W_down·W`` (n rows), and
-    ``bias`` ``(d + n,)`` is ``[b; W_down·b + b_down]``, so that ``z = weight·x + bias`` holds ``y`` then
-    ``W_down·y``; the output is ``y + W_up·act(W_down·y) + b_up`` (``up_weight``: ``(d, n)``). Equal to the
-    adapted layer up to float rounding. Several adapters active together are one wider adapter (their neurons
-    side by side, ``b_up`` summed)."""
+    ``y = W·x + b`` (``weight``: ``(d, k)``), then ``y += W_up·act(W_down·y + b_down) + b_up`` in place (``down_weight``
+    ``(n, d)``, ``up_weight`` ``(d, n)``): three matrix products and the activation, no copy of the output and no
+    Python beyond this forward. Equal to the adapted layer up to float rounding. Several adapters active together are
+    one wider adapter (their neurons side by side, ``b_up`` summed). ``weight`` and ``bias`` may be the wrapped
+    Linear's own parameters (shared, not copied)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
-        activation: str,
+        self, weight: torch.Tensor, bias: torch.Tensor | None, down_weight: torch.Tensor,
+        down_bias: torch.Tensor | None, up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str,
     ) -> None:
         super().__init__()
         if activation not in FUSED_ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(FUSED_ACTIVATIONS)}")
-        self.out_features, self.width = up_weight.shape
-        self.in_features = weight.shape[1]
+        self.out_features, self.in_features = weight.shape
+        self.width = down_weight.shape[0]
         self.activation = activation
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.up_weight = nn.Parameter(up_weight, requires_grad=False)
-        self.up_bias = None if up_bias is None else nn.Parameter(up_bias, requires_grad=False)
+        for name, tensor in (("weight", weight), ("bias", bias), ("down_weight", down_weight),
+                             ("down_bias", down_bias), ("up_weight", up_weight), ("up_bias", up_bias)):
+            if tensor is not None and not isinstance(tensor, nn.Parameter):
+                tensor = nn.Parameter(tensor, requires_grad=False)
+            setattr(self, name, tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.weight, self.bias)
-        hidden = z[..., self.out_features:]
+        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        hidden = F.linear(y, self.down_weight, self.down_bias)
         act = FUSED_ACTIVATIONS[self.activation]
         if act is not None:
             hidden = act(hidden)
-        return z[..., : self.out_features] + F.linear(hidden, self.up_weight, self.up_bias)
+        if self.up_bias is not None:
+            y = y + self.up_bias
+        # y is this call's own tensor, and no backward needs it: accumulating into it saves a pass over the output
+        y.addmm_(hidden, self.up_weight.t())
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, width={self.width}, "
@@ -115,7 +120,7 @@ class MiMiLayer(BaseTunerLayer):
         # adapters with masked neurons, kept on the Python side so that forward needs no device sync
         self._masked: set[str] = set()
         self._activation_name: dict[str, str] = {}
-        # fused for inference (see `fuse`): the adapters folded in, and the FusedMiMiLinear computing them (None when
+        # fused for inference (see `fuse`): the adapters fused, and the FusedMiMiLinear computing them (None when
         # none has a live neuron here); kept out of _modules so that state_dict and parameters() do not see it
         self.fused_adapters: tuple[str, ...] = ()
         self.__dict__["_fused"] = None
@@ -377,10 +382,10 @@ class MiMiLayer(BaseTunerLayer):
     # ------------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def fused_module(self, adapter_names: Sequence[str]) -> FusedMiMiLinear | None:
-        """The inference form of this layer with ``adapter_names`` active: a new :class:`FusedMiMiLinear` holding
-        the live neurons of those adapters (masked and removed ones are left out), in the wrapped Linear's dtype
-        and on its device, sharing no tensor with this layer; None when none of them has a live neuron here (the
-        wrapped Linear alone is the inference form). Adapters active together must share one activation."""
+        """The inference form of this layer with ``adapter_names`` active: a new :class:`FusedMiMiLinear` sharing the
+        wrapped Linear's weight and bias and holding a copy of the live neurons of those adapters (masked and
+        removed ones left out) in the Linear's dtype; None when none of them has a live neuron here (the wrapped
+        Linear alone is the inference form). Adapters active together must share one activation."""
         parts = [(name, self.live_neurons(name)) for name in adapter_names if self.live_width(name) > 0]
         if not parts:
             return None
@@ -389,35 +394,25 @@ class MiMiLayer(BaseTunerLayer):
             raise ValueError(f"Adapters {[name for name, _ in parts]} use different activations {sorted(activations)} "
                              "and cannot be fused together; fuse one adapter at a time.")
         base = self.get_base_layer()
-        device, dtype = base.weight.device, base.weight.dtype
-        downs = [self.mimi_down[name] for name, _ in parts]
+        dtype = base.weight.dtype
+        downs = [(self.mimi_down[name], live.to(base.weight.device)) for name, live in parts]
         ups = [self.mimi_up[name] for name, _ in parts]
-        lives = [live.to(device) for _, live in parts]
-        # the folded rows in float64: W_down·W and W_down·b then round once to the base dtype
-        w_down = torch.cat([down.weight[live] for down, live in zip(downs, lives)]).double()
-        folded_weight = w_down @ base.weight.double()
-        folded_bias = torch.zeros(len(w_down), dtype=torch.float64, device=device)
-        if base.bias is not None:
-            folded_bias += w_down @ base.bias.double()
-        if downs[0].bias is not None:
-            folded_bias += torch.cat([down.bias[live] for down, live in zip(downs, lives)]).double()
-        has_bias = base.bias is not None or downs[0].bias is not None
-        base_bias = base.bias if base.bias is not None else torch.zeros(self.out_features, dtype=dtype, device=device)
-        up_weight = torch.cat([up.weight[:, live] for up, live in zip(ups, lives)], dim=1)
-        up_bias = sum(up.bias for up in ups) if ups[0].bias is not None else None
+        has_bias = downs[0][0].bias is not None
         return FusedMiMiLinear(
-            weight=torch.cat([base.weight, folded_weight.to(dtype)]),
-            bias=torch.cat([base_bias, folded_bias.to(dtype)]) if has_bias else None,
-            up_weight=up_weight.to(dtype).contiguous(),
-            up_bias=None if up_bias is None else up_bias.to(dtype).clone(),
+            weight=base.weight,
+            bias=base.bias,
+            down_weight=torch.cat([down.weight[live] for down, live in downs]).to(dtype),
+            down_bias=torch.cat([down.bias[live] for down, live in downs]).to(dtype) if has_bias else None,
+            up_weight=torch.cat([up.weight[:, live] for up, (_, live) in zip(ups, downs)], dim=1).to(dtype),
+            up_bias=sum(up.bias for up in ups).to(dtype) if has_bias else None,
             activation=activations.pop(),
         )
 
     def fuse(self, adapter_names: Sequence[str]) -> None:
-        """Fold ``adapter_names`` (the live neurons) into this layer for inference (see :class:`FusedMiMiLinear`):
-        forward then costs two matrix products, or only the wrapped Linear's when none has a live neuron here.
-        Holds a copy of the wrapped weight until :meth:`unfuse`. Calling it again refreshes the copy. An adapter
-        this layer does not carry counts as removed here."""
+        """Run ``adapter_names`` (their live neurons) as one :class:`FusedMiMiLinear` with the wrapped Linear, for
+        inference; only the wrapped Linear where none has a live neuron here. Holds a copy of the adapters' live
+        neurons (not of the Linear) until :meth:`unfuse`; calling it again refreshes the copy. An adapter this layer
+        does not carry counts as removed here."""
         if not adapter_names:
             raise ValueError("fuse() needs at least one adapter name.")
         self.__dict__["_fused"] = self.fused_module(adapter_names)
@@ -452,7 +447,7 @@ def _refresh_masks_after_load(layer: MiMiLayer, incompatible_keys) -> None:
     for adapter_name in layer.mimi_width:
         if adapter_name in layer.mimi_mask and not layer.mimi_mask[adapter_name].is_meta:
             layer.refresh_mask_state(adapter_name)
-    if layer.fused_adapters:  # new weights: fold them in again
+    if layer.fused_adapters:  # new weights: fuse them again
         layer.fuse(layer.fused_adapters)
 
 

@@ -202,10 +202,10 @@ class MiMiModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------ inference
     def fuse_for_inference(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold the adapters (default: the active ones) into the wrapped Linears for fast inference: each adapted
-        layer becomes two matrix products, a layer whose adapters were removed its plain Linear (see
-        `peft_mimi.layer.FusedMiMiLinear`); outputs equal the unfused model's up to float rounding. Holds a copy
-        of the adapted Linears' weights. Training and pruning raise until :meth:`unfuse`; adding, switching or
+        """Run each adapted Linear and its adapters (default: the active ones) as one module for fast inference
+        (`peft_mimi.layer.FusedMiMiLinear`: three matrix products, no Python in between), a layer whose adapters
+        were removed as its plain Linear; outputs equal the unfused model's up to float rounding. Holds a copy of
+        the adapters' live neurons. Training and pruning raise until :meth:`unfuse`; adding, switching or
         deleting adapters undoes the fusion (with a warning); mixed-task batches (``adapter_names=...`` in
         forward) and ``disable_adapter()`` still work, unfused."""
         names = list(self.active_adapters if adapter_names is None else adapter_names)

@@ -44,6 +44,8 @@ def test_fused_model_gives_the_same_logits_and_removed_adapters_become_plain_lin
     model = adapted_model(family)
     images = make_images(3)
     expected = logits(model, images)
+    with model.disable_adapter():
+        assert (logits(model, images) - expected).abs().max() > 1e-3  # the adapters matter
     model.fuse_for_inference()
     torch.testing.assert_close(logits(model, images), expected, atol=1e-5, rtol=1e-5)
     widths = model.base_model.adapter_widths()
@@ -190,7 +192,7 @@ def test_onnx_matches_pytorch_and_holds_only_live_adapters(family, tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {"pixel_values": images.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), logits(model, images), atol=1e-4, rtol=1e-4)
-    # one more matrix product (W_up) per adapter with live neurons, none for a removed one: W_down is folded
+    # two more matrix products (W_down, W_up) per adapter with live neurons, none for a removed one
     bare = make_model(family)
     bare.classifier = torch.nn.Linear(bare.classifier.in_features, 5)
     export_onnx(bare, make_images(2), tmp_path / "bare.onnx")
@@ -198,4 +200,4 @@ def test_onnx_matches_pytorch_and_holds_only_live_adapters(family, tmp_path):
     products = [_onnx_op_counts(p)["MatMul"] + _onnx_op_counts(p)["Gemm"] for p in (tmp_path / "model.onnx",
                                                                                       tmp_path / "bare.onnx")]
     assert live == len(model.base_model.adapter_widths()) - 1
-    assert products[0] - products[1] == live
+    assert products[0] - products[1] == 2 * live
