@@ -260,57 +260,79 @@ def profile(args) -> None:
 
 
 def layer_breakdown(model, fused, bare, x, args) -> list[str]:
-    """Interleaved microbenchmarks of the widest adapted layer's forward and of each step inside it."""
-    import torch.nn.functional as F
-
+    """Interleaved microbenchmarks of one adapted layer's forward and of each step inside it, for the widest adapter
+    of each layer shape (e.g. the attention output, k = d, and the MLP's second Linear, k = 4d), at the layer's input
+    of a batch of 1 and of 32 images; and the alternative of folding ``W_down`` into the Linear."""
     from peft_mimi.layer import MiMiLayer
 
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, MiMiLayer)}
-    name, layer = max(layers.items(), key=lambda item: item[1].live_width("task0"))
-    fused_layer = fused.get_submodule(name)
-    captured = {}
-    hook = layer.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
-    with torch.inference_mode():
-        model(pixel_values=x)
-    hook.remove()
-    h = captured["x"]
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MiMiLayer) and m.live_width("task0")}
+    widest = {}
+    for name, layer in layers.items():
+        key = layer.in_features
+        if key not in widest or layer.live_width("task0") > widest[key][1].live_width("task0"):
+            widest[key] = (name, layer)
+    columns, results = [], []
+    for name, layer in widest.values():
+        captured = {}
+        hook = layer.register_forward_pre_hook(lambda m, a, store=captured: store.setdefault("x", a[0]))
+        with torch.inference_mode():
+            model(pixel_values=x)
+        hook.remove()
+        for batch in (1, 32):
+            h = captured["x"].repeat(batch, *([1] * (captured["x"].dim() - 1)))
+            columns.append(f"{name.removeprefix('base_model.model.')} (k={layer.in_features}, d={layer.feature_size}, "
+                           f"width {layer.live_width('task0')}), {tuple(h.shape)}")
+            results.append(layer_step_times(layer, fused.get_submodule(name), h, args.repeats))
+    steps = list(results[0])
+    rows = [[step, *(f"{r[step]:.1f}" for r in results)] for step in steps]
+    return ["## One adapted layer, step by step", "",
+            f"µs per call, median of {args.repeats} interleaved repeats (each of many calls: one call of a few µs is "
+            "below the timer's resolution). The wrapper row is what the default forward costs beyond the Linear and "
+            "the steps below it: PEFT's bookkeeping (active adapters, disabled/merged checks) and four module calls.",
+            "", common.table(["step", *columns], rows), ""]
+
+
+def layer_step_times(layer, fused_layer, h: torch.Tensor, repeats: int) -> dict[str, float]:
+    import torch.nn.functional as F
+
     base = layer.get_base_layer()
     down, up, act = layer.mimi_down["task0"], layer.mimi_up["task0"], layer.mimi_activation["task0"]
+    d = layer.feature_size
     with torch.inference_mode():
         y = base(h)
         hidden = act(down(y))
         delta = up(hidden)
+        folded = torch.cat([base.weight, down.weight @ base.weight])
+        folded_bias = torch.cat([base.bias, down.weight @ base.bias])
+
+    def fold_forward():  # the alternative: one (d + n) × k product gives y and W_down·y
+        z = F.linear(h, folded, folded_bias)
+        return z[..., :d] + F.linear(F.gelu(z[..., d:]), up.weight)
+
     steps = {
         "wrapped nn.Linear alone (what the bare backbone runs)": lambda: base(h),
-        "MiMi layer forward, default (wrapper + Linear + adapter)": lambda: layer(h),
-        "MiMi layer forward, fused (fuse_for_inference)": lambda: fused_layer(h),
-        "dtype cast y.to(W_down.dtype) (a no-op in fp32)": lambda: y.to(down.weight.dtype),
-        "W_down as module call": lambda: down(y),
-        "W_down as F.linear": lambda: F.linear(y, down.weight),
-        "activation as module call (GELUActivation)": lambda: act(hidden),
-        "activation as F.gelu": lambda: F.gelu(hidden),
-        "W_up as module call": lambda: up(hidden),
-        "W_up as F.linear": lambda: F.linear(hidden, up.weight),
-        "residual add y + delta": lambda: y + delta,
+        "MiMi layer, default forward": lambda: layer(h),
+        "MiMi layer, fused (fuse_for_inference)": lambda: fused_layer(h),
+        "alternative: W_down folded into the Linear, (d+n)×k": fold_forward,
+        "step: dtype cast y.to(W_down.dtype) (no-op in fp32)": lambda: y.to(down.weight.dtype),
+        "step: W_down, module call": lambda: down(y),
+        "step: activation, module call (GELUActivation)": lambda: act(hidden),
+        "step: W_up, module call": lambda: up(hidden),
+        "step: residual add y + delta": lambda: y + delta,
+        "step: W_down as F.linear": lambda: F.linear(y, down.weight),
+        "step: activation as F.gelu": lambda: F.gelu(hidden),
     }
-    calls = 200  # per timed repeat: one call of a few µs is below the timer's resolution
+    calls = max(2, 20_000 // h.shape[:-1].numel())  # about 10 ms per timed repeat
     times = interleaved_times({label: (lambda _, fn=fn: [fn() for _ in range(calls)]) for label, fn in steps.items()},
-                              h, args.repeats)
+                              h, repeats)
     us = {label: 1e6 * statistics.median(ts) / calls for label, ts in times.items()}
-    parts = ["dtype cast y.to(W_down.dtype) (a no-op in fp32)", "W_down as module call",
-             "activation as module call (GELUActivation)", "W_up as module call", "residual add y + delta"]
-    default = us["MiMi layer forward, default (wrapper + Linear + adapter)"]
-    linear = us["wrapped nn.Linear alone (what the bare backbone runs)"]
-    wrapper = default - linear - sum(us[p] for p in parts)
-    rows = [[label, f"{value:.1f}"] for label, value in us.items()]
-    rows.append(["PEFT wrapper and bookkeeping (default forward − Linear − the steps above)", f"{wrapper:.1f}"])
-    width = layer.live_width("task0")
-    return [f"## One adapted layer: {name} (d = {layer.feature_size}, width {width}, input {tuple(h.shape)})", "",
-            f"µs per call, median of {args.repeats} interleaved repeats of {calls} calls each.", "",
-            common.table(["step", "µs"], rows), "",
-            f"Adapter overhead per layer: default {default - linear:.1f} µs, fused "
-            f"{us['MiMi layer forward, fused (fuse_for_inference)'] - linear:.1f} µs over the Linear alone; "
-            f"{len(layers)} adapted layers.", ""]
+    module_steps = [label for label in us if label.startswith("step:") and "F." not in label]
+    linear, default = us["wrapped nn.Linear alone (what the bare backbone runs)"], us["MiMi layer, default forward"]
+    us["wrapper: default forward − Linear − the module steps"] = default - linear - sum(us[k] for k in module_steps)
+    us["adapter overhead, default (default − Linear)"] = default - linear
+    us["adapter overhead, fused (fused − Linear)"] = us["MiMi layer, fused (fuse_for_inference)"] - linear
+    us["adapter overhead, folded alternative"] = us["alternative: W_down folded into the Linear, (d+n)×k"] - linear
+    return us
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@
         processes over gloo; `accelerate launch --cpu --num_processes 2` starts only one without mpirun)
     peft-mimi eval runs/digits/adapter --data digits
     peft-mimi info runs/digits/adapter
+    peft-mimi export runs/digits/adapter model.onnx          (or model.pt2: torch.export; neither needs PEFT to run)
 
 Exit codes: 0 success, 1 training failed (e.g. the loss became NaN), 2 bad arguments or inputs, 130 interrupted.
 """
@@ -79,11 +80,11 @@ def train_parser():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``peft-mimi`` (subcommands ``train``, ``eval``, ``info``); ``train``'s own options
-    come from :func:`train_parser`."""
+    """The argument parser of ``peft-mimi`` (subcommands ``train``, ``eval``, ``info``, ``export``); ``train``'s own
+    options come from :func:`train_parser`."""
     parser = argparse.ArgumentParser(
         prog="peft-mimi", description="MiMi (Mini but Mighty) adapters for Vision Transformers, with PEFT.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info,export}")
     commands.add_parser("train", help="run MiMi's schedule: train, prune, ..., train; save the adapter "
                                       "(peft-mimi train --help lists its options)", add_help=False)
 
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="per-layer widths, parameter counts, budget and rounds of an adapter")
     info.add_argument("adapter_dir", type=Path, help="a saved MiMi adapter (OUTPUT_DIR/adapter)")
     info.add_argument("--model", default=None, help="backbone (default: the one recorded in the adapter)")
+
+    export = commands.add_parser("export", help="a saved adapter on its backbone as one ONNX file or torch.export "
+                                                "program, pixel_values -> logits (peft_mimi.export)")
+    export.add_argument("adapter_dir", type=Path, help="a saved MiMi adapter (OUTPUT_DIR/adapter)")
+    export.add_argument("output", type=Path, help="the file to write: NAME.onnx or NAME.pt2")
+    export.add_argument("--model", default=None, help="backbone (default: the one recorded in the adapter)")
+    export.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the processor's)")
     return parser
 
 
@@ -110,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "adapter_dir", None) is not None and not args.adapter_dir.is_dir():
         parser.error(f"{args.adapter_dir} is not a directory; pass the adapter directory that `peft-mimi train` "
                      "writes (OUTPUT_DIR/adapter)")
-    return _exit_code(args.command, lambda: {"eval": _eval, "info": _info}[args.command](args))
+    return _exit_code(args.command, lambda: {"eval": _eval, "info": _info, "export": _export}[args.command](args))
 
 
 def _exit_code(command: str, run: Callable[[], int]) -> int:
@@ -189,3 +197,20 @@ def _info(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import ImageTransform
+    from .export import export_onnx, export_program
+    from .train import load_adapter
+
+    writers = {".onnx": export_onnx, ".pt2": export_program}
+    if args.output.suffix not in writers:
+        raise ValueError(f"{args.output}: name the output NAME.onnx (ONNX) or NAME.pt2 (torch.export).")
+    model, processor = load_adapter(args.adapter_dir, model=args.model)
+    size = args.image_size or ImageTransform.from_processor(processor, train=False).image_size[0]
+    writers[args.output.suffix](model, torch.zeros(1, 3, size, size), args.output)
+    print(f"wrote {args.output}: pixel_values (batch, 3, {size}, {size}) -> logits")
+    return 0

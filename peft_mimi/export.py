@@ -85,6 +85,8 @@ def export_program(
     ``path`` (``.pt2``) when given. Load it with torch alone: ``torch.export.load(path).module()(pixel_values)``."""
     module = _logits_module(model)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    if len(example) == 1:  # torch.export specialises a dimension of size 1 to a constant
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
     if path is not None:

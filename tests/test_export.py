@@ -201,3 +201,25 @@ def test_onnx_matches_pytorch_and_holds_only_live_adapters(family, tmp_path):
                                                                                       tmp_path / "bare.onnx")]
     assert live == len(model.base_model.adapter_widths()) - 1
     assert products[0] - products[1] == 2 * live
+
+
+def test_cli_exports_a_saved_adapter_to_onnx_and_to_a_program(backbone, tmp_path):
+    import onnxruntime
+
+    from peft_mimi.cli import main
+    from peft_mimi.train import load_adapter
+
+    base = make_model("vit", num_labels=10)
+    model = get_peft_model(base, MiMiConfig(target_compression=8.0, init_weights=False,
+                                            modules_to_save=["classifier"]))
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.onnx"), "--model", backbone]) == 0
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.pt2"), "--model", backbone]) == 0
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.zip"), "--model", backbone]) == 2
+    loaded, _ = load_adapter(tmp_path / "adapter", model=backbone)
+    images = make_images(3)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"pixel_values": images.numpy()})[0]),
+                               logits(loaded, images), atol=1e-4, rtol=1e-4)
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    torch.testing.assert_close(program(images), logits(loaded, images), atol=1e-5, rtol=1e-5)
