@@ -125,4 +125,4 @@ def test_method_options_come_from_mimi_config(backbone, tmp_path, monkeypatch):
 def test_the_console_script_is_installed():
     script = Path(sys.executable).parent / "peft-mimi"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "{train,eval,info}" in done.stdout
+    assert done.returncode == 0 and "{train,eval,info,export}" in done.stdout
