@@ -5,7 +5,7 @@ For every backbone x task x seed it trains, with `peft_mimi.train.train` (the lo
 - ``search``: MiMi from σ0 = 4 down to at most the floor ``--floor`` (σt), ``MiMiConfig(budget_tolerance=...)``,
   the validation split ``--validation-fractions`` of the training images (once per fraction);
 - ``fixed``: MiMi at ``--fixed-sigma`` (σt = 64) on all the training images, the paper's stop rule.
-Both train ``E`` epochs per round (the search stops early when a round falls outside the tolerance). The test split
+Both train ``E`` epochs per round, the search down to its floor. The test split
 is never used for choosing; its accuracy is recorded after every round to judge the choice afterwards.
 
     python benchmarks/budget_search.py --threads 2          # -> results/budget_search.{md,json}
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -122,8 +123,8 @@ def publish(args, rows: list[dict], final: bool) -> None:
 
 {status}MiMi from σ0 = 4 toward the floor σt = {args.floor:g}, E = {args.epochs_per_round} epochs per round,
 `MiMiConfig(budget_tolerance={args.tolerance:g})`: after each round, accuracy on a validation split carved from the
-training images (stratified, seeded); pruning stops at the first round more than {args.tolerance:g} point(s) below
-the best so far, and the smallest round within the tolerance is restored and saved. Compared with MiMi at a fixed
+training images (stratified, seeded); the rounds go on down to the floor, and the smallest round within
+{args.tolerance:g} point(s) of the best validation accuracy is restored and saved. Compared with MiMi at a fixed
 σt = {args.fixed_sigma:g} (the paper's stop rule, all training images, same E). {args.max_train} training images
 (class-balanced subset, the validation split comes out of them), {args.max_test} test images, lr {args.lr:g},
 batch 64, seeds {sorted({r['seed'] for r in rows})}, on {common.device_name()}.
@@ -142,12 +143,46 @@ Per seed (chosen round / rounds trained; test loss = best round's test accuracy 
                "test acc.", "best round test acc.", "test loss", "within on test", f"σt={args.fixed_sigma:g}"],
               per_seed)}
 """
+    markdown += "\n" + reading(args, summary) + "\n"
     if args.notes:
         notes = Path(args.notes)
         markdown += "\n" + (notes.read_text() if notes.is_file() else args.notes) + "\n"
     raw = {"final": final, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "summary": summary, "rows": rows}
     common.write_results(args.out, NAME, raw, markdown)
+
+
+def reading(args, summary: list[dict]) -> str:
+    """A plain reading of the summary rows, computed from them."""
+    if not summary:
+        return ""
+    mean = common.mean_std
+    lines = ["## Reading", ""]
+    for fraction in sorted({s["validation_fraction"] for s in summary}):
+        rows = [s for s in summary if s["validation_fraction"] == fraction]
+        held = sum(s["within_on_test"] for s in rows)
+        seeds = sum(s["seeds"] for s in rows)
+        every = [f"{s['backbone']}/{s['task']}" for s in rows if s["within_on_test"] == s["seeds"]]
+        on_mean = sum(s["best_round_test"][0] - s["test"][0] <= args.tolerance + 1e-9 for s in rows)
+        with_fixed = [s for s in rows if s["fixed_test"]]
+        images = math.ceil(fraction * args.max_train)
+        accuracy = mean([s["validation"][0] / 100 for s in rows])[0]
+        noise = 100 * math.sqrt(accuracy * (1 - accuracy) / images)
+        lines.append(
+            f"- Validation fraction {fraction:g} ({images} images): the saved adapter is within {args.tolerance:g} "
+            f"point(s) of the best round on test in {held}/{seeds} seeds; on every seed for "
+            f"{', '.join(every) if every else 'no task'} ({len(every)}/{len(rows)} tasks); on the mean over seeds in "
+            f"{on_mean}/{len(rows)} tasks. One validation measurement at {100 * accuracy:.0f} % has a standard error "
+            f"of {noise:.1f} points at this size, so a tolerance of {args.tolerance:g} point(s) is below the noise "
+            "of the signal the choice rests on.")
+        if with_fixed:
+            params = mean([s["params"][0] / s["fixed_params"][0] for s in with_fixed])[0]
+            gap = mean([s["test"][0] - s["fixed_test"][0] for s in with_fixed])[0]
+            lines.append(
+                f"  Against MiMi at σt = {args.fixed_sigma:g}: {params:.2f}x its parameters and "
+                f"{gap:+.1f} test points on the mean over tasks (the search trains on {100 * (1 - fraction):.0f} % "
+                f"of the images, and its rounds go on toward the floor σt = {args.floor:g}).")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     path = args.out / f"{NAME}.json"
     rows = json.loads(path.read_text())["rows"] if (args.resume or args.publish_only) and path.is_file() else []
-    if args.publish_only:
-        return publish(args, rows, final=json.loads(path.read_text()).get("final", False))
+    if args.publish_only:  # the markdown keeps the command and environment that measured the rows
+        saved = json.loads(path.read_text())
+        common.command_line, common.environment = (lambda: saved["command"]), (lambda: saved["environment"])
+        return publish(args, rows, final=saved.get("final", False))
     done = {(r["kind"], r["backbone"], r["task"], r["seed"], r["validation_fraction"]) for r in rows}
     for backbone in args.backbones:
         for task in args.tasks:
