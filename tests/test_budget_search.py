@@ -377,3 +377,22 @@ def test_the_trainer_search_explains_a_missing_validation_signal(tmp_path):
     MiMiPruningCallback.attach(trainer)
     with pytest.raises(ValueError, match=r"metrics\['eval_accuracy'\].*compute_metrics"):
         trainer.train()
+
+
+# ----------------------------------------------------------------------------------------------- the benchmark
+def test_the_benchmark_runs_and_judges_the_search_on_test(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "budget_search.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    raw = json.loads((tmp_path / "budget_search.json").read_text())
+    search = next(r for r in raw["rows"] if r["kind"] == "search")
+    assert [r["kind"] for r in raw["rows"]] == ["fixed", "search"] and raw["final"]
+    assert search["chosen_round"] == budget_search([r["live_params"] for r in search["rounds"]],
+                                                   [r["validation_accuracy"] for r in search["rounds"]], 1.0)
+    text = (tmp_path / "budget_search.md").read_text()
+    assert text.startswith("Command: `python benchmarks/budget_search.py --smoke") and "## Reading" in text
