@@ -14,6 +14,8 @@ import warnings
 import pytest
 import torch
 import transformers
+from conftest import FAMILIES as FIRST_FAMILIES
+from conftest import make_model
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -79,6 +81,14 @@ def block_of(name: str) -> str:
     return re.match(r"(.*\.\d+)\.", name).group(1)
 
 
+def adapt(model: nn.Module, config: MiMiConfig) -> tuple[nn.Module, list[str]]:
+    """``get_peft_model(model, config)`` and the messages of the partial-block warnings it emitted."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = get_peft_model(model, config)
+    return peft_model, [str(w.message) for w in caught if "only in part" in str(w.message)]
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param
@@ -86,10 +96,8 @@ def family(request) -> str:
 
 def test_default_targets_adapt_both_sublayers_of_every_block(family):
     base = make(family)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = get_peft_model(base, mimi_config(base))
-    assert not [w for w in caught if "only in part" in str(w.message)]
+    model, warned = adapt(base, mimi_config(base))
+    assert not warned
     names = list(model.base_model.adapter_widths())
     layers = {block_of(name) for name in names}
     assert len(names) == 2 * LAYERS and len(layers) == LAYERS
@@ -118,6 +126,13 @@ def test_prune_save_and_reload_give_identical_widths_and_outputs(family, tmp_pat
     assert torch.equal(outputs(loaded, x), after)
 
 
+@pytest.mark.parametrize("name", FIRST_FAMILIES)
+def test_defaults_of_vit_deit_dinov2_swin_are_not_warned_about(name):
+    model, warned = adapt(make_model(name), MiMiConfig())
+    assert not warned
+    assert len(model.base_model.adapter_widths()) == 2 * LAYERS
+
+
 def mlp_outputs(model) -> list[str]:
     """The adapted module names that read the MLP's hidden width (the second MLP Linear of each block)."""
     modules = dict(model.base_model.model.named_modules())
@@ -129,9 +144,7 @@ def test_targets_that_miss_the_attention_outputs_get_one_warning_naming_them(fam
     mlp = mlp_outputs(defaults)
     attention = sorted(set(defaults.base_model.adapter_widths()) - set(mlp))
     base = make(family)
-    with pytest.warns(UserWarning, match="only in part") as caught:
-        model = get_peft_model(base, mimi_config(base, target_modules=mlp))
-    messages = [str(w.message) for w in caught if "only in part" in str(w.message)]
+    model, messages = adapt(base, mimi_config(base, target_modules=mlp))
     assert len(messages) == 1
     # summarised: one pattern for the attention outputs of all blocks, with their count
     pattern = re.sub(r"\.\d+\.", ".*.", attention[0])
@@ -143,10 +156,8 @@ def test_adapting_some_blocks_whole_is_not_warned_about():
     base = make("beit")
     defaults = list(get_peft_model(make("beit"), mimi_config(base)).base_model.adapter_widths())
     first_block = [name for name in defaults if block_of(name) == block_of(defaults[0])]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = get_peft_model(base, mimi_config(base, target_modules=first_block))
-    assert not [w for w in caught if "only in part" in str(w.message)]
+    model, warned = adapt(base, mimi_config(base, target_modules=first_block))
+    assert not warned
     assert sorted(model.base_model.adapter_widths()) == sorted(first_block)
 
 
@@ -174,10 +185,8 @@ class TimmLikeViT(nn.Module):
 
 
 def test_a_model_without_defaults_is_warned_about_by_its_layout():
-    with pytest.warns(UserWarning, match=rf"blocks\.\*\.attn\.proj \({LAYERS} modules\)"):
-        get_peft_model(TimmLikeViT(), MiMiConfig(target_modules=["mlp.fc2", "head"]))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = get_peft_model(TimmLikeViT(), MiMiConfig(target_modules=["attn.proj", "mlp.fc2"]))
-    assert not [w for w in caught if "only in part" in str(w.message)]
+    _, warned = adapt(TimmLikeViT(), MiMiConfig(target_modules=["mlp.fc2", "head"]))
+    assert len(warned) == 1 and f"blocks.*.attn.proj ({LAYERS} modules)" in warned[0]
+    model, warned = adapt(TimmLikeViT(), MiMiConfig(target_modules=["attn.proj", "mlp.fc2"]))
+    assert not warned
     assert len(model.base_model.adapter_widths()) == 2 * LAYERS
