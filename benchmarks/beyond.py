@@ -52,6 +52,7 @@ class Candidate:
     schedule: str = "paper"  # paper: E per round, rho 0.5 | long_last: 1 epoch per round, the rest after the last
     # cut | rounds_1: 1 epoch per round, rho chosen so that the rounds fill the epochs | cubic | one_shot
     kd: tuple[float, float] | None = None  # (alpha, temperature) of the distillation from the wide adapter
+    group_lasso: float = 0.0  # λ of a group-lasso penalty on each neuron's weights, added to the training loss
 
 
 CANDIDATES = {c.name: c for c in [
@@ -77,6 +78,9 @@ CANDIDATES = {c.name: c for c in [
               schedule="cubic"),
     Candidate("reconstruct", "paper, but each cut refits the kept neurons' W_up by least squares on the "
               "activations' second moment (MiMiConfig.reconstruct)", mimi_options={"reconstruct": True}),
+    Candidate("group_1e-4", "paper + a group-lasso penalty λ·Σ_j ‖(W_down[j,:], W_up[:,j])‖₂ over every neuron j "
+              "(λ 1e-4) in every round, so that the neurons a cut removes are already near zero", group_lasso=1e-4),
+    Candidate("group_1e-3", "the same with λ 1e-3", group_lasso=1e-3),
     Candidate("kd", "paper + distillation from the wide adapter (α 0.5, T 2)", kd=(0.5, 2.0)),
     Candidate("kd_strong", "paper + distillation from the wide adapter (α 0.9, T 2)", kd=(0.9, 2.0)),
 ]}
@@ -85,13 +89,14 @@ CANDIDATES = {c.name: c for c in [
 def combine(name: str) -> Candidate:
     """``a+b+...``: the candidates' settings merged (scores, schedules, distillation), for combinations."""
     parts = [CANDIDATES[p] for p in name.split("+")]
-    options, schedule, kd = {}, "paper", None
+    options, schedule, kd, group_lasso = {}, "paper", None, 0.0
     for part in parts:
         options.update(part.mimi_options)
         schedule = part.schedule if part.schedule != "paper" else schedule
         kd = part.kd or kd
+        group_lasso = part.group_lasso or group_lasso
     return Candidate(name, " + ".join(p.help.split(":")[0] for p in parts), mimi_options=options, schedule=schedule,
-                     kd=kd)
+                     kd=kd, group_lasso=group_lasso)
 
 
 def candidate(name: str) -> Candidate:
@@ -149,6 +154,31 @@ class Distilled(_Wrapper):
                                       nn.functional.log_softmax(teacher / t, dim=-1), log_target=True,
                                       reduction="batchmean")
             out.loss = (1 - self.alpha) * out.loss + self.alpha * t * t * kl
+        return out
+
+
+class GroupSparse(_Wrapper):
+    """MiMi's rounds with ``loss = CE + λ·Σ_j ‖(W_down[j,:], W_up[:,j])‖₂`` over the live neurons j of every
+    adapter (group lasso, Yuan & Lin 2006): training drives the neurons it does not need towards zero, so that
+    removing the lowest-scoring ones changes the function less."""
+
+    def __init__(self, peft_model: nn.Module, strength: float) -> None:
+        super().__init__(peft_model)
+        self.strength = strength
+
+    def penalty(self) -> torch.Tensor:
+        total = torch.zeros(())
+        for module in self.peft.modules():
+            for name, down in getattr(module, "mimi_down", {}).items():
+                up = module.mimi_up[name]
+                norms = (down.weight.pow(2).sum(dim=1) + up.weight.pow(2).sum(dim=0) + 1e-12).sqrt()
+                total = total + norms.sum()
+        return total
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs):
+        out = super().forward(pixel_values, labels, interpolate_pos_encoding, **kwargs)
+        if self.training and labels is not None:
+            out.loss = out.loss + self.strength * self.penalty()
         return out
 
 
@@ -263,6 +293,8 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
         trained = Gradual(peft_model, total_steps=total * math.ceil(n_train / 64))
     elif cand.kd is not None:
         trained = Distilled(peft_model, *cand.kd)
+    elif cand.group_lasso:
+        trained = GroupSparse(peft_model, cand.group_lasso)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         result = train(trained, data, Path(scratch) / "run", TrainingRecipe(**recipe), processor=processor)
