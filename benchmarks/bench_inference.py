@@ -18,9 +18,10 @@ what a set of widths costs; a trained model's widths differ but its parameter co
 Timing, built for a shared, noisy machine: every repeat runs each variant once, in a fresh random order, so that
 load from other processes hits all variants alike; a variant's latency is the median over repeats, and its ratio
 to the backbone is the median over repeats of (variant time / backbone time in the same repeat), which cancels
-slow drifts in load. The 1-minute load average (``os.getloadavg``) is recorded before and after each block.
+slow drifts in load; the same ratio of process CPU time (all threads) is reported beside it, as a check that
+other processes disturb less. The 1-minute load average (``os.getloadavg``) is recorded before and after each block.
 GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` per image (matrix products only). ``torch.inference_mode``,
-fp32.
+fp32, ``OMP_WAIT_POLICY=PASSIVE`` unless set otherwise (see below).
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+# OpenMP threads that spin while waiting for each other are what a quiet machine wants, but on cores that other
+# processes share, a spinning thread keeps its partner off the CPU: DINOv2-S at batch 1 took 1,060 ms instead of
+# 40 ms here with two threads under a load of 5. Sleeping waits cost every variant alike. Set it before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -145,16 +151,24 @@ def onnx_runner(path: Path, threads: int) -> Callable:
     return lambda x: session.run(["logits"], {"pixel_values": x.numpy()})[0]
 
 
+def _addmm_flop(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    """FLOPs of ``c.addmm_(a, b)``: those of the product ``a @ b``, as the counter counts ``addmm``."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def gflops_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
+    # the fused layer accumulates W_up's product in place (addmm_), which the counter does not know by default
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flop})
     with torch.inference_mode(), counter:
         model(pixel_values=x[:1])
     return counter.get_total_flops() / 1e9
 
 
-def interleaved_times(fns: dict[str, Callable], x: torch.Tensor, repeats: int, warmup: int = 2) -> dict:
-    """``{label: [seconds per repeat]}``: every repeat calls each fn once, in a random order (seeded by the repeat),
-    after ``warmup`` untimed calls each."""
+def interleaved_times(fns: dict[str, Callable], x: torch.Tensor, repeats: int, warmup: int = 2,
+                      cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """``{label: [wall-clock seconds per repeat]}``: every repeat calls each fn once, in a random order (seeded by
+    the repeat), after ``warmup`` untimed calls each. ``cpu``, if given, receives the process's CPU seconds (all
+    threads) of the same calls: less sensitive than wall time to other processes taking the cores."""
     times: dict[str, list[float]] = {label: [] for label in fns}
     with torch.inference_mode():
         for fn in fns.values():
@@ -164,9 +178,11 @@ def interleaved_times(fns: dict[str, Callable], x: torch.Tensor, repeats: int, w
             order = list(fns)
             random.Random(repeat).shuffle(order)
             for label in order:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fns[label](x)
                 times[label].append(time.perf_counter() - start)
+                if cpu is not None:
+                    cpu.setdefault(label, []).append(time.process_time() - start_cpu)
     return times
 
 
@@ -183,11 +199,14 @@ def bench_config(backbone: str, args) -> dict:
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         load_before = os.getloadavg()
         repeats = args.repeats if batch == 1 else max(3, args.repeats // 2)
-        times = interleaved_times(fns, x, repeats)
+        cpu: dict[str, list[float]] = {}
+        times = interleaved_times(fns, x, repeats, cpu=cpu)
         blocks[str(batch)] = {"load_before": load_before, "load_after": os.getloadavg(), "repeats": repeats}
         for label, ts in times.items():
             rows[label].setdefault("latency_s", {})[str(batch)] = ts
+            rows[label].setdefault("cpu_s", {})[str(batch)] = cpu[label]
             rows[label].setdefault("ratio", {})[str(batch)] = paired_ratio(ts, times[BARE])
+            rows[label].setdefault("cpu_ratio", {})[str(batch)] = paired_ratio(cpu[label], cpu[BARE])
         print(f"[inference] {backbone} batch {batch} (load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}): "
               + ", ".join(f"{k}={1000 * statistics.median(v):.1f}ms" for k, v in times.items()), flush=True)
     return {"image_size": size, "backbone_params": common.backbone_params(fresh_backbone(backbone, args)),
@@ -197,15 +216,17 @@ def bench_config(backbone: str, args) -> dict:
 def markdown(results: dict, args) -> str:
     lines = ["# Inference cost relative to the bare backbone", "",
              f"σt = {args.sigma:g} (MiMi's budget B(σt); LoRA at the rank closest to it), fp32, {args.threads} CPU "
-             "thread(s), on a shared 2-core machine (other jobs running: see the load averages). Each repeat runs "
+             f"thread(s), OMP_WAIT_POLICY={args.omp_wait_policy}, on a shared 2-core machine (other jobs running: "
+             "see the load averages). Each repeat runs "
              "every variant once in a random order; ms = median over repeats; × backbone = median over repeats of "
-             "the variant's time / the backbone's time in the same repeat. GFLOPs are counted matrix products per "
-             "image (FlopCounterMode). Adapter params exclude the head.", ""]
+             "the variant's time / the backbone's time in the same repeat (wall clock; CPU × is the same with the "
+             "process's CPU time, all threads, which other processes disturb less). GFLOPs are counted matrix "
+             "products per image (FlopCounterMode). Adapter params exclude the head.", ""]
     for config, res in results.items():
         base = res["variants"][BARE]
         header = ["variant", "adapter params", "GFLOPs/img", "Δ GFLOPs"]
         for b in args.batches:
-            header += [f"ms @ batch {b}", f"× backbone @ {b}"]
+            header += [f"ms @ batch {b}", f"× backbone @ {b}", f"CPU × @ {b}"]
         rows = []
         for label, v in res["variants"].items():
             flops = ["–", "–"] if v["gflops"] is None else [
@@ -213,9 +234,10 @@ def markdown(results: dict, args) -> str:
             row = [label, f"{v['adapter_params']:,}", *flops]
             for b in args.batches:
                 if "latency_s" in v:
-                    row += [f"{1000 * statistics.median(v['latency_s'][str(b)]):.2f}", f"{v['ratio'][str(b)]:.3f}"]
+                    row += [f"{1000 * statistics.median(v['latency_s'][str(b)]):.2f}", f"{v['ratio'][str(b)]:.3f}",
+                            f"{v['cpu_ratio'][str(b)]:.3f}"]
                 else:
-                    row += ["–", "–"]
+                    row += ["–", "–", "–"]
             rows.append(row)
         loads = "; ".join(f"batch {b}: {blk['repeats']} repeats, load {blk['load_before'][0]:.2f} → "
                           f"{blk['load_after'][0]:.2f}" for b, blk in res["blocks"].items())
@@ -242,6 +264,7 @@ def profile(args) -> None:
     x = torch.randn(1, 3, pixels, pixels)
     lines = ["# Where the time of a MiMi adapter goes (batch 1)", "",
              f"{backbone} at {pixels} px, MiMi σt={args.sigma:g} compacted, {args.threads} CPU thread(s), fp32, "
+             f"OMP_WAIT_POLICY={args.omp_wait_policy}, "
              f"`torch.inference_mode`, 1-minute load average at the start {os.getloadavg()[0]:.2f}.", ""]
     with torch.inference_mode():
         for name, m in ((BARE, bare), ("MiMi, default", model), ("MiMi, fuse_for_inference()", fused)):
@@ -353,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.configs, args.batches, args.repeats = [common.SMOKE], [1, 4], 3
     args.sizes = {c: int(c.split("@")[1]) if "@" in c else None for c in args.configs}
+    args.omp_wait_policy = os.environ["OMP_WAIT_POLICY"]
     torch.set_num_threads(args.threads)
     if args.profile:
         _resolve_pixels(args, args.configs[:1])

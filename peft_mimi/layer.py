@@ -79,14 +79,18 @@ class FusedMiMiLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-        hidden = F.linear(y, self.down_weight, self.down_bias)
+        # the hidden activations transposed, (n, rows): BLAS runs W_down·yᵀ faster than the skinny (rows, n) product
+        if self.down_bias is None:
+            hidden = torch.mm(self.down_weight, y.t())
+        else:
+            hidden = torch.addmm(self.down_bias[:, None], self.down_weight, y.t())
         act = FUSED_ACTIVATIONS[self.activation]
         if act is not None:
             hidden = act(hidden)
         if self.up_bias is not None:
             y = y + self.up_bias
         # y is this call's own tensor, and no backward needs it: accumulating into it saves a pass over the output
-        y.addmm_(hidden, self.up_weight.t())
+        y.addmm_(hidden.t(), self.up_weight.t())
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

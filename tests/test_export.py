@@ -66,6 +66,22 @@ def fused_layers(model) -> list[MiMiLayer]:
     return [m for m in model.modules() if isinstance(m, MiMiLayer) and m.fused_adapters]
 
 
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+def test_fused_adapters_with_biases_and_other_activations_give_the_same_logits(activation):
+    model = get_peft_model(make_model(), MiMiConfig(target_compression=8.0, init_weights=False, adapter_bias=True,
+                                                    activation=activation)).eval()
+    torch.manual_seed(2)
+    for layer in (m for m in model.modules() if isinstance(m, MiMiLayer)):
+        torch.nn.init.normal_(layer.mimi_down["default"].bias)
+        torch.nn.init.normal_(layer.mimi_up["default"].bias)
+    images = make_images(3)
+    expected = logits(model, images)
+    plain = to_plain_module(model)
+    model.fuse_for_inference()
+    torch.testing.assert_close(logits(model, images), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(plain, images), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_fusion_refuses_training_and_pruning_until_unfused():
     model = adapted_model()
     model.fuse_for_inference()
