@@ -503,7 +503,8 @@ class Linear(nn.Module, MiMiLayer):
             if self.training:
                 raise RuntimeError(FUSED_ERROR.format(verb="training (model.train())"))
             fused = self._fused
-            return self.base_layer(x, *args, **kwargs) if fused is None else fused(x)
+            # forward() directly: the fused module is private to this layer, nothing hooks it
+            return self.base_layer(x, *args, **kwargs) if fused is None else fused.forward(x)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
