@@ -195,10 +195,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _export(args: argparse.Namespace) -> int:
     import torch
 
@@ -214,3 +210,7 @@ def _export(args: argparse.Namespace) -> int:
     writers[args.output.suffix](model, torch.zeros(1, 3, size, size), args.output)
     print(f"wrote {args.output}: pixel_values (batch, 3, {size}, {size}) -> logits")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -232,6 +232,11 @@ def test_cli_exports_a_saved_adapter_to_onnx_and_to_a_program(backbone, tmp_path
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.onnx"), "--model", backbone]) == 0
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.pt2"), "--model", backbone]) == 0
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.zip"), "--model", backbone]) == 2
+    # as a module too (`accelerate launch -m peft_mimi.cli ...` runs it that way): every subcommand is defined by then
+    ran = subprocess.run([sys.executable, "-m", "peft_mimi.cli", "export", str(tmp_path / "adapter"),
+                          str(tmp_path / "m2.onnx"), "--model", backbone], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert (tmp_path / "m2.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
     loaded, _ = load_adapter(tmp_path / "adapter", model=backbone)
     images = make_images(3)
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
