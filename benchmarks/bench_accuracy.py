@@ -163,15 +163,32 @@ def summarise(rows: list[dict], backbone_size: int) -> list[dict]:
     return out
 
 
-def plot_accuracy(summary: list[dict], path: Path, backbone: str) -> None:
+def plot_task_panels(tasks: list[str], path: Path, backbone: str, draw, *, xlabel: str, ylabel: str,
+                     xscale: str = "linear", yscale: str = "linear", legend_size: int = 7) -> None:
+    """One panel per task, side by side, written to ``path``: ``draw(ax, task)`` plots a task's lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({s["task"] for s in summary})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        draw(ax, task)
+        ax.set_xscale(xscale)
+        ax.set_yscale(yscale)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{backbone} on {task}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(summary: list[dict], path: Path, backbone: str) -> None:
+    def draw(ax, task: str) -> None:
         families: dict[str, list] = {}
         for s in summary:
             if s["task"] != task:
@@ -183,54 +200,34 @@ def plot_accuracy(summary: list[dict], path: Path, backbone: str) -> None:
             points.sort()
             xs, ys, es = zip(*points)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=family, linestyle="-" if len(xs) > 1 else "")
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters trained besides the head (log; probe drawn at 1)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{backbone} on {task}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    plot_task_panels(sorted({s["task"] for s in summary}), path, backbone, draw, xscale="log",
+                     xlabel="parameters trained besides the head (log; probe drawn at 1)", ylabel="test accuracy (%)")
 
 
-# ------------------------------------------------------------------------------------------------ parts
 def plot_losses(rows: list[dict], path: Path, backbone: str) -> None:
     """Training loss per epoch (mean over seeds) of every trained method, one panel per task: shows whether the
     σ = 4 adapters have converged in the table's epochs, and MiMi's jumps after each cut."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves: dict[tuple[str, str], list[list[float]]] = {}
     for r in rows:
         losses = [loss for segment in r.get("segments", []) for loss in segment["loss"]]
         if losses:
             curves.setdefault((r["task"], r["label"]), []).append(losses)
-    tasks = sorted({task for task, _ in curves})
-    if not tasks:
-        return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+
+    def draw(ax, task: str) -> None:
         for (curve_task, label), runs in sorted(curves.items()):
-            if curve_task != task:
-                continue
-            epochs = min(len(run) for run in runs)
-            mean = [statistics.fmean(run[e] for run in runs) for e in range(epochs)]
-            ax.plot(range(1, epochs + 1), mean, marker=".", label=f"{label} ({len(runs)} seeds)")
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("training loss (epoch mean, log)")
-        ax.set_title(f"{backbone} on {task}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            if curve_task == task:
+                epochs = min(len(run) for run in runs)
+                mean = [statistics.fmean(run[e] for run in runs) for e in range(epochs)]
+                ax.plot(range(1, epochs + 1), mean, marker=".", label=f"{label} ({len(runs)} seeds)")
+
+    tasks = sorted({task for task, _ in curves})
+    if tasks:
+        plot_task_panels(tasks, path, backbone, draw, yscale="log", legend_size=6, xlabel="epoch",
+                         ylabel="training loss (epoch mean, log)")
 
 
+# ------------------------------------------------------------------------------------------------ parts
 def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
     entries = []
     max_epochs = 0
@@ -495,8 +492,10 @@ def main(argv: list[str] | None = None) -> None:
                 if all(previous["config"].get(k) == getattr(args, k) for k in RESUME_KEYS):
                     args.previous[what] += previous["rows"]
         # a run recorded in several files counts once (the first file that has it)
-        keys = [(r["task"], r["label"], r["seed"], r["budget_sigma"], r["epochs"]) for r in args.previous[what]]
-        args.previous[what] = [r for i, (r, k) in enumerate(zip(args.previous[what], keys)) if k not in keys[:i]]
+        first: dict[tuple, dict] = {}
+        for r in args.previous[what]:
+            first.setdefault((r["task"], r["label"], r["seed"], r["budget_sigma"], r["epochs"]), r)
+        args.previous[what] = list(first.values())
     probe_model, args.processor = common.load_model(args.backbone, 10, args.image_size)
     backbone_size = common.backbone_params(probe_model)
     args.num_labels = common.num_labels_of(args.tasks[0])
