@@ -36,10 +36,14 @@ import common  # noqa: E402
 from common import Method  # noqa: E402
 
 
-def methods_at(budget_sigma: float, lora_rank: int) -> list[Method]:
+def methods_at(budget_sigma: float, lora_rank: int, mimi_options: dict | None = None) -> list[Method]:
+    """The methods at one budget. ``mimi_options``: `MiMiConfig` fields for MiMi's rows (e.g. the `reconstruct`
+    candidate of `benchmarks/beyond.py`), named in the row's label so that its rows never mix with the default's."""
     s = f"{budget_sigma:g}"
+    options = dict(mimi_options or {})
+    variant = "".join(f" + {k}={v}" for k, v in sorted(options.items()))
     return [
-        Method("mimi", f"MiMi σ0=4→σt={s}", target_compression=budget_sigma),
+        Method("mimi", f"MiMi σ0=4→σt={s}{variant}", target_compression=budget_sigma, mimi_options=options),
         Method("adapter", f"Adapters σ={s} (vanilla, uniform)", init_compression=budget_sigma,
                target_compression=budget_sigma),
         Method("lora", f"LoRA r={lora_rank} (≈B(σt={s}))", lora_rank=lora_rank),
@@ -237,7 +241,7 @@ def accuracy_part(args, out: Path, backbone_size: int, probe_model) -> None:
         max_epochs = max(max_epochs, total)
         rank = common.lora_rank_for_budget(probe_model, common.adapter_budget(probe_model, sigma))
         kinds = args.budget_methods.get(sigma, args.methods)
-        entries += [(m, total, sigma) for m in methods_at(sigma, rank) if m.kind in kinds]
+        entries += [(m, total, sigma) for m in methods_at(sigma, rank, args.mimi_options) if m.kind in kinds]
     # the floors are not trained (their rows record 0 epochs): no epoch count, so that --resume finds them
     entries += [(m, None if m.kind in common.FLOORS else max_epochs, None) for m in FIXED if m.kind in args.fixed]
     entries.sort(key=run_order)  # cheap floors first, then MiMi against its same-size rivals, full FT last
@@ -419,6 +423,25 @@ def vars_for_json(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("processor", "previous", "runs_dir")}
 
 
+def parse_option(item: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` of --mimi-options, checked against `MiMiConfig`: true/false, numbers, else the string."""
+    from peft_mimi import MiMiConfig
+
+    name, sep, text = item.partition("=")
+    if not sep or name not in MiMiConfig.__dataclass_fields__:
+        raise SystemExit(f"--mimi-options {item!r}: expected FIELD=VALUE with a MiMiConfig field, e.g. "
+                         "reconstruct=true")
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return name, lowered == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(text)
+        except ValueError:
+            pass
+    return name, text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--what", nargs="+", default=["accuracy"],
@@ -434,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-ratios", nargs="*", type=float, default=[0.75], help="sweep: ρ values (E=2)")
     parser.add_argument("--methods", nargs="+", default=["mimi", "adapter", "lora", "adalora"],
                         help="the methods run at each budget")
+    parser.add_argument("--mimi-options", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="MiMiConfig fields for MiMi's rows, e.g. reconstruct=true (named in the rows' label)")
     parser.add_argument("--budget-methods", nargs="*", default=[], metavar="SIGMA=KIND,KIND",
                         help="the methods run at one budget instead of --methods, e.g. 64=mimi,adapter,lora")
     parser.add_argument("--fixed", nargs="*", default=["adapter", "linear", "bitfit", "full", "probe", "pixels"],
@@ -481,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         args.fixed = ["linear", "probe", "pixels"]
     args.protocol = PROTOCOL
     args.task_max_train = {t: int(n) for t, n in (item.split("=") for item in args.task_max_train)}
+    args.mimi_options = dict(parse_option(item) for item in args.mimi_options)
     args.budget_methods = {float(b): kinds.split(",") for b, kinds in (item.split("=") for item in args.budget_methods)}
     torch.set_num_threads(args.threads)
     args.previous = {}

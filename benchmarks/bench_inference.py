@@ -7,13 +7,15 @@
 
 Variants, on one backbone in one process: the bare backbone; MiMi pruned to the budget B(σt) and compacted, as
 ``get_peft_model`` gives it (the default path), after ``fuse_for_inference()`` (the fast path), as the plain module
-of ``peft_mimi.export.to_plain_module``, exported to ONNX and run by onnxruntime (and the bare backbone the same way,
-the fair reference for that row); a mixed-task batch (``adapter_names``, two MiMi tasks alternating, batch 1: one
-name), whose overhead over one task's forward is its ratio to the default row; LoRA at the rank whose size is
-closest to B(σt), unmerged and merged (``merge_and_unload``); with ``--compile``, the bare backbone and the fused
-model under ``torch.compile`` (inductor). MiMi masked (not shrunk) and vanilla σ=4 adapters are counted (GFLOPs),
-not timed. Pruning decisions come from the adapters' random initial weights (``init_weights=False``): this measures
-what a set of widths costs; a trained model's widths differ but its parameter count is the same budget.
+of ``peft_mimi.export.to_plain_module``, exported to ONNX and run by onnxruntime, compiled ahead of time by
+AOTInductor (``peft_mimi.export.export_compiled``; the fastest PyTorch form), and the bare backbone each of those
+two ways (the fair reference for those rows: their "same way" ratios); a mixed-task batch (``adapter_names``, two
+MiMi tasks alternating, batch 1: one name), whose overhead over one task's forward is its ratio to the default row;
+LoRA at the rank whose size is closest to B(σt), unmerged and merged (``merge_and_unload``); with ``--compile``, the
+bare backbone and the fused model under ``torch.compile`` (inductor). MiMi masked (not shrunk) and vanilla σ=4
+adapters are counted (GFLOPs), not timed. Pruning decisions come from the adapters' random initial weights
+(``init_weights=False``): this measures what a set of widths costs; a trained model's widths differ but its
+parameter count is the same budget.
 
 Timing, built for a shared, noisy machine: every repeat runs each variant once, in a fresh random order, so that
 load from other processes hits all variants alike; a variant's latency is the median over repeats, and its ratio
@@ -21,13 +23,16 @@ to the backbone is the median over repeats of (variant time / backbone time in t
 slow drifts in load; the same ratio of process CPU time (all threads) is reported beside it, as a check that
 other processes disturb less. The 1-minute load average (``os.getloadavg``) is recorded before and after each block.
 GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` per image (matrix products only). ``torch.inference_mode``,
-fp32, ``OMP_WAIT_POLICY=PASSIVE`` unless set otherwise (see below).
+fp32, the OpenMP runtime's own wait policy unless ``OMP_WAIT_POLICY`` is set (see below).
+
+Run it on an idle machine. The variants other than the plain module are built from their own load of the backbone,
+not copied from another model: a deep copy of the bare backbone alone measured 1.02x its original here (where the
+allocator puts the weights matters at this scale), which is not the adapters' cost.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import random
 import statistics
@@ -37,10 +42,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# OpenMP threads that spin while waiting for each other are what a quiet machine wants, but on cores that other
-# processes share, a spinning thread keeps its partner off the CPU: DINOv2-S at batch 1 took 1,060 ms instead of
-# 40 ms here with two threads under a load of 5. Sleeping waits cost every variant alike. Set it before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# What a user gets: OpenMP threads spin a while between parallel regions before they sleep. On cores that other
+# processes share, a spinning thread keeps its partner off the CPU (DINOv2-S at batch 1 took 1,060 ms instead of
+# 40 ms here with two threads under a load of 5): there, OMP_WAIT_POLICY=PASSIVE keeps the run usable, but every
+# wake-up then costs tens of microseconds, which penalises many small operations (an adapter's) far more than a
+# user's machine does (batch 1: fused 1.18x the backbone with PASSIVE, 1.04-1.08x without, on the same idle machine).
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset (the runtime's default)")
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -83,7 +90,7 @@ def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, 
     rows that are counted but not timed."""
     from peft import LoraConfig, get_peft_model
 
-    from peft_mimi.export import export_onnx, to_plain_module
+    from peft_mimi.export import export_compiled, to_plain_module
 
     bare = fresh_backbone(backbone, args)
     example = torch.randn(1, 3, args.pixels[backbone], args.pixels[backbone])
@@ -91,7 +98,7 @@ def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, 
     params = two_tasks.base_model.live_params("task0")
     widths = two_tasks.base_model.adapter_widths("task0")
     alive = f"{sum(w > 0 for w in widths.values())}/{len(widths)} adapters"
-    fused = copy.deepcopy(two_tasks)
+    fused = mimi_model(backbone, args.sigma, args, tasks=2)  # the same adapters (same seeds), its own weights
     fused.fuse_for_inference()
     plain = to_plain_module(two_tasks)
     mimi = f"MiMi σt={args.sigma:g} ({alive})"
@@ -108,11 +115,20 @@ def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, 
                f"{mimi}, plain module (export.to_plain_module)": (plain, params),
                f"{mimi}, mixed-task batch (adapter_names, 2 tasks)": (None, params)}
     workdir = Path(tempfile.mkdtemp(prefix="bench_inference_"))
-    for label, model in ((f"{mimi}, ONNX (onnxruntime)", two_tasks), (f"{BARE}, ONNX (onnxruntime)", bare)):
-        path = workdir / f"{len(fns)}.onnx"
-        export_onnx(model, example, path)
-        fns[label] = onnx_runner(path, args.threads)
-        counted[label] = (None, params if model is two_tasks else 0)
+    # the forms that run outside eager PyTorch, each also for the bare backbone: the pair compares like with like
+    forms = {"ONNX (onnxruntime)": lambda m: onnx_runner(export_onnx_to(m, example, workdir), args.threads)}
+    if args.aot:
+        forms["AOTInductor, any batch size (export_compiled)"] = lambda m: torch._inductor.aoti_load_package(
+            export_compiled(m, example, workdir / f"{id(m)}-any.pt2"))
+    if args.aot and not args.smoke:  # two more compilations per batch size: not for a smoke run
+        forms["AOTInductor, compiled for each batch size (dynamic_batch=False)"] = lambda m: CompiledPerBatch(
+            m, workdir)
+    same_form = {}
+    for form, make in forms.items():
+        for label, model in ((f"{mimi}, {form}", two_tasks), (f"{BARE}, {form}", bare)):
+            fns[label] = make(model)
+            counted[label] = (None, params if model is two_tasks else 0)
+        same_form[f"{mimi}, {form}"] = f"{BARE}, {form}"
     probe = fresh_backbone(backbone, args)
     rank = common.lora_rank_for_budget(probe, common.adapter_budget(probe, args.sigma))
     targets = [n for n, m in probe.named_modules()
@@ -139,7 +155,33 @@ def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, 
     rows = {label: {"adapter_params": p, "gflops": None if m is None else gflops_per_image(m, example)}
             for label, (m, p) in counted.items()}
     rows[BARE]["widths"] = widths
+    for label, reference in same_form.items():
+        rows[label]["same_form_as"] = reference
     return fns, rows
+
+
+def export_onnx_to(model: torch.nn.Module, example: torch.Tensor, workdir: Path) -> Path:
+    from peft_mimi.export import export_onnx
+
+    path = workdir / f"{id(model)}.onnx"
+    export_onnx(model, example, path)
+    return path
+
+
+class CompiledPerBatch:
+    """``model`` compiled by AOTInductor for each batch size it is called with (``dynamic_batch=False``); the first
+    call at a batch size compiles it (in `interleaved_times`' untimed warm-up calls)."""
+
+    def __init__(self, model: torch.nn.Module, workdir: Path) -> None:
+        self.model, self.workdir, self.packages = model, workdir, {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from peft_mimi.export import export_compiled
+
+        if len(x) not in self.packages:
+            path = export_compiled(self.model, x, self.workdir / f"{id(self)}-{len(x)}.pt2", dynamic_batch=False)
+            self.packages[len(x)] = torch._inductor.aoti_load_package(path)
+        return self.packages[len(x)](x)
 
 
 def onnx_runner(path: Path, threads: int) -> Callable:
@@ -207,6 +249,10 @@ def bench_config(backbone: str, args) -> dict:
             rows[label].setdefault("cpu_s", {})[str(batch)] = cpu[label]
             rows[label].setdefault("ratio", {})[str(batch)] = paired_ratio(ts, times[BARE])
             rows[label].setdefault("cpu_ratio", {})[str(batch)] = paired_ratio(cpu[label], cpu[BARE])
+        for label, row in rows.items():
+            if "same_form_as" in row:
+                ratio = paired_ratio(times[label], times[row["same_form_as"]])
+                row.setdefault("same_form_ratio", {})[str(batch)] = ratio
         print(f"[inference] {backbone} batch {batch} (load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}): "
               + ", ".join(f"{k}={1000 * statistics.median(v):.1f}ms" for k, v in times.items()), flush=True)
     return {"image_size": size, "backbone_params": common.backbone_params(fresh_backbone(backbone, args)),
@@ -216,8 +262,8 @@ def bench_config(backbone: str, args) -> dict:
 def markdown(results: dict, args) -> str:
     lines = ["# Inference cost relative to the bare backbone", "",
              f"σt = {args.sigma:g} (MiMi's budget B(σt); LoRA at the rank closest to it), fp32, {args.threads} CPU "
-             f"thread(s), OMP_WAIT_POLICY={args.omp_wait_policy}, on a shared 2-core machine (other jobs running: "
-             "see the load averages). Each repeat runs "
+             f"thread(s), OMP_WAIT_POLICY {args.omp_wait_policy}, on a 2-core machine (the load averages say whether "
+             "other jobs ran). Each repeat runs "
              "every variant once in a random order; ms = median over repeats; × backbone = median over repeats of "
              "the variant's time / the backbone's time in the same repeat (wall clock; CPU × is the same with the "
              "process's CPU time, all threads, which other processes disturb less). GFLOPs are counted matrix "
@@ -241,8 +287,12 @@ def markdown(results: dict, args) -> str:
             rows.append(row)
         loads = "; ".join(f"batch {b}: {blk['repeats']} repeats, load {blk['load_before'][0]:.2f} → "
                           f"{blk['load_after'][0]:.2f}" for b, blk in res["blocks"].items())
+        same = [f"{label}: " + ", ".join(f"{v['same_form_ratio'][str(b)]:.3f}× at batch {b}" for b in args.batches)
+                for label, v in res["variants"].items() if "same_form_ratio" in v]
         lines += [f"## {config} ({res['backbone_params']:,} params, {res['image_size']} px)", "",
                   common.table(header, rows), "", f"1-minute load average before → after: {loads}.", ""]
+        if same:
+            lines += ["Against the backbone run the same way (median paired ratio): " + "; ".join(same) + ".", ""]
     if args.notes:
         lines += [args.notes]
     return "\n".join(lines)
@@ -259,12 +309,12 @@ def profile(args) -> None:
     pixels = args.pixels[backbone]
     bare = fresh_backbone(backbone, args)
     model = mimi_model(backbone, args.sigma, args)
-    fused = copy.deepcopy(model)
+    fused = mimi_model(backbone, args.sigma, args)
     fused.fuse_for_inference()
     x = torch.randn(1, 3, pixels, pixels)
     lines = ["# Where the time of a MiMi adapter goes (batch 1)", "",
              f"{backbone} at {pixels} px, MiMi σt={args.sigma:g} compacted, {args.threads} CPU thread(s), fp32, "
-             f"OMP_WAIT_POLICY={args.omp_wait_policy}, "
+             f"OMP_WAIT_POLICY {args.omp_wait_policy}, "
              f"`torch.inference_mode`, 1-minute load average at the start {os.getloadavg()[0]:.2f}.", ""]
     with torch.inference_mode():
         for name, m in ((BARE, bare), ("MiMi, default", model), ("MiMi, fuse_for_inference()", fused)):
@@ -368,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="repeats at batch 1 (half as many at larger ones)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) variants")
+    parser.add_argument("--no-aot", dest="aot", action="store_false",
+                        help="skip the AOTInductor rows (export.export_compiled: about a minute per model to compile)")
     parser.add_argument("--profile", action="store_true", help="write inference_profile.md for the first config")
     parser.add_argument("--notes", default="")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
@@ -376,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.configs, args.batches, args.repeats = [common.SMOKE], [1, 4], 3
     args.sizes = {c: int(c.split("@")[1]) if "@" in c else None for c in args.configs}
-    args.omp_wait_policy = os.environ["OMP_WAIT_POLICY"]
+    args.omp_wait_policy = OMP_WAIT_POLICY
     torch.set_num_threads(args.threads)
     if args.profile:
         _resolve_pixels(args, args.configs[:1])

@@ -6,7 +6,7 @@
         processes over gloo; `accelerate launch --cpu --num_processes 2` starts only one without mpirun)
     peft-mimi eval runs/digits/adapter --data digits
     peft-mimi info runs/digits/adapter
-    peft-mimi export runs/digits/adapter model.onnx          (or model.pt2: torch.export; neither needs PEFT to run)
+    peft-mimi export runs/digits/adapter model.onnx          (or model.pt2: torch.export; --compiled: AOTInductor)
 
 Exit codes: 0 success, 1 training failed (e.g. the loss became NaN), 2 bad arguments or inputs, 130 interrupted.
 """
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", type=Path, help="the file to write: NAME.onnx or NAME.pt2")
     export.add_argument("--model", default=None, help="backbone (default: the one recorded in the adapter)")
     export.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the processor's)")
+    export.add_argument("--compiled", action="store_true",
+                        help="NAME.pt2 compiled ahead of time by AOTInductor for this machine (the fastest PyTorch "
+                             "form; needs a C++ compiler here, torch alone to run)")
     return parser
 
 
@@ -199,12 +202,15 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from .data import ImageTransform
-    from .export import export_onnx, export_program
+    from .export import export_compiled, export_onnx, export_program
     from .train import load_adapter
 
-    writers = {".onnx": export_onnx, ".pt2": export_program}
+    writers = {".onnx": export_onnx, ".pt2": export_compiled if args.compiled else export_program}
     if args.output.suffix not in writers:
-        raise ValueError(f"{args.output}: name the output NAME.onnx (ONNX) or NAME.pt2 (torch.export).")
+        raise ValueError(f"{args.output}: name the output NAME.onnx (ONNX) or NAME.pt2 (torch.export; with "
+                         "--compiled, an AOTInductor package).")
+    if args.compiled and args.output.suffix != ".pt2":
+        raise ValueError(f"{args.output}: --compiled writes an AOTInductor package; name it NAME.pt2.")
     model, processor = load_adapter(args.adapter_dir, model=args.model)
     size = args.image_size or ImageTransform.from_processor(processor, train=False).image_size[0]
     writers[args.output.suffix](model, torch.zeros(1, 3, size, size), args.output)

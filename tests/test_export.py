@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
 from peft_mimi import MiMiConfig
-from peft_mimi.export import export_onnx, export_program, to_plain_module
+from peft_mimi.export import export_compiled, export_onnx, export_program, to_plain_module
 from peft_mimi.layer import FusedMiMiLinear, MiMiLayer
 
 
@@ -173,22 +173,28 @@ def test_fused_and_plain_models_compile_to_one_graph_with_the_same_logits():
         torch.testing.assert_close(logits(compiled, images), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_exported_program_runs_with_torch_alone(tmp_path):
+@pytest.mark.parametrize(("export", "load"), [
+    (export_program, "torch.export.load(path).module()"),
+    (export_compiled, "torch._inductor.aoti_load_package(path)"),  # AOTInductor: compiled code, any batch size
+], ids=["program", "compiled"])
+def test_exported_forms_run_with_torch_alone(export, load, tmp_path):
     model = adapted_model("dinov2")
     images = make_images(5)
-    export_program(model, make_images(2), tmp_path / "model.pt2")
+    export(model, make_images(2), tmp_path / "model.pt2")
     torch.save({"images": images, "logits": logits(model, images)}, tmp_path / "expected.pt")
     check = textwrap.dedent(f"""
         import sys
         for blocked in ("peft_mimi", "peft", "transformers"):
             sys.modules[blocked] = None  # importing any of them now fails
         import torch
-        module = torch.export.load({str(tmp_path / "model.pt2")!r}).module()
+        path = {str(tmp_path / "model.pt2")!r}
+        module = {load}
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         torch.testing.assert_close(module(expected["images"]), expected["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(module(expected["images"][:1]), expected["logits"][:1], atol=1e-5, rtol=1e-5)
         print("ok", type(module).__name__)
     """)
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
 
 
@@ -219,7 +225,7 @@ def test_onnx_matches_pytorch_and_holds_only_live_adapters(family, tmp_path):
     assert products[0] - products[1] == 2 * live
 
 
-def test_cli_exports_a_saved_adapter_to_onnx_and_to_a_program(backbone, tmp_path):
+def test_cli_exports_a_saved_adapter_to_onnx_a_program_and_a_compiled_package(backbone, tmp_path):
     import onnxruntime
 
     from peft_mimi.cli import main
@@ -232,6 +238,10 @@ def test_cli_exports_a_saved_adapter_to_onnx_and_to_a_program(backbone, tmp_path
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.onnx"), "--model", backbone]) == 0
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.pt2"), "--model", backbone]) == 0
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "m.zip"), "--model", backbone]) == 2
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "c.onnx"), "--model", backbone,
+                 "--compiled"]) == 2  # an AOTInductor package is a .pt2
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "c.pt2"), "--model", backbone,
+                 "--compiled"]) == 0
     # as a module too (`accelerate launch -m peft_mimi.cli ...` runs it that way): every subcommand is defined by then
     ran = subprocess.run([sys.executable, "-m", "peft_mimi.cli", "export", str(tmp_path / "adapter"),
                           str(tmp_path / "m2.onnx"), "--model", backbone], capture_output=True, text=True)
@@ -244,3 +254,5 @@ def test_cli_exports_a_saved_adapter_to_onnx_and_to_a_program(backbone, tmp_path
                                logits(loaded, images), atol=1e-4, rtol=1e-4)
     program = torch.export.load(str(tmp_path / "m.pt2")).module()
     torch.testing.assert_close(program(images), logits(loaded, images), atol=1e-5, rtol=1e-5)
+    compiled = torch._inductor.aoti_load_package(str(tmp_path / "c.pt2"))
+    torch.testing.assert_close(compiled(images), logits(loaded, images), atol=1e-5, rtol=1e-5)
