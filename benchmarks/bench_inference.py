@@ -46,7 +46,7 @@ from pathlib import Path
 # processes share, a spinning thread keeps its partner off the CPU (DINOv2-S at batch 1 took 1,060 ms instead of
 # 40 ms here with two threads under a load of 5): there, OMP_WAIT_POLICY=PASSIVE keeps the run usable, but every
 # wake-up then costs tens of microseconds, which penalises many small operations (an adapter's) far more than a
-# user's machine does (batch 1: fused 1.18x the backbone with PASSIVE, 1.04-1.08x without, on the same idle machine).
+# user's machine does (batch 1: fused 1.18x the backbone with PASSIVE, 1.06x without, on the same idle machine).
 OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset (the runtime's default)")
 
 import torch  # noqa: E402

@@ -105,8 +105,8 @@ def export_compiled(
     """The program of :func:`export_program` compiled ahead of time by AOTInductor into machine code for this
     machine (the device ``model`` is on), packaged at ``path`` (``.pt2``); returns the path. The fastest PyTorch form:
     no Python between operations, so an adapter costs about its arithmetic (benchmarks/results/inference_*.md).
-    ``dynamic_batch=False`` compiles for ``example``'s batch size only, which runs faster (DINOv2-S at 112 px,
-    batch 1: about a fifth less time here). Load it with torch alone, where it was compiled or on the same kind of
+    ``dynamic_batch=False`` compiles for ``example``'s batch size only (measured no faster on a 2-core CPU, but
+    it lets the compiler specialise). Load it with torch alone, where it was compiled or on the same kind of
     machine: ``torch._inductor.aoti_load_package(path)(pixel_values)`` returns the logits. Compiling needs a C++
     compiler (and takes under a minute for a ViT-S on 2 CPU cores); running does not."""
     program = export_program(model, example, dynamic_batch=dynamic_batch)
