@@ -75,8 +75,10 @@ class _Logits(nn.Module):
 
 
 def _logits_module(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` made plain: exporters run the forward, and some forwards change their module while traced
+    (Swin stores its window size as a tensor under the ONNX tracer, after which torch.export fails on it)."""
     has_adapters = any(isinstance(m, BaseTunerLayer | ModulesToSaveWrapper) for m in model.modules())
-    return _Logits(to_plain_module(model) if has_adapters else model.eval()).eval()
+    return _Logits(to_plain_module(model) if has_adapters else copy.deepcopy(model).eval()).eval()
 
 
 def export_program(

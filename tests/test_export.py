@@ -256,3 +256,15 @@ def test_cli_exports_a_saved_adapter_to_onnx_a_program_and_a_compiled_package(ba
     torch.testing.assert_close(program(images), logits(loaded, images), atol=1e-5, rtol=1e-5)
     compiled = torch._inductor.aoti_load_package(str(tmp_path / "c.pt2"))
     torch.testing.assert_close(compiled(images), logits(loaded, images), atol=1e-5, rtol=1e-5)
+
+
+def test_exporting_leaves_the_users_model_as_it_was(tmp_path):
+    # Swin's forward stores its window size as a tensor while the ONNX tracer runs it; exporting the model itself
+    # left it that way, and torch.export then failed on the same model. Every exporter works on a copy.
+    model = make_model("swin").eval()
+    attributes = lambda: {n: {k: repr(v) for k, v in vars(m).items() if not k.startswith("_")}  # noqa: E731
+                          for n, m in model.named_modules()}
+    before = attributes()
+    export_onnx(model, make_images(1), tmp_path / "model.onnx")
+    assert attributes() == before
+    export_program(model, make_images(1))
