@@ -31,7 +31,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # MiMi's method fields as CLI options: the fields, defaults and help texts are MiMiConfig's own
 _MIMI_FIELDS = ("target_compression", "target_params", "init_compression", "prune_ratio", "selection", "score",
-                "activation", "adapter_bias", "init_weights", "budget_tolerance")
+                "activation", "adapter_bias", "init_weights", "reconstruct", "budget_tolerance")
 _CHOICES = {"selection": SELECTIONS, "score": SCORES, "activation": ACTIVATIONS}
 
 

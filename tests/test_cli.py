@@ -103,7 +103,7 @@ def test_missing_inputs_exit_with_2(tmp_path, capsys):
 
 
 def test_method_options_come_from_mimi_config(backbone, tmp_path, monkeypatch):
-    """activation, adapter_bias and init_weights reach the adapter from the command line."""
+    """activation, adapter_bias, init_weights and reconstruct reach the adapter from the command line."""
     seen = {}
     real = train_module.train
 
@@ -113,13 +113,14 @@ def test_method_options_come_from_mimi_config(backbone, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "train", spy)
     argv = ["train", "--model", backbone, "--output-dir", str(tmp_path / "o"), *TINY, "--activation", "relu",
-            "--adapter-bias", "--no-init-weights", "--head-lr", "0.01"]
+            "--adapter-bias", "--no-init-weights", "--reconstruct", "--head-lr", "0.01"]
     assert main(argv) == 0
     mimi = seen["mimi"]
-    assert (mimi.activation, mimi.adapter_bias, mimi.init_weights) == ("relu", True, False)
+    assert (mimi.activation, mimi.adapter_bias, mimi.init_weights, mimi.reconstruct) == ("relu", True, False, True)
     assert seen["recipe"].head_lr == 0.01 and seen["recipe"].lr == 3e-3
     config = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
-    assert (config["activation"], config["adapter_bias"], config["init_weights"]) == ("relu", True, False)
+    assert (config["activation"], config["adapter_bias"], config["init_weights"], config["reconstruct"]) == (
+        "relu", True, False, True)
 
 
 def test_the_console_script_is_installed():
