@@ -17,7 +17,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from peft_mimi import MiMiConfig
 from peft_mimi.export import export_compiled, export_onnx, export_program, to_plain_module
-from peft_mimi.layer import FusedMiMiLinear, MiMiLayer
+from peft_mimi.layer import COMPILED_PRODUCT_SUM_MAX_WIDTH, FusedMiMiLinear, MiMiLayer
 
 
 def adapted_model(family: str = "vit", num_classes: int = 5, seed: int = 1, adapter_name: str = "default"):
@@ -171,6 +171,22 @@ def test_fused_and_plain_models_compile_to_one_graph_with_the_same_logits():
         torch._dynamo.reset()
         compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(logits(compiled, images), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [5, COMPILED_PRODUCT_SUM_MAX_WIDTH + 8])
+def test_a_compiled_fused_layer_computes_what_the_eager_one_does(width):
+    """Compiled, narrow adapters compute W_down·y as a product and a sum, wider ones as a GEMM: both as eager."""
+    torch.manual_seed(0)
+    d, k = 48, 24
+    layer = FusedMiMiLinear(torch.randn(d, k), torch.randn(d), torch.randn(width, d) / 7, torch.randn(width),
+                            torch.randn(d, width) / 7, torch.randn(d), "gelu")
+    x = torch.randn(2, 9, k)
+    with torch.no_grad():
+        expected = layer(x)
+        torch._dynamo.reset()
+        got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert got.shape == (2, 9, d)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("export", "load"), [
