@@ -22,8 +22,11 @@ load from other processes hits all variants alike; a variant's latency is the me
 to the backbone is the median over repeats of (variant time / backbone time in the same repeat), which cancels
 slow drifts in load; the same ratio of process CPU time (all threads) is reported beside it, as a check that
 other processes disturb less. The 1-minute load average (``os.getloadavg``) is recorded before and after each block.
+Then each timed variant runs alone with its reference (the bare backbone, or the backbone run the same way),
+alternating for as many repeats: the "pairs" table, where no other model runs between the two.
 GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` per image (matrix products only). ``torch.inference_mode``,
-fp32, the OpenMP runtime's own wait policy unless ``OMP_WAIT_POLICY`` is set (see below).
+fp32, the OpenMP runtime's own wait policy unless ``OMP_WAIT_POLICY`` is set (see below); onnxruntime without its
+threads' busy-waiting after a run, which on 2 cores took the CPU from whichever variant was timed next.
 
 Run it on an idle machine. The variants other than the plain module are built from their own load of the backbone,
 not copied from another model: a deep copy of the bare backbone alone measured 1.02x its original here (where the
@@ -33,9 +36,11 @@ allocator puts the weights matters at this scale), which is not the adapters' co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BARE = "backbone (no adapter)"
+AOT_FORM = "AOTInductor, any batch size (export_compiled)"
 
 
 def fresh_backbone(config: str, args) -> torch.nn.Module:
@@ -117,9 +123,14 @@ def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, 
     workdir = Path(tempfile.mkdtemp(prefix="bench_inference_"))
     # the forms that run outside eager PyTorch, each also for the bare backbone: the pair compares like with like
     forms = {"ONNX (onnxruntime)": lambda m: onnx_runner(export_onnx_to(m, example, workdir), args.threads)}
+    packages = {}  # model -> its AOTInductor package (any batch size), for the deployed-process timing
+
+    def compiled(model):
+        packages[model] = export_compiled(model, example, workdir / f"{id(model)}-any.pt2")
+        return torch._inductor.aoti_load_package(packages[model])
+
     if args.aot:
-        forms["AOTInductor, any batch size (export_compiled)"] = lambda m: torch._inductor.aoti_load_package(
-            export_compiled(m, example, workdir / f"{id(m)}-any.pt2"))
+        forms[AOT_FORM] = compiled
     if args.aot and not args.smoke:  # two more compilations per batch size: not for a smoke run
         forms["AOTInductor, compiled for each batch size (dynamic_batch=False)"] = lambda m: CompiledPerBatch(
             m, workdir)
@@ -157,6 +168,8 @@ def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, 
     rows[BARE]["widths"] = widths
     for label, reference in same_form.items():
         rows[label]["same_form_as"] = reference
+    if packages:
+        rows[f"{mimi}, {AOT_FORM}"]["packages"] = [packages[two_tasks], packages[bare]]
     return fns, rows
 
 
@@ -189,6 +202,8 @@ def onnx_runner(path: Path, threads: int) -> Callable:
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # no busy-waiting after a run: spinning threads would take the cores from the variant timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(["logits"], {"pixel_values": x.numpy()})[0]
 
@@ -233,6 +248,25 @@ def paired_ratio(times: list[float], reference: list[float]) -> float:
     return statistics.median(t / r for t, r in zip(times, reference))
 
 
+def deployed_ratio(packages: list[str], batch: int, size: int, repeats: int, threads: int) -> float:
+    """The MiMi package's latency over the backbone's (``packages``: those two ``.pt2`` paths), median paired ratio,
+    timed as a deployment runs them: in a fresh process holding nothing but torch and the two packages."""
+    command = [sys.executable, __file__, "--time-packages", *packages, "--batches", str(batch), "--package-pixels",
+               str(size), "--repeats", str(repeats), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["ratio"]
+
+
+def time_packages(args) -> None:
+    """``--time-packages A B``: print ``{"ratio": A's time / B's}`` (median paired ratio, interleaved repeats)."""
+    runners = {path: torch._inductor.aoti_load_package(path) for path in args.time_packages}
+    x = torch.randn(args.batches[0], 3, args.package_pixels, args.package_pixels, generator=torch.Generator().manual_seed(0))
+    times = interleaved_times(runners, x, args.repeats)
+    first, second = args.time_packages
+    print(json.dumps({"ratio": paired_ratio(times[first], times[second]),
+                      "ms": {p: 1000 * statistics.median(t) for p, t in times.items()}}))
+
+
 def bench_config(backbone: str, args) -> dict:
     fns, rows = build_variants(backbone, args)
     size = args.pixels[backbone]
@@ -253,8 +287,21 @@ def bench_config(backbone: str, args) -> dict:
             if "same_form_as" in row:
                 ratio = paired_ratio(times[label], times[row["same_form_as"]])
                 row.setdefault("same_form_ratio", {})[str(batch)] = ratio
+        # then each timed variant alone with its reference, alternating: no other model runs between the two
+        for label in fns:
+            reference = rows[label].get("same_form_as", BARE)
+            if label in (BARE, reference) or label.startswith(BARE):
+                continue
+            pair = interleaved_times({label: fns[label], reference: fns[reference]}, x, repeats)
+            rows[label].setdefault("pair_ratio", {})[str(batch)] = paired_ratio(pair[label], pair[reference])
+        for label, row in rows.items():
+            if "packages" in row:
+                row.setdefault("deployed_ratio", {})[str(batch)] = deployed_ratio(row["packages"], batch, size,
+                                                                                  repeats, args.threads)
         print(f"[inference] {backbone} batch {batch} (load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}): "
               + ", ".join(f"{k}={1000 * statistics.median(v):.1f}ms" for k, v in times.items()), flush=True)
+    for row in rows.values():
+        row.pop("packages", None)  # temporary files
     return {"image_size": size, "backbone_params": common.backbone_params(fresh_backbone(backbone, args)),
             "blocks": blocks, "variants": rows}
 
@@ -293,6 +340,20 @@ def markdown(results: dict, args) -> str:
                   common.table(header, rows), "", f"1-minute load average before → after: {loads}.", ""]
         if same:
             lines += ["Against the backbone run the same way (median paired ratio): " + "; ".join(same) + ".", ""]
+        pairs = [[label, *(f"{v['pair_ratio'][str(b)]:.3f}" for b in args.batches)]
+                 for label, v in res["variants"].items() if "pair_ratio" in v]
+        if pairs:
+            lines += ["Each variant timed again alone with its reference (the bare backbone, or the backbone run the "
+                      "same way for the ONNX and AOTInductor rows), the two alternating for as many repeats; median "
+                      "paired ratio. Without the other models running in between, the caches and the threads "
+                      "see only these two:", "",
+                      common.table(["variant", *(f"× reference @ {b}" for b in args.batches)], pairs), ""]
+        deployed = [f"{label}: " + ", ".join(f"{v['deployed_ratio'][str(b)]:.3f}× at batch {b}" for b in args.batches)
+                    for label, v in res["variants"].items() if "deployed_ratio" in v]
+        if deployed:
+            lines += ["As deployed: the two AOTInductor packages (MiMi's and the backbone's) timed the same way in a "
+                      "fresh process that holds nothing else (torch alone, as a server loading the package): "
+                      + "; ".join(deployed) + ".", ""]
     if args.notes:
         lines += [args.notes]
     return "\n".join(lines)
@@ -424,12 +485,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default="")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--time-packages", nargs=2, metavar=("PT2", "REFERENCE_PT2"),
+                        help="internal (the deployed-process timing): time two AOTInductor packages, print the ratio")
+    parser.add_argument("--package-pixels", type=int, default=112, help="with --time-packages: the image side")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.time_packages:
+        time_packages(args)
+        return
     if args.smoke:
         args.configs, args.batches, args.repeats = [common.SMOKE], [1, 4], 3
     args.sizes = {c: int(c.split("@")[1]) if "@" in c else None for c in args.configs}
     args.omp_wait_policy = OMP_WAIT_POLICY
-    torch.set_num_threads(args.threads)
     if args.profile:
         _resolve_pixels(args, args.configs[:1])
         profile(args)

@@ -31,6 +31,12 @@ def test_benchmark_smoke_mode_writes_its_results(script, extra, outputs, tmp_pat
         assert (tmp_path / name).stat().st_size > 0, name
     raw = json.loads((tmp_path / outputs[1]).read_text())
     assert raw, "empty results"
+    if script == "bench_inference.py":  # each variant also timed alone with its reference; the package as deployed
+        (variants,) = [r["variants"] for r in raw["results"].values()]
+        assert all(v["pair_ratio"].keys() == {"1", "4"} for k, v in variants.items() if k.startswith("MiMi")
+                   and "latency_s" in v)
+        (compiled,) = [v for k, v in variants.items() if k.startswith("MiMi") and "export_compiled" in k]
+        assert compiled["deployed_ratio"]["1"] > 0 and "packages" not in compiled
 
 
 @pytest.mark.slow
