@@ -260,7 +260,8 @@ def deployed_ratio(packages: list[str], batch: int, size: int, repeats: int, thr
 def time_packages(args) -> None:
     """``--time-packages A B``: print ``{"ratio": A's time / B's}`` (median paired ratio, interleaved repeats)."""
     runners = {path: torch._inductor.aoti_load_package(path) for path in args.time_packages}
-    x = torch.randn(args.batches[0], 3, args.package_pixels, args.package_pixels, generator=torch.Generator().manual_seed(0))
+    side = args.package_pixels
+    x = torch.randn(args.batches[0], 3, side, side, generator=torch.Generator().manual_seed(0))
     times = interleaved_times(runners, x, args.repeats)
     first, second = args.time_packages
     print(json.dumps({"ratio": paired_ratio(times[first], times[second]),
@@ -294,7 +295,7 @@ def bench_config(backbone: str, args) -> dict:
                 continue
             pair = interleaved_times({label: fns[label], reference: fns[reference]}, x, repeats)
             rows[label].setdefault("pair_ratio", {})[str(batch)] = paired_ratio(pair[label], pair[reference])
-        for label, row in rows.items():
+        for row in rows.values():
             if "packages" in row:
                 row.setdefault("deployed_ratio", {})[str(batch)] = deployed_ratio(row["packages"], batch, size,
                                                                                   repeats, args.threads)

@@ -61,9 +61,10 @@ class FusedMiMiLinear(nn.Module):
 
     ``y = W·x + b`` (``weight``: ``(d, k)``), then ``y += W_up·act(W_down·y + b_down) + b_up`` in place (``down_weight``
     ``(n, d)``, ``up_weight`` ``(d, n)``): three matrix products and the activation, no copy of the output and no
-    Python beyond this forward. Equal to the adapted layer up to float rounding. Several adapters active together are
-    one wider adapter (their neurons side by side, ``b_up`` summed). ``weight`` and ``bias`` may be the wrapped
-    Linear's own parameters (shared, not copied)."""
+    Python beyond this forward (compiled, a narrow adapter's ``W_down·y`` is a product and a sum instead). Equal to
+    the adapted layer up to float rounding. Several adapters active together are one wider adapter (their neurons
+    side by side, ``b_up`` summed). ``weight`` and ``bias`` may be the wrapped Linear's own parameters (shared, not
+    copied)."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, down_weight: torch.Tensor,
