@@ -84,24 +84,19 @@ class FusedMiMiLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-        act = FUSED_ACTIVATIONS[self.activation]
+        # the hidden activations transposed, (n, rows): BLAS runs W_down·yᵀ faster than the skinny (rows, n) product
         if torch.compiler.is_compiling() and self.width <= COMPILED_PRODUCT_SUM_MAX_WIDTH:
             # compiled (torch.compile, torch.export, export_compiled): W_down·y as a product and a sum, which Inductor
-            # generates as one loop over y with the bias and activation, where a GEMM call would cost more than its
-            # arithmetic (benchmarks/results/inference_*.md). Eager PyTorch would materialise the product: not there.
-            hidden = (y.unsqueeze(1) * self.down_weight).sum(-1)
+            # generates as one loop over y, where a GEMM call would cost more than its arithmetic
+            # (benchmarks/results/inference_*.md). Eager PyTorch would materialise the product: not there.
+            hidden = (y.unsqueeze(1) * self.down_weight).sum(-1).t()
             if self.down_bias is not None:
-                hidden = hidden + self.down_bias
-            if act is not None:
-                hidden = act(hidden)
-            if self.up_bias is not None:
-                y = y + self.up_bias
-            return torch.addmm(y, hidden, self.up_weight.t()).view(*x.shape[:-1], self.out_features)
-        # the hidden activations transposed, (n, rows): BLAS runs W_down·yᵀ faster than the skinny (rows, n) product
-        if self.down_bias is None:
+                hidden = hidden + self.down_bias[:, None]
+        elif self.down_bias is None:
             hidden = torch.mm(self.down_weight, y.t())
         else:
             hidden = torch.addmm(self.down_bias[:, None], self.down_weight, y.t())
+        act = FUSED_ACTIVATIONS[self.activation]
         if act is not None:
             hidden = act(hidden)
         if self.up_bias is not None:
