@@ -91,9 +91,9 @@ def mimi_model(config: str, sigma: float, args, *, tasks: int = 1, compact: bool
     return model.eval()
 
 
-def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, dict]]:
+def build_variants(backbone: str, args, workdir: Path) -> tuple[dict[str, Callable], dict[str, dict]]:
     """``({label: fn(x) -> logits}, {label: {"adapter_params", "gflops", ...}})``; the second dict also holds the
-    rows that are counted but not timed."""
+    rows that are counted but not timed. The exported files (ONNX, AOTInductor packages) go to ``workdir``."""
     from peft import LoraConfig, get_peft_model
 
     from peft_mimi.export import export_compiled, to_plain_module
@@ -120,7 +120,6 @@ def build_variants(backbone: str, args) -> tuple[dict[str, Callable], dict[str, 
                f"{mimi}, fuse_for_inference()": (fused, params),
                f"{mimi}, plain module (export.to_plain_module)": (plain, params),
                f"{mimi}, mixed-task batch (adapter_names, 2 tasks)": (None, params)}
-    workdir = Path(tempfile.mkdtemp(prefix="bench_inference_"))
     # the forms that run outside eager PyTorch, each also for the bare backbone: the pair compares like with like
     forms = {"ONNX (onnxruntime)": lambda m: onnx_runner(export_onnx_to(m, example, workdir), args.threads)}
     packages = {}  # model -> its AOTInductor package (any batch size), for the deployed-process timing
@@ -269,7 +268,13 @@ def time_packages(args) -> None:
 
 
 def bench_config(backbone: str, args) -> dict:
-    fns, rows = build_variants(backbone, args)
+    # the exported files are hundreds of MB for a real backbone: removed when the configuration is done
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as workdir:
+        return _bench_config(backbone, args, Path(workdir))
+
+
+def _bench_config(backbone: str, args, workdir: Path) -> dict:
+    fns, rows = build_variants(backbone, args, workdir)
     size = args.pixels[backbone]
     blocks = {}
     for batch in args.batches:
@@ -302,7 +307,7 @@ def bench_config(backbone: str, args) -> dict:
         print(f"[inference] {backbone} batch {batch} (load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}): "
               + ", ".join(f"{k}={1000 * statistics.median(v):.1f}ms" for k, v in times.items()), flush=True)
     for row in rows.values():
-        row.pop("packages", None)  # temporary files
+        row.pop("packages", None)  # files in workdir, removed after this
     return {"image_size": size, "backbone_params": common.backbone_params(fresh_backbone(backbone, args)),
             "blocks": blocks, "variants": rows}
 
