@@ -38,7 +38,7 @@ def run_one(kind: str, backbone: str, task: str, seed: int, fraction: float | No
     from peft_mimi.train import TrainingRecipe, train
 
     data = common.task_dataset(task)
-    model, processor = common.load_model(backbone, common.num_labels_of(task))
+    model, processor = common.load_model(backbone, common.num_labels_of(task), args.image_size)
     torch.manual_seed(seed)
     if kind == "search":
         config = MiMiConfig(target_compression=args.floor, budget_tolerance=args.tolerance)
@@ -119,15 +119,17 @@ def publish(args, rows: list[dict], final: bool) -> None:
                 f"{s['wall_s'][0]:.0f} / {s['fixed_wall_s'][0]:.0f}" if s["fixed_wall_s"] else "—"]
                for s in summary]
     status = "" if final else "**PARTIAL: the run is still going.**\n\n"
+    compared = (f"Compared with MiMi at a fixed σt = {args.fixed_sigma:g} (the paper's stop rule, all training images, "
+                "same E)." if args.fixed_sigma else "No fixed-budget runs here (`--fixed-sigma 0`).")
+    pixels = f" at {args.image_size} px" if args.image_size else ""
     markdown = f"""# Budget search: the smallest adapter within {args.tolerance:g} point(s) of the best round
 
 {status}MiMi from σ0 = 4 toward the floor σt = {args.floor:g}, E = {args.epochs_per_round} epochs per round,
 `MiMiConfig(budget_tolerance={args.tolerance:g})`: after each round, accuracy on a validation split carved from the
 training images (stratified, seeded); the rounds go on down to the floor, and the smallest round within
-{args.tolerance:g} point(s) of the best validation accuracy is restored and saved. Compared with MiMi at a fixed
-σt = {args.fixed_sigma:g} (the paper's stop rule, all training images, same E). {args.max_train} training images
-(class-balanced subset, the validation split comes out of them), {args.max_test} test images, lr {args.lr:g},
-batch 64, seeds {sorted({r['seed'] for r in rows})}, on {common.device_name()}.
+{args.tolerance:g} point(s) of the best validation accuracy is restored and saved. {compared}
+{args.max_train} training images (class-balanced subset, the validation split comes out of them), {args.max_test}
+test images{pixels}, lr {args.lr:g}, batch 64, seeds {sorted({r['seed'] for r in rows})}, on {common.device_name()}.
 
 "Best round" is the trained round with the highest **test** accuracy (known only afterwards); "within on test" counts
 the seeds where the saved adapter's test accuracy is at most {args.tolerance:g} point(s) below it.
@@ -193,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=1.0, help="MiMiConfig.budget_tolerance (points)")
     parser.add_argument("--validation-fractions", nargs="+", type=float, default=[0.1, 0.2])
     parser.add_argument("--floor", type=float, default=256.0, help="σt of the search: how far it may prune")
-    parser.add_argument("--fixed-sigma", type=float, default=64.0)
+    parser.add_argument("--fixed-sigma", type=float, default=64.0,
+                        help="σt of the fixed-budget runs compared with; 0: no fixed runs (search only)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize the images to this many pixels (default: the backbone's native size)")
     parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-train", type=int, default=1000)
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     for backbone in args.backbones:
         for task in args.tasks:
             for seed in args.seeds:
-                for kind, fraction in [("fixed", None), *(("search", f) for f in args.validation_fractions)]:
+                kinds = [("fixed", None)] if args.fixed_sigma else []
+                for kind, fraction in [*kinds, *(("search", f) for f in args.validation_fractions)]:
                     if (kind, backbone, task, seed, fraction) in done:
                         continue
                     row = run_one(kind, backbone, task, seed, fraction, args)
