@@ -145,7 +145,8 @@ def model_card(
         f"| start width | d / σ0, σ0 = {config.init_compression:g} |",
         f"| budget | {target}: {budget:,} adapter parameters |",
         f"| pruning rounds | {rounds} (ρ = {config.prune_ratio:g}, {config.selection} selection, "
-        f"score `{config.score}`) |",
+        f"score `{config.score}`{', kept neurons refitted at each cut (`reconstruct`)' if config.reconstruct else ''})"
+        " |",
         f"| adapter parameters | {counts['adapter']:,} ({_percent(counts['adapter'], counts['base'])} of the base) |",
         f"| head parameters | {counts['head']:,} |",
         f"| adapters kept | {sum(w > 0 for w in widths.values())} of {len(widths)} |",

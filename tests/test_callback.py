@@ -277,3 +277,34 @@ def test_too_short_training_is_explained(digits, tmp_path):
         MiMiPruningCallback(steps_per_round=10).plan(max_steps=20, num_train_epochs=1, planned_rounds=2)
     with pytest.raises(ValueError, match="not both"):
         MiMiPruningCallback(steps_per_round=10, epochs_per_round=1)
+
+
+def test_reconstruct_refits_the_kept_neurons_at_the_trainers_cuts_too(digits, tmp_path, monkeypatch):
+    """MiMiConfig(reconstruct=True) under the HF Trainer with a plain cosine schedule: the statistics gathered in
+    the Trainer's training steps reach every cut, so each cut refits the kept neurons (as with peft_mimi.train)."""
+    from peft_mimi.card import model_card
+    from peft_mimi.layer import MiMiLayer
+
+    refits = []
+    original = MiMiLayer.reconstruct_cut
+
+    def recording(layer, adapter_name, keep_live):
+        refits.append(original(layer, adapter_name, keep_live))
+        return refits[-1]
+
+    monkeypatch.setattr(MiMiLayer, "reconstruct_cut", recording)
+    final = {}
+    for reconstruct in (False, True):
+        torch.manual_seed(0)
+        model = mimi_model(reconstruct=reconstruct, init_weights=False)
+        trainer = trainer_for(model, digits[0], tmp_path / str(reconstruct), num_train_epochs=3)
+        MiMiPruningCallback.attach(trainer)
+        trainer.train()
+        assert model.base_model.live_params() <= model.base_model.budget()
+        final[reconstruct] = {n: p.detach().clone() for n, p in model.named_parameters() if ".mimi_up" in n}
+        if not reconstruct:
+            assert refits == [], "the paper's plain removal refits nothing"
+    layers = len(list(model.base_model._layers("default")))
+    assert len(refits) == 2 * layers and any(refits), refits  # every layer at both cuts; the cut ones refitted
+    assert any(not torch.equal(final[False][n], final[True][n]) for n in final[True] if n in final[False])
+    assert "refitted at each cut (`reconstruct`)" in model_card(model)
