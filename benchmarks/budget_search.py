@@ -122,6 +122,11 @@ def publish(args, rows: list[dict], final: bool) -> None:
     compared = (f"Compared with MiMi at a fixed σt = {args.fixed_sigma:g} (the paper's stop rule, all training images, "
                 "same E)." if args.fixed_sigma else "No fixed-budget runs here (`--fixed-sigma 0`).")
     pixels = f" at {args.image_size} px" if args.image_size else ""
+
+    def searched_table(header: list[str], body: list[list]) -> str:
+        """``common.table``, without the fixed-budget runs' columns when there are none."""
+        keep = [i for i, name in enumerate(header) if args.fixed_sigma or not ("σt=" in name or "fixed" in name)]
+        return common.table([header[i] for i in keep], [[row[i] for i in keep] for row in body])
     markdown = f"""# Budget search: the smallest adapter within {args.tolerance:g} point(s) of the best round
 
 {status}MiMi from σ0 = 4 toward the floor σt = {args.floor:g}, E = {args.epochs_per_round} epochs per round,
@@ -134,16 +139,16 @@ test images{pixels}, lr {args.lr:g}, batch 64, seeds {sorted({r['seed'] for r in
 "Best round" is the trained round with the highest **test** accuracy (known only afterwards); "within on test" counts
 the seeds where the saved adapter's test accuracy is at most {args.tolerance:g} point(s) below it.
 
-{common.table(["backbone", "task", "val. fraction", "search params", f"σt={args.fixed_sigma:g} params",
-               "chosen round", "epochs", "validation acc.", "test acc.", "best round test acc.",
-               f"σt={args.fixed_sigma:g} test acc.", "within on test", "wall s (search / fixed)"], rows_md)}
+{searched_table(["backbone", "task", "val. fraction", "search params", f"σt={args.fixed_sigma:g} params",
+                 "chosen round", "epochs", "validation acc.", "test acc.", "best round test acc.",
+                 f"σt={args.fixed_sigma:g} test acc.", "within on test", "wall s (search / fixed)"], rows_md)}
 
-Per seed (chosen round / rounds trained; test loss = best round's test accuracy minus the saved one's, in points;
-σt={args.fixed_sigma:g}: its test accuracy and parameters):
+Per seed (chosen round / rounds trained; test loss = best round's test accuracy minus the saved one's, in points{
+"; σt=" + f"{args.fixed_sigma:g}: its test accuracy and parameters" if args.fixed_sigma else ""}):
 
-{common.table(["backbone", "task", "val. fraction", "seed", "chosen / trained", "params", "validation acc.",
-               "test acc.", "best round test acc.", "test loss", "within on test", f"σt={args.fixed_sigma:g}"],
-              per_seed)}
+{searched_table(["backbone", "task", "val. fraction", "seed", "chosen / trained", "params", "validation acc.",
+                 "test acc.", "best round test acc.", "test loss", "within on test", f"σt={args.fixed_sigma:g}"],
+                per_seed)}
 """
     markdown += "\n" + reading(args, summary) + "\n"
     if args.notes:
