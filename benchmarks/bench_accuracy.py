@@ -323,7 +323,8 @@ def ablation_part(args, out: Path, backbone_size: int) -> None:
                                (f"{statistics.fmean(removed):.1f}" if removed else "—"), len(s["seeds"])])
         intro = (f"Backbone `{args.backbone}`, tasks {args.tasks}, seeds {args.seeds}, σ0 = 4, ρ = 0.5, "
                  f"E = {args.epochs_per_round}; same loop and settings as accuracy.md. 'l1' = the eq. 3 numerator "
-                 "without the 2·d normalisation; 'down_l1' = W_down only; 'gradient' = |w·∂L/∂w| summed per neuron. "
+                 "without the 2·d normalisation; 'down_l1' = W_down only; 'gradient' = |∂L/∂w| summed over the "
+                 "neuron's weights and the round's steps, per parameter. "
                  f"'{FROM_SCRATCH}' = fixed adapters with the final per-layer widths of the same seed's global / "
                  "mimi run, trained from the start for the same number of epochs (separates what the allocation buys "
                  "from what training large and then pruning buys).")

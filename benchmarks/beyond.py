@@ -67,6 +67,9 @@ CANDIDATES = {c.name: c for c in [
               mimi_options={"score": "relative"}),
     Candidate("taylor", "score = first-order Taylor |a·∂L/∂a| per parameter, gathered while training",
               mimi_options={"score": "taylor"}),
+    Candidate("gradient", "score = |∂L/∂w| summed over the neuron's weights and the round's steps, per parameter "
+              "(the paper's ablation score, ahead of eq. 3 on 5 of 6 pairs in ablation.md)",
+              mimi_options={"score": "gradient"}),
     Candidate("contribution", "score = mean |a_j| · |W_up[:,j]|_1 per parameter, gathered while training",
               mimi_options={"score": "contribution"}),
     Candidate("long_last", "paper cuts, 1 epoch per round, every remaining epoch after the last cut",
