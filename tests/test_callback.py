@@ -279,9 +279,11 @@ def test_too_short_training_is_explained(digits, tmp_path):
         MiMiPruningCallback(steps_per_round=10, epochs_per_round=1)
 
 
-def test_reconstruct_refits_the_kept_neurons_at_the_trainers_cuts_too(digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("score", ["mimi", "gradient"])
+def test_reconstruct_refits_the_kept_neurons_at_the_trainers_cuts_too(digits, tmp_path, monkeypatch, score):
     """MiMiConfig(reconstruct=True) under the HF Trainer with a plain cosine schedule: the statistics gathered in
-    the Trainer's training steps reach every cut, so each cut refits the kept neurons (as with peft_mimi.train)."""
+    the Trainer's training steps reach every cut, so each cut refits the kept neurons (as with peft_mimi.train);
+    also with the gradient score, whose per-neuron gradient sums are gathered in the same steps."""
     from peft_mimi.card import model_card
     from peft_mimi.layer import MiMiLayer
 
@@ -296,7 +298,7 @@ def test_reconstruct_refits_the_kept_neurons_at_the_trainers_cuts_too(digits, tm
     final = {}
     for reconstruct in (False, True):
         torch.manual_seed(0)
-        model = mimi_model(reconstruct=reconstruct, init_weights=False)
+        model = mimi_model(reconstruct=reconstruct, score=score, init_weights=False)
         trainer = trainer_for(model, digits[0], tmp_path / str(reconstruct), num_train_epochs=3)
         MiMiPruningCallback.attach(trainer)
         trainer.train()
@@ -307,4 +309,4 @@ def test_reconstruct_refits_the_kept_neurons_at_the_trainers_cuts_too(digits, tm
     layers = len(list(model.base_model._layers("default")))
     assert len(refits) == 2 * layers and any(refits), refits  # every layer at both cuts; the cut ones refitted
     assert any(not torch.equal(final[False][n], final[True][n]) for n in final[True] if n in final[False])
-    assert "refitted at each cut (`reconstruct`)" in model_card(model)
+    assert f"score `{score}`, kept neurons refitted at each cut (`reconstruct`)" in model_card(model)
