@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -47,10 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         args.backbone, args.repeats, args.max_train, args.max_test, args.epochs_per_round = common.SMOKE, 1, 64, 32, 1
         args.sigma = 16.0
     torch.set_num_threads(args.threads)
+    load = [os.getloadavg()[0]]
     if args.from_json:
         runs, epochs, rounds, n_train, mimi_label, how = recorded_runs(args)
     else:
         runs, epochs, rounds, n_train, mimi_label, how = fresh_runs(args)
+    load.append(os.getloadavg()[0])
 
     rows = []
     for label, rs in runs.items():
@@ -65,20 +68,24 @@ def main(argv: list[str] | None = None) -> None:
         seg_rows.append([seg["round"], f"{seg['live_params']:,}", seg["adapters_alive"],
                          f"{1000 * statistics.median(per_epoch):.0f}"])
     labels = list(runs)
+    busy = ("other jobs shared the cores: wall times are noisier" if max(load) > args.threads + 0.5
+            else "nothing else ran on the cores")
+    load_note = "" if args.from_json else f" 1-minute load average {load[0]:.2f} before, {load[1]:.2f} after ({busy})."
     base = statistics.median(r["wall_s"] for r in runs[labels[1]])
     ratio = statistics.median(r["wall_s"] for r in runs[mimi_label]) / base
     md = [f"# Training cost on {args.backbone} / {args.task}", "",
           f"{epochs} epochs for every method (MiMi: {rounds} pruning rounds, {args.epochs_per_round} epochs per "
           f"segment), batch {args.batch_size}, {n_train} training images, {args.threads} CPU thread(s), {how}, "
-          "medians over runs. Shared 2-core machine: other jobs ran at the same time, so wall times are noisy.",
+          f"medians over runs.{load_note}",
           "", common.table(["method", "final params", "epochs", "wall s", "ms / epoch", "acc %"], rows), "",
           f"MiMi's whole schedule / vanilla adapters at σt: **{ratio:.2f}×** wall time.", "",
           "## MiMi segments (time per epoch as the adapters shrink)", "",
           common.table(["after round", "live adapter params", "adapters alive", "ms / epoch"], seg_rows)]
     if args.notes:
         md += ["", args.notes]
-    common.write_results(args.out, "training_cost", {"config": vars(args), "epochs": epochs, "rounds": rounds,
-                                                     "runs": runs, "mimi_over_vanilla": ratio}, "\n".join(md))
+    common.write_results(args.out, "training_cost", {"config": vars(args), "load_average": load, "epochs": epochs,
+                                                     "rounds": rounds, "runs": runs, "mimi_over_vanilla": ratio},
+                         "\n".join(md))
 
 
 def fresh_runs(args):

@@ -17,7 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 RIVALS = (("adapter", "vanilla adapters"), ("lora", "LoRA"), ("adalora", "AdaLoRA"))
-FIXED = (("adapter", "adapters σ=4"), ("linear", "linear probe"), ("bitfit", "BitFit"), ("full", "full FT"))
+FIXED = (("adapter", "adapters σ=4"), ("linear", "head only"), ("bitfit", "BitFit"), ("full", "full FT"),
+         ("probe", "linear probe (converged)"), ("pixels", "pixels (logistic regression)"))
+
+
+def _variant(rows: list[dict]) -> str:
+    """The MiMi options a file ran with beyond the default (its candidate tables), e.g. ` + reconstruct=True`."""
+    options = {}
+    for r in rows:
+        if r["method"]["kind"] == "mimi":
+            options.update(r["method"].get("mimi_options") or {})
+    return "".join(f" + {k}={v}" for k, v in sorted(options.items()))
 
 
 def _acc(rows: list[dict]) -> str:
@@ -48,8 +58,9 @@ def summarize(results: Path) -> tuple[str, dict]:
         data = json.loads(path.read_text())
         backbone = data["config"]["backbone"]
         size = data["config"].get("image_size")
-        name = f"{backbone}" + (f" @{size}px" if size else "")
         rows = data["rows"]
+        variant = _variant(rows)
+        name = f"{backbone}" + (f" @{size}px" if size else "") + variant
         raw["backbones"][name] = {"file": str(path.relative_to(results)), "final": data.get("final"), "cells": []}
         for task in dict.fromkeys(r["task"] for r in rows):
             budgets = sorted({r["budget_sigma"] for r in rows if r["task"] == task and r["budget_sigma"]})
@@ -67,12 +78,15 @@ def summarize(results: Path) -> tuple[str, dict]:
                      **{f"mimi_minus_{kind}": d[1] for (kind, _), d in zip(RIVALS, diffs)}})
             fixed = {label: [r for r in rows if r["task"] == task and r["budget_sigma"] is None
                              and r["method"]["kind"] == kind] for kind, label in FIXED}
-            fixed_rows.append([name, task, *[_acc(v) for v in fixed.values()]])
+            if not variant:  # a candidate table's references are the default table's rows, listed once
+                fixed_rows.append([name, task, *[_acc(v) for v in fixed.values()]])
     lines += ["# MiMi against the alternatives, every backbone and task", "",
               "Accuracy: test top-1 %, mean ± std over seeds. `MiMi − X`: mean of the per-seed differences in "
               "points, then (MiMi wins / ties / losses) over the seeds; same split, batch order and epochs for "
               "both. Budgets are matched by counted parameters: see each backbone's accuracy.md for the counts of "
-              "every method (LoRA and AdaLoRA cannot go below rank 1 and may hold more).", "",
+              "every method (LoRA and AdaLoRA cannot go below rank 1 and may hold more). A backbone named with "
+              "`+ option=value` is a candidate table (issue 13): MiMi with that `MiMiConfig` option, against the "
+              "same vanilla, LoRA and AdaLoRA rows as the default's table.", "",
               common.table(header, table_rows), "",
               "## Budget-free references (same tasks, the longest epoch count of each file)", "",
               common.table(["backbone", "task", *[label for _, label in FIXED]], fixed_rows)]
