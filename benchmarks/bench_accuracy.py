@@ -37,13 +37,19 @@ from common import Method  # noqa: E402
 
 
 def methods_at(budget_sigma: float, lora_rank: int, mimi_options: dict | None = None) -> list[Method]:
-    """The methods at one budget. ``mimi_options``: `MiMiConfig` fields for MiMi's rows (e.g. the `reconstruct`
-    candidate of `benchmarks/beyond.py`), named in the row's label so that its rows never mix with the default's."""
+    """The methods at one budget. ``mimi_options``: `MiMiConfig` or `TrainingRecipe` fields for MiMi's rows (e.g.
+    the `reconstruct` candidate of `benchmarks/beyond.py`, or `restart_lr`), named in the row's label so that its
+    rows never mix with the default's."""
+    from peft_mimi import MiMiConfig
+
     s = f"{budget_sigma:g}"
     options = dict(mimi_options or {})
     variant = "".join(f" + {k}={v}" for k, v in sorted(options.items()))
+    config = {k: v for k, v in options.items() if k in MiMiConfig.__dataclass_fields__}
+    recipe = {k: v for k, v in options.items() if k not in config}
     return [
-        Method("mimi", f"MiMi σ0=4→σt={s}{variant}", target_compression=budget_sigma, mimi_options=options),
+        Method("mimi", f"MiMi σ0=4→σt={s}{variant}", target_compression=budget_sigma, mimi_options=config,
+               recipe_options=recipe),
         Method("adapter", f"Adapters σ={s} (vanilla, uniform)", init_compression=budget_sigma,
                target_compression=budget_sigma),
         Method("lora", f"LoRA r={lora_rank} (≈B(σt={s}))", lora_rank=lora_rank),
@@ -425,13 +431,15 @@ def vars_for_json(args) -> dict:
 
 
 def parse_option(item: str) -> tuple[str, object]:
-    """``FIELD=VALUE`` of --mimi-options, checked against `MiMiConfig`: true/false, numbers, else the string."""
+    """``FIELD=VALUE`` of --mimi-options, checked against `MiMiConfig` and `TrainingRecipe`: true/false, numbers,
+    else the string."""
     from peft_mimi import MiMiConfig
+    from peft_mimi.train import TrainingRecipe
 
     name, sep, text = item.partition("=")
-    if not sep or name not in MiMiConfig.__dataclass_fields__:
-        raise SystemExit(f"--mimi-options {item!r}: expected FIELD=VALUE with a MiMiConfig field, e.g. "
-                         "reconstruct=true")
+    if not sep or name not in {**MiMiConfig.__dataclass_fields__, **TrainingRecipe.__dataclass_fields__}:
+        raise SystemExit(f"--mimi-options {item!r}: expected FIELD=VALUE with a MiMiConfig or TrainingRecipe "
+                         "field, e.g. reconstruct=true or restart_lr=false")
     lowered = text.lower()
     if lowered in ("true", "false"):
         return name, lowered == "true"
@@ -459,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["mimi", "adapter", "lora", "adalora"],
                         help="the methods run at each budget")
     parser.add_argument("--mimi-options", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="MiMiConfig fields for MiMi's rows, e.g. reconstruct=true (named in the rows' label)")
+                        help="MiMiConfig or TrainingRecipe fields for MiMi's rows, e.g. reconstruct=true or "
+                             "restart_lr=false (named in the rows' label)")
     parser.add_argument("--budget-methods", nargs="*", default=[], metavar="SIGMA=KIND,KIND",
                         help="the methods run at one budget instead of --methods, e.g. 64=mimi,adapter,lora")
     parser.add_argument("--fixed", nargs="*", default=["adapter", "linear", "bitfit", "full", "probe", "pixels"],

@@ -19,6 +19,7 @@ Candidates that need something `peft_mimi.train` does not do yet are prototyped 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -78,6 +79,11 @@ CANDIDATES = {c.name: c for c in [
     Candidate("rounds_1", "1 epoch per round, smaller ρ so that the rounds fill the same epochs",
               schedule="rounds_1"),
     Candidate("one_shot", "one cut to the budget after half the epochs", schedule="one_shot"),
+    Candidate("one_cosine", "the paper's cuts at the same steps, but one warm-up + cosine over the whole run (as "
+              "vanilla adapters get) instead of a restart at every round", schedule="one_cosine"),
+    Candidate("continuous", "the paper's cuts at the same steps as masks (physical shrink at the end), one "
+              "optimizer and one warm-up + cosine over the whole run: what vanilla adapters get, with the cuts "
+              "(the HF Trainer callback's default form)", schedule="continuous"),
     Candidate("cubic", "gradual masked cuts on the cubic schedule (20-70 % of the steps), one cosine",
               schedule="cubic"),
     Candidate("reconstruct", "paper, but each cut refits the kept neurons' W_up by least squares on the "
@@ -217,6 +223,31 @@ class NeuronDropout(_Wrapper):
         return (hidden * keep.to(hidden.dtype) / (1 - self.p),)
 
 
+class Continuous(_Wrapper):
+    """One round of training (``base_model`` hidden, so `train` builds one optimizer and one schedule) with the
+    paper's cuts, ``tuner.prune_round(compact=False)``, every ``steps_per_round`` steps: the neurons are masked, so
+    the optimizer's state carries on for the kept ones; `save_pretrained` shrinks the adapters first."""
+
+    base_model = None
+
+    def __init__(self, peft_model: nn.Module, steps_per_round: int, rounds: int) -> None:
+        super().__init__(peft_model)
+        self.tuner = [peft_model.base_model]
+        self.cut_steps = {steps_per_round * (k + 1) for k in range(rounds)}
+        self.step = 0
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs):
+        if self.training:
+            if self.step in self.cut_steps:
+                self.tuner[0].prune_round(compact=False)
+            self.step += 1
+        return super().forward(pixel_values, labels, interpolate_pos_encoding, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        self.tuner[0].compact()
+        return self.peft.save_pretrained(*args, **kwargs)
+
+
 class Gradual(_Wrapper):
     """One round of training (``base_model`` hidden, so `train` sees no pruning rounds) with masked cuts at
     ``cuts`` evenly spaced steps between ``start`` and ``end`` (fractions of ``total_steps``); after the cut at
@@ -266,6 +297,36 @@ class Gradual(_Wrapper):
         return self.peft.save_pretrained(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def one_schedule(total_epochs: int, epochs_per_round: int, warmup_ratio: float = 0.1):
+    """While open, `peft_mimi.train`'s optimizer (rebuilt at every cut, as the adapters shrink) gets a learning
+    rate that continues one warm-up + cosine over the whole run instead of restarting it at every round: the
+    schedule vanilla adapters get in one round. Rounds are taken to be ``epochs_per_round`` epochs each."""
+    import peft_mimi.train as loop
+
+    build, done = loop.build_optimizer, [0]
+
+    def continued(model, *, num_training_steps, **kwargs):
+        optimizer, _ = build(model, num_training_steps=num_training_steps, **kwargs)
+        total = num_training_steps * total_epochs // epochs_per_round
+        warm, offset = math.floor(warmup_ratio * total), done[0]
+        done[0] += num_training_steps
+
+        def factor(step: int) -> float:
+            step += offset
+            if step < warm:
+                return step / max(1, warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    loop.build_optimizer = continued
+    try:
+        yield
+    finally:
+        loop.build_optimizer = build
+
+
 # ------------------------------------------------------------------------------------------------ one run
 def paper_rounds(model: nn.Module, sigma: float) -> tuple[int, int, int]:
     """``(R, initial params, budget)`` of the paper's schedule (σ0 = 4, ρ = 0.5) on ``model``'s adapters."""
@@ -293,10 +354,12 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     from peft_mimi.train import TrainingRecipe, train
 
     data = common.task_dataset(task)
-    model, processor = common.load_model(backbone, common.num_labels_of(task))
+    name, _, size = backbone.partition("@")  # "dinov2-s14@56": that backbone trained and evaluated at 56 px
+    model, processor = common.load_model(name, common.num_labels_of(task))
     rounds, initial, budget = paper_rounds(model, sigma)
     total = (rounds + 1) * epochs_per_round
-    recipe = dict(batch_size=64, lr=lr, seed=seed, max_train_samples=max_train, max_eval_samples=max_test)
+    recipe = dict(batch_size=64, lr=lr, seed=seed, max_train_samples=max_train, max_eval_samples=max_test,
+                  image_size=int(size) if size else None)
     torch.manual_seed(seed)
     options = dict(cand.mimi_options)
     if cand.kind in ("adapter", "wide", "head"):
@@ -304,7 +367,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
         config = MiMiConfig(init_compression=width_sigma, target_compression=width_sigma, **options)
         recipe.update(epochs_per_round=total)
     else:
-        if cand.schedule == "paper":
+        if cand.schedule in ("paper", "one_cosine"):
             recipe.update(epochs_per_round=epochs_per_round)
         elif cand.schedule == "long_last":
             recipe.update(epochs_per_round=1, final_epochs=total - rounds)
@@ -314,7 +377,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
         elif cand.schedule == "one_shot":
             options.setdefault("prune_ratio", ratio_for_rounds(initial, budget, 1))
             recipe.update(epochs_per_round=total // 2, final_epochs=total - total // 2)
-        elif cand.schedule == "cubic":
+        elif cand.schedule in ("cubic", "continuous"):
             recipe.update(epochs_per_round=total)
         config = MiMiConfig(init_compression=4.0, target_compression=sigma, **options)
     config.modules_to_save, config.seed = ["classifier"], seed
@@ -323,9 +386,11 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     else:
         peft_model = get_peft_model(model, config)
     trained: nn.Module = peft_model
+    n_train = min(max_train, len(data["train"]))
     if cand.schedule == "cubic" and cand.kind == "mimi":
-        n_train = min(max_train, len(data["train"]))
         trained = Gradual(peft_model, total_steps=total * math.ceil(n_train / 64))
+    elif cand.schedule == "continuous" and cand.kind == "mimi":
+        trained = Continuous(peft_model, epochs_per_round * math.ceil(n_train / 64), rounds)
     elif cand.kd is not None:
         trained = Distilled(peft_model, *cand.kd)
     elif cand.group_lasso:
@@ -333,7 +398,9 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     elif cand.neuron_drop:
         trained = NeuronDropout(peft_model, cand.neuron_drop)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
+    schedule = (one_schedule(total, epochs_per_round) if cand.schedule == "one_cosine" and cand.kind == "mimi"
+                else contextlib.nullcontext())
+    with tempfile.TemporaryDirectory() as scratch, schedule:
         result = train(trained, data, Path(scratch) / "run", TrainingRecipe(**recipe), processor=processor)
     wall = time.perf_counter() - start
     epochs = result.history[-1]["epoch"]
@@ -403,8 +470,9 @@ def publish(args, rows: list[dict], final: bool) -> None:
              "Each cell: test accuracy % (mean ± std over seeds), then (mean difference to vanilla adapters of the "
              f"same final parameters and the same total epochs; wins/ties/losses per seed, tie = |Δ| < {TIE} points) "
              "and [mean wall time per run]. σ0 = 4 → σt; total epochs = (R+1)·E of the paper's schedule (ρ 0.5); "
-             f"AdamW lr {args.lr:g} (head too), batch 64, warm-up + cosine per round, train ≤ {args.max_train} "
-             f"class-balanced images, test ≤ {args.max_test}, fresh heads, 1 CPU thread.", "",
+             f"AdamW lr {args.lr:g} (head too), batch 64, warm-up + cosine per round (unless the candidate says "
+             f"otherwise), train ≤ {args.max_train} class-balanced images, test ≤ {args.max_test}, fresh heads, "
+             f"{args.threads} CPU thread(s).", "",
              common.table(header, body), "", "Candidates:", "", *helps, ""]
     if args.notes:
         lines += [Path(args.notes).read_text() if Path(args.notes).is_file() else args.notes]
@@ -445,7 +513,8 @@ def plot(rows: list[dict], cells: list[tuple], names: list[str], path: Path) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=["fmnist-swin"])
+    parser.add_argument("--backbones", nargs="+", default=["fmnist-swin"],
+                        help="built-in backbone names; NAME@SIZE trains and evaluates at SIZE px (dinov2-s14@56)")
     parser.add_argument("--tasks", nargs="+", default=["digits", "textures"])
     parser.add_argument("--sigmas", nargs="+", type=float, default=[64.0, 256.0])
     parser.add_argument("--epochs-per-round", nargs="+", type=int, default=[2])
@@ -464,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.backbones, args.tasks, args.sigmas, args.seeds = [common.SMOKE], ["digits"], [16.0], [0]
-        args.candidates = ["vanilla", "paper", "relative", "taylor", "cubic", "kd", "drop_0.1"]
+        args.candidates = ["vanilla", "paper", "relative", "taylor", "cubic", "kd", "drop_0.1", "one_cosine",
+                           "continuous"]
         args.max_train, args.max_test, args.epochs_per_round = 48, 32, [1]
     if "vanilla" not in args.candidates:
         args.candidates = ["vanilla", *args.candidates]

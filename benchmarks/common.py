@@ -107,6 +107,7 @@ class Method:
     target_compression: float | None = None
     lora_rank: int = 0
     mimi_options: dict = field(default_factory=dict)  # selection / score / prune_ratio overrides (ablation)
+    recipe_options: dict = field(default_factory=dict)  # TrainingRecipe overrides for this method (e.g. restart_lr)
     widths: dict[str, int] | None = None  # kind "widths": fixed adapters of these per-layer widths, never pruned
     final_epochs: int | None = None  # MiMi: epochs after the last cut (default: epochs_per_round)
     lr: float | None = None  # this method's learning rate (default: the benchmark's)
@@ -237,7 +238,8 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
         epochs_per_round=epochs_per_round if mimi else total_epochs,
         final_epochs=method.final_epochs if mimi else None, batch_size=batch_size, lr=method.lr or lr,
         head_lr=head_lr, seed=seed, image_size=image_size, max_train_samples=max_train, max_eval_samples=max_test,
-        mixed_precision=mixed_precision, checkpoint_every_steps=checkpoint_every_steps, num_workers=num_workers)
+        mixed_precision=mixed_precision, checkpoint_every_steps=checkpoint_every_steps, num_workers=num_workers,
+        **method.recipe_options)
     with tempfile.TemporaryDirectory() as scratch:
         result = train(model, data, run_dir or Path(scratch) / "run", recipe, processor=processor, resume=True)
     segments = [{"round": row["round"], "epochs": row["epoch"] - (previous["epoch"] if previous else 0),

@@ -26,7 +26,7 @@ def _variant(rows: list[dict]) -> str:
     options = {}
     for r in rows:
         if r["method"]["kind"] == "mimi":
-            options.update(r["method"].get("mimi_options") or {})
+            options.update({**(r["method"].get("mimi_options") or {}), **(r["method"].get("recipe_options") or {})})
     return "".join(f" + {k}={v}" for k, v in sorted(options.items()))
 
 

@@ -12,7 +12,8 @@
 
 For every round ``r = 0..R`` it trains ``epochs_per_round`` epochs, measures test accuracy and, except after the
 last round, runs one pruning round that physically shrinks the adapters (so the next round is cheaper) and
-rebuilds the optimizer and its warm-up + cosine schedule (the paper's per-round restart). It runs unchanged on
+rebuilds the optimizer and its warm-up + cosine schedule (the paper's per-round restart; with
+``TrainingRecipe(restart_lr=False)`` the new optimizer continues one schedule over the whole run). It runs unchanged on
 one CPU or under ``accelerate launch`` (every process applies rank 0's pruning decision; only the main process
 writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/`` and every benchmark train through it.
 
@@ -117,7 +118,12 @@ class TrainingRecipe:
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D "
                                                                 "weights)."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up, as a fraction of each round's "
-                                                               "steps; then cosine decay to 0."})
+                                                               "steps (of the whole run's with restart_lr=False); "
+                                                               "then cosine decay to 0."})
+    restart_lr: bool = field(default=True, metadata={
+        "help": "Restart the warm-up + cosine schedule at every round (the paper's recipe). False: one warm-up + "
+                "cosine over the whole run, continued across the cuts (the optimizer is still rebuilt for the "
+                "shrunk adapters), the schedule vanilla adapters get."})
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping (the paper's 5.0)."})
     image_size: Optional[int] = field(default=None, metadata={
         "help": "Train and evaluate at this size (default: the backbone's); resize and crop keep the image "
@@ -292,15 +298,18 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
     # optimizer steps per epoch on each process (every epoch has the same number of batches)
     steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / recipe.gradient_accumulation_steps)
     epochs = [recipe.epochs_in_round(r, pos.total_rounds) for r in range(pos.total_rounds + 1)]
+    # scheduler steps of each round (accelerate steps the schedule once per process and optimizer step)
+    round_steps = [steps_per_epoch * e * accelerator.num_processes for e in epochs]
     progress = _Progress(total=sum(epochs) * steps_per_epoch, initial=pos.global_step,
                          enabled=accelerator.is_local_main_process, desc="MiMi" if tuner else "train")
     adaptive_lora = getattr(getattr(peft_model, "base_model", None), "update_and_allocate", None)  # AdaLoRA
 
     while not pos.finished:  # round r trains at the widths left by r pruning rounds
-        optimizer, scheduler = build_optimizer(  # accelerate steps the schedule once per process and optimizer step
+        span, start = ((round_steps[pos.round], 0) if recipe.restart_lr
+                       else (sum(round_steps), sum(round_steps[: pos.round])))  # one schedule, continued
+        optimizer, scheduler = build_optimizer(
             peft_model, lr=recipe.lr, head_lr=recipe.head_lr, weight_decay=recipe.weight_decay,
-            warmup_ratio=recipe.warmup_ratio,
-            num_training_steps=steps_per_epoch * epochs[pos.round] * accelerator.num_processes)
+            warmup_ratio=recipe.warmup_ratio, num_training_steps=span, start_step=start)
         model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
         if checkpoint is not None:  # the first round of a resumed run continues the saved optimizer and schedule
             _load_optimizer_state(checkpoint, optimizer, scheduler)
@@ -467,11 +476,12 @@ class _RunLock:
 
 def build_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, warmup_ratio: float, num_training_steps: int,
-    head_lr: float | None = None,
+    head_lr: float | None = None, start_step: int = 0,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (betas 0.9, 0.999) over the trainable parameters, weight decay on matrices only (none on biases and
     1-D weights), peak ``lr`` (``head_lr`` for the classification head when given), and a cosine schedule with
-    linear warm-up over ``num_training_steps`` scheduler steps."""
+    linear warm-up over ``num_training_steps`` scheduler steps, starting at step ``start_step`` of it (a schedule
+    continued by a new optimizer)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("The model has no trainable parameters: every adapter was removed and there is no head. "
@@ -485,7 +495,9 @@ def build_optimizer(
                    {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": rate}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
     warmup = math.floor(warmup_ratio * num_training_steps)
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, num_training_steps)
+    for group in optimizer.param_groups:  # what a scheduler that starts past step 0 scales from
+        group["initial_lr"] = group["lr"]
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, num_training_steps, last_epoch=start_step - 1)
 
 
 @torch.no_grad()

@@ -92,7 +92,7 @@ def test_beyond_benchmark_smoke_mode_writes_its_results(tmp_path):
                    check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
     raw = json.loads((tmp_path / "beyond.json").read_text())
     rows = raw["rows"]
-    assert {r["candidate"] for r in rows} >= {"vanilla", "paper", "kd", "cubic", "drop_0.1"}
+    assert {r["candidate"] for r in rows} >= {"vanilla", "paper", "kd", "cubic", "drop_0.1", "one_cosine", "continuous"}
     assert len({r["epochs"] for r in rows}) == 1, "every candidate trains the same total epochs"
     assert all(r["params"] <= r["budget"] for r in rows), "and ends within the same budget"
     assert (tmp_path / "beyond.md").stat().st_size > 0 and (tmp_path / "beyond.png").stat().st_size > 0

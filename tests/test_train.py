@@ -22,6 +22,7 @@ from conftest import make_model
 from huggingface_hub import ModelCard
 from peft import get_peft_model
 from safetensors.torch import load_file
+from transformers import get_cosine_schedule_with_warmup
 
 import peft_mimi.train as train_module
 from peft_mimi import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
@@ -377,6 +378,45 @@ def test_the_head_can_have_its_own_learning_rate(backbone):
         if p.requires_grad:
             assert rates[id(p)] == (1e-2 if "classifier" in name else 1e-3), name
 
+
+
+@pytest.mark.parametrize("restart_lr", [True, False])
+def test_the_schedule_restarts_at_every_round_or_runs_once_across_the_cuts(backbone, tmp_path, monkeypatch,
+                                                                            restart_lr):
+    """restart_lr=True (the paper's recipe): each round's new optimizer starts its own warm-up + cosine.
+    restart_lr=False: each new optimizer continues one warm-up + cosine over the whole run where the last one
+    stopped, so the learning rates of the whole run are those of a single schedule (what vanilla adapters get)."""
+    rates, real = [], train_module.build_optimizer
+
+    def recording(*args, **kwargs):
+        optimizer, scheduler = real(*args, **kwargs)
+        step = scheduler.step
+
+        def step_and_record():
+            rates.append(scheduler.get_last_lr()[0])  # the rate the optimizer step just used
+            step()
+
+        scheduler.step = step_and_record
+        return optimizer, scheduler
+
+    monkeypatch.setattr(train_module, "build_optimizer", recording)
+    recipe = dataclasses.replace(RECIPE, checkpoint_every_steps=None, restart_lr=restart_lr)
+    result = train(backbone, output_dir=tmp_path / "out", **{**SETTINGS, "recipe": recipe})
+    rounds = len(result.history)
+    assert rounds == 3 and len(rates) == rounds * STEPS_PER_ROUND
+
+    one = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=RECIPE.lr)
+    span = STEPS_PER_ROUND if restart_lr else rounds * STEPS_PER_ROUND
+    schedule = get_cosine_schedule_with_warmup(one, int(RECIPE.warmup_ratio * span), span)
+    expected = []
+    for _ in range(len(rates) if not restart_lr else STEPS_PER_ROUND):
+        expected.append(schedule.get_last_lr()[0])
+        one.step()
+        schedule.step()
+    if restart_lr:
+        expected = expected * rounds
+    assert rates == pytest.approx(expected)
+    assert (max(rates[STEPS_PER_ROUND:]) < max(rates[:STEPS_PER_ROUND])) is not restart_lr
 
 # -------------------------------------------------------------------------------------------- the model card
 def test_model_card_front_matter_and_tables_without_training():
