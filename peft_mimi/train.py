@@ -13,9 +13,10 @@
 For every round ``r = 0..R`` it trains ``epochs_per_round`` epochs, measures test accuracy and, except after the
 last round, runs one pruning round that physically shrinks the adapters (so the next round is cheaper) and
 rebuilds the optimizer and its warm-up + cosine schedule (the paper's per-round restart; with
-``TrainingRecipe(restart_lr=False)`` the new optimizer continues one schedule over the whole run). It runs unchanged on
-one CPU or under ``accelerate launch`` (every process applies rank 0's pruning decision; only the main process
-writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/`` and every benchmark train through it.
+``TrainingRecipe(restart_lr=False)`` the new optimizer continues one schedule over the whole run). It runs
+unchanged on one CPU or under ``accelerate launch`` (every process applies rank 0's pruning decision; only the
+main process writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/`` and every benchmark train
+through it.
 
 The output directory holds::
 
@@ -89,6 +90,8 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 _CHECKPOINT_FORMAT = 2
+# settings added since checkpoints of this format were first written, with the behaviour those checkpoints had
+_SETTINGS_ADDED = {"recipe.restart_lr": True}
 # Chosen by benchmarks/lr_sweep.py (results/lr_sweep.md and results/lr_sweep_dinov2/lr_sweep.md): the peak AdamW
 # learning rate for short schedules (2 epochs per round). On the Fashion-MNIST backbones 1e-2 is best, but it
 # diverges on DINOv2-S (10 % on digits); 3e-3 is among the best on DINOv2-S. A 10x faster head gains 3 points on
@@ -795,7 +798,8 @@ def _check_checkpoint(state: dict | None, settings: dict[str, Any], accelerator:
     if not state or state.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint this version of peft_mimi can read (state.json missing or of "
                          "another format). Start a new run in a new output directory.")
-    saved, now = _flatten(state["settings"]), _flatten(json.loads(json.dumps(settings)))
+    saved = {**_SETTINGS_ADDED, **_flatten(state["settings"])}
+    now = _flatten(json.loads(json.dumps(settings)))
     different = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if different:
         listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in different.items())

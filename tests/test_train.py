@@ -176,8 +176,15 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(run, backbon
         patch.setattr(train_module, "make_collate_fn", failing_data_after(11, "kill"))
         with pytest.raises(Interrupt):
             train(backbone, output_dir=out, **SETTINGS)
-    state = json.loads((latest_checkpoint(out) / "state.json").read_text())["position"]
-    assert (state["round"], state["global_step"], state["batch"]) == (1, 8, 2)  # resumes inside an epoch
+    state_file = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    assert (state["position"]["round"], state["position"]["global_step"], state["position"]["batch"]) == (1, 8, 2)
+    # as written before TrainingRecipe.restart_lr existed: such a checkpoint restarted the schedule every round
+    del state["settings"]["recipe"]["restart_lr"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"recipe.restart_lr: True in the checkpoint, False now"):
+        train(backbone, output_dir=out, resume=True,
+              **{**SETTINGS, "recipe": dataclasses.replace(RECIPE, restart_lr=False)})
 
     resumed = train(backbone, output_dir=out, resume=True, **SETTINGS)
     assert resumed.widths == run.widths
