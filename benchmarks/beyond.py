@@ -19,7 +19,6 @@ Candidates that need something `peft_mimi.train` does not do yet are prototyped 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -80,7 +79,8 @@ CANDIDATES = {c.name: c for c in [
               schedule="rounds_1"),
     Candidate("one_shot", "one cut to the budget after half the epochs", schedule="one_shot"),
     Candidate("one_cosine", "the paper's cuts at the same steps, but one warm-up + cosine over the whole run (as "
-              "vanilla adapters get) instead of a restart at every round", schedule="one_cosine"),
+              "vanilla adapters get) instead of a restart at every round: TrainingRecipe(restart_lr=False)",
+              schedule="one_cosine"),
     Candidate("continuous", "the paper's cuts at the same steps as masks (physical shrink at the end), one "
               "optimizer and one warm-up + cosine over the whole run: what vanilla adapters get, with the cuts "
               "(the HF Trainer callback's default form)", schedule="continuous"),
@@ -297,36 +297,6 @@ class Gradual(_Wrapper):
         return self.peft.save_pretrained(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def one_schedule(total_epochs: int, epochs_per_round: int, warmup_ratio: float = 0.1):
-    """While open, `peft_mimi.train`'s optimizer (rebuilt at every cut, as the adapters shrink) gets a learning
-    rate that continues one warm-up + cosine over the whole run instead of restarting it at every round: the
-    schedule vanilla adapters get in one round. Rounds are taken to be ``epochs_per_round`` epochs each."""
-    import peft_mimi.train as loop
-
-    build, done = loop.build_optimizer, [0]
-
-    def continued(model, *, num_training_steps, **kwargs):
-        optimizer, _ = build(model, num_training_steps=num_training_steps, **kwargs)
-        total = num_training_steps * total_epochs // epochs_per_round
-        warm, offset = math.floor(warmup_ratio * total), done[0]
-        done[0] += num_training_steps
-
-        def factor(step: int) -> float:
-            step += offset
-            if step < warm:
-                return step / max(1, warm)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-    loop.build_optimizer = continued
-    try:
-        yield
-    finally:
-        loop.build_optimizer = build
-
-
 # ------------------------------------------------------------------------------------------------ one run
 def paper_rounds(model: nn.Module, sigma: float) -> tuple[int, int, int]:
     """``(R, initial params, budget)`` of the paper's schedule (σ0 = 4, ρ = 0.5) on ``model``'s adapters."""
@@ -367,8 +337,10 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
         config = MiMiConfig(init_compression=width_sigma, target_compression=width_sigma, **options)
         recipe.update(epochs_per_round=total)
     else:
-        if cand.schedule in ("paper", "one_cosine"):
+        if cand.schedule == "paper":
             recipe.update(epochs_per_round=epochs_per_round)
+        elif cand.schedule == "one_cosine":
+            recipe.update(epochs_per_round=epochs_per_round, restart_lr=False)
         elif cand.schedule == "long_last":
             recipe.update(epochs_per_round=1, final_epochs=total - rounds)
         elif cand.schedule == "rounds_1":
@@ -398,9 +370,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     elif cand.neuron_drop:
         trained = NeuronDropout(peft_model, cand.neuron_drop)
     start = time.perf_counter()
-    schedule = (one_schedule(total, epochs_per_round) if cand.schedule == "one_cosine" and cand.kind == "mimi"
-                else contextlib.nullcontext())
-    with tempfile.TemporaryDirectory() as scratch, schedule:
+    with tempfile.TemporaryDirectory() as scratch:
         result = train(trained, data, Path(scratch) / "run", TrainingRecipe(**recipe), processor=processor)
     wall = time.perf_counter() - start
     epochs = result.history[-1]["epoch"]
