@@ -223,23 +223,26 @@ class NeuronDropout(_Wrapper):
         return (hidden * keep.to(hidden.dtype) / (1 - self.p),)
 
 
-class Continuous(_Wrapper):
-    """One round of training (``base_model`` hidden, so `train` builds one optimizer and one schedule) with the
-    paper's cuts, ``tuner.prune_round(compact=False)``, every ``steps_per_round`` steps: the neurons are masked, so
-    the optimizer's state carries on for the kept ones; `save_pretrained` shrinks the adapters first."""
+class _StepCuts(_Wrapper):
+    """One round of training (``base_model`` hidden, so `train` builds one optimizer and one schedule and sees no
+    pruning rounds) with masked cuts at the given optimizer steps (``self._cut(k)`` for the k-th); `save_pretrained`
+    shrinks the adapters first."""
 
     base_model = None
 
-    def __init__(self, peft_model: nn.Module, steps_per_round: int, rounds: int) -> None:
+    def __init__(self, peft_model: nn.Module, cut_steps: list[int]) -> None:
         super().__init__(peft_model)
         self.tuner = [peft_model.base_model]
-        self.cut_steps = {steps_per_round * (k + 1) for k in range(rounds)}
+        self.cut_steps = sorted(set(cut_steps))
         self.step = 0
+
+    def _cut(self, k: int) -> None:
+        raise NotImplementedError
 
     def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs):
         if self.training:
             if self.step in self.cut_steps:
-                self.tuner[0].prune_round(compact=False)
+                self._cut(self.cut_steps.index(self.step))
             self.step += 1
         return super().forward(pixel_values, labels, interpolate_pos_encoding, **kwargs)
 
@@ -248,26 +251,33 @@ class Continuous(_Wrapper):
         return self.peft.save_pretrained(*args, **kwargs)
 
 
-class Gradual(_Wrapper):
-    """One round of training (``base_model`` hidden, so `train` sees no pruning rounds) with masked cuts at
-    ``cuts`` evenly spaced steps between ``start`` and ``end`` (fractions of ``total_steps``); after the cut at
-    step t the live parameters are ``B + (P0 - B)·(1 - progress)³`` (Zhu & Gupta 2017). The last cut lands on
-    the budget exactly; `save_pretrained` shrinks the adapters first."""
+class Continuous(_StepCuts):
+    """The paper's cuts, ``tuner.prune_round(compact=False)``, every ``steps_per_round`` steps of one round: the
+    neurons are masked, so the optimizer's state carries on for the kept ones."""
 
-    base_model = None
+    def __init__(self, peft_model: nn.Module, steps_per_round: int, rounds: int) -> None:
+        super().__init__(peft_model, [steps_per_round * (k + 1) for k in range(rounds)])
+
+    def _cut(self, k: int) -> None:
+        self.tuner[0].prune_round(compact=False)
+
+
+class Gradual(_StepCuts):
+    """Masked cuts at ``cuts`` evenly spaced steps between ``start`` and ``end`` (fractions of ``total_steps``);
+    after the cut at step t the live parameters are ``B + (P0 - B)·(1 - progress)³`` (Zhu & Gupta 2017). The last
+    cut lands on the budget exactly."""
 
     def __init__(self, peft_model: nn.Module, total_steps: int, start: float = 0.2, end: float = 0.7,
                  cuts: int = 10) -> None:
-        super().__init__(peft_model)
-        tuner = peft_model.base_model
-        self.tuner = [tuner]
-        self.initial, self.budget = tuner.live_params(), tuner.budget()
         first, last = round(start * total_steps), round(end * total_steps)
-        self.cut_steps = sorted({first + round(k * (last - first) / max(1, cuts - 1)) for k in range(cuts)})
-        self.step = 0
+        super().__init__(peft_model, [first + round(k * (last - first) / max(1, cuts - 1)) for k in range(cuts)])
+        self.initial, self.budget = self.tuner[0].live_params(), self.tuner[0].budget()
+
+    def _cut(self, k: int) -> None:
+        self._cut_to((k + 1) / len(self.cut_steps))
 
     @torch.no_grad()
-    def _cut(self, progress: float) -> None:
+    def _cut_to(self, progress: float) -> None:
         from peft_mimi.pruning import select_neurons
 
         tuner = self.tuner[0]
@@ -283,18 +293,6 @@ class Gradual(_Wrapper):
                 layer.reconstruct_cut(tuner.active_adapters[0], keep_live)
             layer.mask_neurons(tuner.active_adapters[0], keep_live)
             layer.reset_gradient_scores(tuner.active_adapters[0])
-
-    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs):
-        if self.training:
-            if self.step in self.cut_steps:
-                k = self.cut_steps.index(self.step)
-                self._cut((k + 1) / len(self.cut_steps))
-            self.step += 1
-        return super().forward(pixel_values, labels, interpolate_pos_encoding, **kwargs)
-
-    def save_pretrained(self, *args, **kwargs):
-        self.tuner[0].compact()
-        return self.peft.save_pretrained(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ one run
