@@ -4,6 +4,7 @@
     python benchmarks/bench_inference.py --configs dinov2-s14@112 --repeats 40   # one backbone at one size
     python benchmarks/bench_inference.py --profile             # -> results/inference_profile.md (where time goes)
     python benchmarks/bench_inference.py --smoke --out /tmp/x  # tiny random ViT, seconds
+    python benchmarks/bench_inference.py --device cuda --no-aot --compile --compile-mode reduce-overhead  # a GPU
 
 Variants, on one backbone in one process: the bare backbone; MiMi pruned to the budget B(σt) and compacted, as
 ``get_peft_model`` gives it (the default path), after ``fuse_for_inference()`` (the fast path), as the plain module
@@ -16,6 +17,10 @@ bare backbone and the fused model under ``torch.compile`` (inductor). MiMi maske
 adapters are counted (GFLOPs), not timed. Pruning decisions come from the adapters' random initial weights
 (``init_weights=False``): this measures what a set of widths costs; a trained model's widths differ but its
 parameter count is the same budget.
+
+On a GPU (``--device cuda``) every model and input lives on the device and each timed call ends with
+``torch.cuda.synchronize()``; the ONNX and AOTInductor rows (CPU deployments here) are left out, and "CPU ×" is the
+host process's CPU time, i.e. the cost of launching the work rather than of doing it.
 
 Timing, built for a shared, noisy machine: every repeat runs each variant once, in a fresh random order, so that
 load from other processes hits all variants alike; a variant's latency is the median over repeats, and its ratio
@@ -66,7 +71,7 @@ AOT_FORM = "AOTInductor, any batch size (export_compiled)"
 
 def fresh_backbone(config: str, args) -> torch.nn.Module:
     """A new copy of the backbone of ``config`` (``name[@pixels]``) with a 10-class head."""
-    return common.load_model(config.split("@")[0], 10, args.sizes[config])[0].eval()
+    return common.load_model(config.split("@")[0], 10, args.sizes[config])[0].eval().to(args.device)
 
 
 def mimi_model(config: str, sigma: float, args, *, tasks: int = 1, compact: bool = True):
@@ -88,7 +93,7 @@ def mimi_model(config: str, sigma: float, args, *, tasks: int = 1, compact: bool
         while model.base_model.num_rounds():
             model.base_model.prune_round(compact=compact)
     model.base_model.set_adapter("task0")
-    return model.eval()
+    return model.eval().to(args.device)
 
 
 def build_variants(backbone: str, args, workdir: Path) -> tuple[dict[str, Callable], dict[str, dict]]:
@@ -99,7 +104,7 @@ def build_variants(backbone: str, args, workdir: Path) -> tuple[dict[str, Callab
     from peft_mimi.export import export_compiled, to_plain_module
 
     bare = fresh_backbone(backbone, args)
-    example = torch.randn(1, 3, args.pixels[backbone], args.pixels[backbone])
+    example = torch.randn(1, 3, args.pixels[backbone], args.pixels[backbone], device=args.device)
     two_tasks = mimi_model(backbone, args.sigma, args, tasks=2)
     params = two_tasks.base_model.live_params("task0")
     widths = two_tasks.base_model.adapter_widths("task0")
@@ -121,16 +126,19 @@ def build_variants(backbone: str, args, workdir: Path) -> tuple[dict[str, Callab
                f"{mimi}, plain module (export.to_plain_module)": (plain, params),
                f"{mimi}, mixed-task batch (adapter_names, 2 tasks)": (None, params)}
     # the forms that run outside eager PyTorch, each also for the bare backbone: the pair compares like with like
-    forms = {"ONNX (onnxruntime)": lambda m: onnx_runner(export_onnx_to(m, example, workdir), args.threads)}
+    forms = {}
+    if args.device == "cpu":
+        forms["ONNX (onnxruntime)"] = lambda m: onnx_runner(export_onnx_to(m, example, workdir), args.threads)
     packages = {}  # model -> its AOTInductor package (any batch size), for the deployed-process timing
 
     def compiled(model):
         packages[model] = export_compiled(model, example, workdir / f"{id(model)}-any.pt2")
         return torch._inductor.aoti_load_package(packages[model])
 
-    if args.aot:
+    aot = args.aot and args.device == "cpu"
+    if aot:
         forms[AOT_FORM] = compiled
-    if args.aot and not args.smoke:  # two more compilations per batch size: not for a smoke run
+    if aot and not args.smoke:  # two more compilations per batch size: not for a smoke run
         forms["AOTInductor, compiled for each batch size (dynamic_batch=False)"] = lambda m: CompiledPerBatch(
             m, workdir)
     same_form = {}
@@ -148,15 +156,17 @@ def build_variants(backbone: str, args, workdir: Path) -> tuple[dict[str, Callab
         lora = get_peft_model(fresh_backbone(backbone, args),
                               LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
         lora_params = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
-        lora = (lora.merge_and_unload() if merged else lora).eval()
+        lora = (lora.merge_and_unload() if merged else lora).eval().to(args.device)
         label = f"LoRA r={rank} {'merged' if merged else 'unmerged'}"
         fns[label] = lambda x, m=lora: m(pixel_values=x).logits
         counted[label] = (lora, lora_params)
     if args.compile:
-        for label, model in ((f"{BARE}, torch.compile", bare), (f"{mimi}, fused, torch.compile", fused)):
-            compiled = torch.compile(model)
+        mode = "" if args.compile_mode == "default" else f" (mode={args.compile_mode})"
+        for label, model in ((f"{BARE}, torch.compile{mode}", bare), (f"{mimi}, fused, torch.compile{mode}", fused)):
+            compiled = torch.compile(model, mode=args.compile_mode)
             fns[label] = lambda x, m=compiled: m(pixel_values=x).logits
             counted[label] = (None, params if model is fused else 0)
+        same_form[f"{mimi}, fused, torch.compile{mode}"] = f"{BARE}, torch.compile{mode}"
     masked = mimi_model(backbone, args.sigma, args, compact=False)
     counted[f"MiMi σt={args.sigma:g} masked, not shrunk (not timed)"] = (masked, masked.base_model.live_params())
     torch.manual_seed(0)
@@ -226,6 +236,7 @@ def interleaved_times(fns: dict[str, Callable], x: torch.Tensor, repeats: int, w
     the repeat), after ``warmup`` untimed calls each. ``cpu``, if given, receives the process's CPU seconds (all
     threads) of the same calls: less sensitive than wall time to other processes taking the cores."""
     times: dict[str, list[float]] = {label: [] for label in fns}
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # a GPU call returns before the work is done
     with torch.inference_mode():
         for fn in fns.values():
             for _ in range(warmup):
@@ -234,8 +245,10 @@ def interleaved_times(fns: dict[str, Callable], x: torch.Tensor, repeats: int, w
             order = list(fns)
             random.Random(repeat).shuffle(order)
             for label in order:
+                sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fns[label](x)
+                sync()
                 times[label].append(time.perf_counter() - start)
                 if cpu is not None:
                     cpu.setdefault(label, []).append(time.process_time() - start_cpu)
@@ -278,7 +291,7 @@ def _bench_config(backbone: str, args, workdir: Path) -> dict:
     size = args.pixels[backbone]
     blocks = {}
     for batch in args.batches:
-        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(args.device)
         load_before = os.getloadavg()
         repeats = args.repeats if batch == 1 else max(3, args.repeats // 2)
         cpu: dict[str, list[float]] = {}
@@ -313,10 +326,12 @@ def _bench_config(backbone: str, args, workdir: Path) -> dict:
 
 
 def markdown(results: dict, args) -> str:
+    where = (f"on {args.device_name} (each timed call ends with torch.cuda.synchronize(); "
+             "CPU × is the host's launch cost), " if args.device != "cpu" else "")
     lines = ["# Inference cost relative to the bare backbone", "",
-             f"σt = {args.sigma:g} (MiMi's budget B(σt); LoRA at the rank closest to it), fp32, {args.threads} CPU "
-             f"thread(s), OMP_WAIT_POLICY {args.omp_wait_policy}, on a 2-core machine (the load averages say whether "
-             "other jobs ran). Each repeat runs "
+             f"σt = {args.sigma:g} (MiMi's budget B(σt); LoRA at the rank closest to it), fp32, {where}"
+             f"{args.threads} CPU thread(s), OMP_WAIT_POLICY {args.omp_wait_policy}, on a {os.cpu_count()}-core "
+             "machine (the load averages say whether other jobs ran). Each repeat runs "
              "every variant once in a random order; ms = median over repeats; × backbone = median over repeats of "
              "the variant's time / the backbone's time in the same repeat (wall clock; CPU × is the same with the "
              "process's CPU time, all threads, which other processes disturb less). GFLOPs are counted matrix "
@@ -350,9 +365,9 @@ def markdown(results: dict, args) -> str:
                  for label, v in res["variants"].items() if "pair_ratio" in v]
         if pairs:
             lines += ["Each variant timed again alone with its reference (the bare backbone, or the backbone run the "
-                      "same way for the ONNX and AOTInductor rows), the two alternating for as many repeats; median "
-                      "paired ratio. Without the other models running in between, the caches and the threads "
-                      "see only these two:", "",
+                      "same way for the ONNX, AOTInductor and torch.compile rows), the two alternating for as many "
+                      "repeats; median paired ratio. Without the other models running in between, the caches and "
+                      "the threads see only these two:", "",
                       common.table(["variant", *(f"× reference @ {b}" for b in args.batches)], pairs), ""]
         deployed = [f"{label}: " + ", ".join(f"{v['deployed_ratio'][str(b)]:.3f}× at batch {b}" for b in args.batches)
                     for label, v in res["variants"].items() if "deployed_ratio" in v]
@@ -485,6 +500,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="repeats at batch 1 (half as many at larger ones)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) variants")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs, for a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, or a GPU (cuda, cuda:1): the ONNX and AOT rows are "
+                                                        "CPU-only and left out there")
     parser.add_argument("--no-aot", dest="aot", action="store_false",
                         help="skip the AOTInductor rows (export.export_compiled: about a minute per model to compile)")
     parser.add_argument("--profile", action="store_true", help="write inference_profile.md for the first config")
@@ -503,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
         args.configs, args.batches, args.repeats = [common.SMOKE], [1, 4], 3
     args.sizes = {c: int(c.split("@")[1]) if "@" in c else None for c in args.configs}
     args.omp_wait_policy = OMP_WAIT_POLICY
+    args.device_name = "cpu" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     if args.profile:
         _resolve_pixels(args, args.configs[:1])
         profile(args)
