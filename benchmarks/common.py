@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -295,7 +296,8 @@ def device_name() -> str:
 
 
 def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0], Path(__file__).resolve().parents[1]), *sys.argv[1:]])
+    # quoted as a shell needs it, so that the line at the top of a results file can be pasted back (--notes "...")
+    return "python " + shlex.join([os.path.relpath(sys.argv[0], Path(__file__).resolve().parents[1]), *sys.argv[1:]])
 
 
 def write_results(out: Path, name: str, raw: dict, markdown: str) -> None:
