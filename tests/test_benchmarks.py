@@ -40,6 +40,21 @@ def test_benchmark_smoke_mode_writes_its_results(script, extra, outputs, tmp_pat
 
 
 @pytest.mark.slow
+def test_inference_benchmark_pairs_the_compiled_model_with_the_compiled_backbone(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--smoke", "--no-aot", "--compile",
+                    "--notes", "a 'quoted' note", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    raw = json.loads((tmp_path / "inference.json").read_text())
+    (variants,) = [r["variants"] for r in raw["results"].values()]
+    (compiled,) = [v for k, v in variants.items() if k.startswith("MiMi") and "torch.compile" in k]
+    assert compiled["same_form_as"] == "backbone (no adapter), torch.compile"  # not the eager backbone
+    assert compiled["same_form_ratio"].keys() == compiled["pair_ratio"].keys() == {"1", "4"}
+    # the command on top of the results can be pasted back into a shell
+    assert "--notes 'a '\"'\"'quoted'\"'\"' note'" in (tmp_path / "inference.md").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
 def test_accuracy_benchmark_smoke_runs_every_part_and_the_summary_pairs_seeds(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "smoke-vit"
