@@ -19,8 +19,8 @@ adapters are counted (GFLOPs), not timed. Pruning decisions come from the adapte
 parameter count is the same budget.
 
 On a GPU (``--device cuda``) every model and input lives on the device and each timed call ends with
-``torch.cuda.synchronize()``; the ONNX and AOTInductor rows (CPU deployments here) are left out, and "CPU ×" is the
-host process's CPU time, i.e. the cost of launching the work rather than of doing it.
+``torch.cuda.synchronize()``; the ONNX and AOTInductor rows (CPU deployments here) are left out, and "CPU ×" counts
+the host thread, which waits busily in the synchronisation, so it follows the wall time.
 
 Timing, built for a shared, noisy machine: every repeat runs each variant once, in a fresh random order, so that
 load from other processes hits all variants alike; a variant's latency is the median over repeats, and its ratio
@@ -327,7 +327,7 @@ def _bench_config(backbone: str, args, workdir: Path) -> dict:
 
 def markdown(results: dict, args) -> str:
     where = (f"on {args.device_name} (each timed call ends with torch.cuda.synchronize(); "
-             "CPU × is the host's launch cost), " if args.device != "cpu" else "")
+             "CPU × counts the host thread, busy while it waits), " if args.device != "cpu" else "")
     lines = ["# Inference cost relative to the bare backbone", "",
              f"σt = {args.sigma:g} (MiMi's budget B(σt); LoRA at the rank closest to it), fp32, {where}"
              f"{args.threads} CPU thread(s), OMP_WAIT_POLICY {args.omp_wait_policy}, on a {os.cpu_count()}-core "
