@@ -54,6 +54,7 @@ class Candidate:
     kd: tuple[float, float] | None = None  # (alpha, temperature) of the distillation from the wide adapter
     group_lasso: float = 0.0  # λ of a group-lasso penalty on each neuron's weights, added to the training loss
     neuron_drop: float = 0.0  # probability of dropping each adapter neuron per image while training (structured)
+    restart_lr: bool = True  # False: TrainingRecipe(restart_lr=False), one warm-up + cosine over the whole run
 
 
 CANDIDATES = {c.name: c for c in [
@@ -80,7 +81,7 @@ CANDIDATES = {c.name: c for c in [
     Candidate("one_shot", "one cut to the budget after half the epochs", schedule="one_shot"),
     Candidate("one_cosine", "the paper's cuts at the same steps, but one warm-up + cosine over the whole run (as "
               "vanilla adapters get) instead of a restart at every round: TrainingRecipe(restart_lr=False)",
-              schedule="one_cosine"),
+              restart_lr=False),
     Candidate("continuous", "the paper's cuts at the same steps as masks (physical shrink at the end), one "
               "optimizer and one warm-up + cosine over the whole run: what vanilla adapters get, with the cuts "
               "(the HF Trainer callback's default form)", schedule="continuous"),
@@ -110,7 +111,8 @@ def combine(name: str) -> Candidate:
         group_lasso = part.group_lasso or group_lasso
         neuron_drop = part.neuron_drop or neuron_drop
     return Candidate(name, " + ".join(p.help.split(":")[0] for p in parts), mimi_options=options, schedule=schedule,
-                     kd=kd, group_lasso=group_lasso, neuron_drop=neuron_drop)
+                     kd=kd, group_lasso=group_lasso, neuron_drop=neuron_drop,
+                     restart_lr=all(part.restart_lr for part in parts))
 
 
 def candidate(name: str) -> Candidate:
@@ -337,8 +339,6 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     else:
         if cand.schedule == "paper":
             recipe.update(epochs_per_round=epochs_per_round)
-        elif cand.schedule == "one_cosine":
-            recipe.update(epochs_per_round=epochs_per_round, restart_lr=False)
         elif cand.schedule == "long_last":
             recipe.update(epochs_per_round=1, final_epochs=total - rounds)
         elif cand.schedule == "rounds_1":
@@ -349,6 +349,8 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
             recipe.update(epochs_per_round=total // 2, final_epochs=total - total // 2)
         elif cand.schedule in ("cubic", "continuous"):
             recipe.update(epochs_per_round=total)
+        if not cand.restart_lr:
+            recipe.update(restart_lr=False)
         config = MiMiConfig(init_compression=4.0, target_compression=sigma, **options)
     config.modules_to_save, config.seed = ["classifier"], seed
     if cand.kind == "head":
@@ -382,7 +384,8 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
             "E": epochs_per_round, "epochs": epochs, "accuracy": result.accuracy, "params": params,
             "budget": budget, "widths": tuner.adapter_widths() if tuner is not None else None, "wall_s": round(wall, 2),
             "rounds": [{"accuracy": r["accuracy"], "live_params": r["live_params"], "epoch": r["epoch"]}
-                       for r in result.history], "lr": lr}
+                       for r in result.history], "lr": lr,
+            "recipe": {k: recipe.get(k) for k in ("epochs_per_round", "final_epochs", "restart_lr")}}
 
 
 # -------------------------------------------------------------------------------------------- reporting
@@ -502,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.backbones, args.tasks, args.sigmas, args.seeds = [common.SMOKE], ["digits"], [16.0], [0]
         args.candidates = ["vanilla", "paper", "relative", "taylor", "cubic", "kd", "drop_0.1", "one_cosine",
-                           "continuous"]
+                           "continuous", "long_last+one_cosine"]
         args.max_train, args.max_test, args.epochs_per_round = 48, 32, [1]
     if "vanilla" not in args.candidates:
         args.candidates = ["vanilla", *args.candidates]
