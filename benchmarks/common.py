@@ -235,12 +235,12 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
     n_train = min(max_train or len(data["train"]), len(data["train"]))
     model = build(method, model, seed, total_steps=(total_epochs or 0) * math.ceil(n_train / batch_size))
     initial = dict(model.base_model.adapter_widths()) if mimi else None
-    recipe = TrainingRecipe(
-        epochs_per_round=epochs_per_round if mimi else total_epochs,
-        final_epochs=method.final_epochs if mimi else None, batch_size=batch_size, lr=method.lr or lr,
-        head_lr=head_lr, seed=seed, image_size=image_size, max_train_samples=max_train, max_eval_samples=max_test,
-        mixed_precision=mixed_precision, checkpoint_every_steps=checkpoint_every_steps, num_workers=num_workers,
-        **method.recipe_options)
+    recipe = TrainingRecipe(**{  # the method's own recipe options (e.g. a MiMi schedule) over the benchmark's
+        "epochs_per_round": epochs_per_round if mimi else total_epochs,
+        "final_epochs": method.final_epochs if mimi else None, "batch_size": batch_size, "lr": method.lr or lr,
+        "head_lr": head_lr, "seed": seed, "image_size": image_size, "max_train_samples": max_train,
+        "max_eval_samples": max_test, "mixed_precision": mixed_precision,
+        "checkpoint_every_steps": checkpoint_every_steps, "num_workers": num_workers, **method.recipe_options})
     with tempfile.TemporaryDirectory() as scratch:
         result = train(model, data, run_dir or Path(scratch) / "run", recipe, processor=processor, resume=True)
     segments = [{"round": row["round"], "epochs": row["epoch"] - (previous["epoch"] if previous else 0),

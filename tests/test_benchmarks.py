@@ -145,3 +145,18 @@ def test_plots_are_drawn_from_the_committed_results(tmp_path):
                           check=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     for name in ("ablation", "sweep", "inference", "storage", "training_cost"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000, done.stdout
+
+
+@pytest.mark.slow
+def test_a_mimi_rows_recipe_options_replace_the_benchmarks_schedule(monkeypatch):
+    # `bench_accuracy.py --mimi-options epochs_per_round=1 final_epochs=3`: one epoch per round, three after the
+    # last cut, instead of the benchmark's E per round (the long_last candidate on the headline protocol)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import common
+
+    method = common.Method("mimi", "long last", target_compression=16.0,
+                           recipe_options={"epochs_per_round": 1, "final_epochs": 3})
+    result = common.run(method, common.SMOKE, "digits", seed=0, epochs_per_round=2, total_epochs=None, lr=3e-3,
+                        batch_size=16, max_train=32, max_test=16)
+    epochs = [segment["epochs"] for segment in result.segments]
+    assert epochs[-1] == 3 and set(epochs[:-1]) == {1} and result.epochs == sum(epochs)
