@@ -243,6 +243,10 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
         "checkpoint_every_steps": checkpoint_every_steps, "num_workers": num_workers, **method.recipe_options})
     with tempfile.TemporaryDirectory() as scratch:
         result = train(model, data, run_dir or Path(scratch) / "run", recipe, processor=processor, resume=True)
+    if mimi and total_epochs is not None and result.history[-1]["epoch"] != total_epochs:
+        raise ValueError(f"{method.label} trained {result.history[-1]['epoch']} epochs where its rivals train "
+                         f"{total_epochs}: choose final_epochs so that the rounds and the last segment add up to "
+                         f"{total_epochs}")
     segments = [{"round": row["round"], "epochs": row["epoch"] - (previous["epoch"] if previous else 0),
                  "loss": row["epoch_losses"], "live_params": row["live_params"], "test_accuracy": row["accuracy"],
                  "seconds": row["seconds"], "adapters_alive": row["adapters_kept"]}

@@ -160,3 +160,7 @@ def test_a_mimi_rows_recipe_options_replace_the_benchmarks_schedule(monkeypatch)
                         batch_size=16, max_train=32, max_test=16)
     epochs = [segment["epochs"] for segment in result.segments]
     assert epochs[-1] == 3 and set(epochs[:-1]) == {1} and result.epochs == sum(epochs)
+    # a schedule that does not add up to the epochs its rivals train at this budget is refused, not published
+    with pytest.raises(ValueError, match=f"trained {result.epochs} epochs where its rivals train {result.epochs + 1}"):
+        common.run(method, common.SMOKE, "digits", seed=0, epochs_per_round=2, total_epochs=result.epochs + 1,
+                   lr=3e-3, batch_size=16, max_train=32, max_test=16)
