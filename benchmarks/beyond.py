@@ -50,7 +50,8 @@ class Candidate:
     # width d/4, one round: a reference above the budget) | head (the head alone: a reference below it)
     mimi_options: dict = field(default_factory=dict)  # MiMiConfig fields
     schedule: str = "paper"  # paper: E per round, rho 0.5 | long_last: 1 epoch per round, the rest after the last
-    # cut | rounds_1: 1 epoch per round, rho chosen so that the rounds fill the epochs | cubic | one_shot
+    # cut | long_ends: E epochs before the first cut, then as long_last | rounds_1: 1 epoch per round, rho chosen so
+    # that the rounds fill the epochs | cubic | one_shot
     kd: tuple[float, float] | None = None  # (alpha, temperature) of the distillation from the wide adapter
     group_lasso: float = 0.0  # λ of a group-lasso penalty on each neuron's weights, added to the training loss
     neuron_drop: float = 0.0  # probability of dropping each adapter neuron per image while training (structured)
@@ -76,6 +77,8 @@ CANDIDATES = {c.name: c for c in [
               mimi_options={"score": "contribution"}),
     Candidate("long_last", "paper cuts, 1 epoch per round, every remaining epoch after the last cut",
               schedule="long_last"),
+    Candidate("long_ends", "paper cuts, the paper's first segment (E epochs) before the first cut, 1 epoch per later "
+              "round, every remaining epoch after the last cut", schedule="long_ends"),
     Candidate("rounds_1", "1 epoch per round, smaller ρ so that the rounds fill the same epochs",
               schedule="rounds_1"),
     Candidate("one_shot", "one cut to the budget after half the epochs", schedule="one_shot"),
@@ -341,6 +344,9 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
             recipe.update(epochs_per_round=epochs_per_round)
         elif cand.schedule == "long_last":
             recipe.update(epochs_per_round=1, final_epochs=total - rounds)
+        elif cand.schedule == "long_ends":
+            recipe.update(first_epochs=epochs_per_round, epochs_per_round=1,
+                          final_epochs=total - epochs_per_round - (rounds - 1))
         elif cand.schedule == "rounds_1":
             options.setdefault("prune_ratio", ratio_for_rounds(initial, budget, total - 1))
             recipe.update(epochs_per_round=1)
@@ -385,7 +391,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
             "budget": budget, "widths": tuner.adapter_widths() if tuner is not None else None, "wall_s": round(wall, 2),
             "rounds": [{"accuracy": r["accuracy"], "live_params": r["live_params"], "epoch": r["epoch"]}
                        for r in result.history], "lr": lr,
-            "recipe": {k: recipe.get(k) for k in ("epochs_per_round", "final_epochs", "restart_lr")}}
+            "recipe": {k: recipe.get(k) for k in ("first_epochs", "epochs_per_round", "final_epochs", "restart_lr")}}
 
 
 # -------------------------------------------------------------------------------------------- reporting

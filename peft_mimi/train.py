@@ -110,6 +110,8 @@ class TrainingRecipe:
 
     epochs_per_round: int = field(default=2, metadata={"help": "E: epochs trained in each round (MiMi trains "
                                                                "(R+1)·E epochs; a model without rounds trains E)."})
+    first_epochs: Optional[int] = field(default=None, metadata={
+        "help": "Epochs trained before the first pruning round (default: epochs_per_round)."})
     final_epochs: Optional[int] = field(default=None, metadata={
         "help": "Epochs trained after the last pruning round (default: epochs_per_round)."})
     batch_size: int = field(default=64, metadata={"help": "Images per batch on each process."})
@@ -151,7 +153,8 @@ class TrainingRecipe:
     def __post_init__(self) -> None:
         for name in ("epochs_per_round", "batch_size", "gradient_accumulation_steps"):
             _check_int(name, getattr(self, name), optional=False)
-        for name in ("final_epochs", "image_size", "max_train_samples", "max_eval_samples", "checkpoint_every_steps"):
+        for name in ("first_epochs", "final_epochs", "image_size", "max_train_samples", "max_eval_samples",
+                     "checkpoint_every_steps"):
             _check_int(name, getattr(self, name), optional=True)
         for name in ("lr", "head_lr", "max_grad_norm"):
             value = getattr(self, name)
@@ -175,8 +178,13 @@ class TrainingRecipe:
             raise ValueError(f"TrainingRecipe.num_workers must be >= 0, got {self.num_workers!r}.")
 
     def epochs_in_round(self, round_: int, total_rounds: int) -> int:
-        """Epochs trained in round ``round_`` of ``0..total_rounds``."""
-        return self.final_epochs if round_ == total_rounds and self.final_epochs else self.epochs_per_round
+        """Epochs trained in round ``round_`` of ``0..total_rounds`` (a run without pruning rounds trains
+        ``final_epochs`` or ``epochs_per_round``)."""
+        if round_ == total_rounds and self.final_epochs:
+            return self.final_epochs
+        if round_ == 0 and self.first_epochs:
+            return self.first_epochs
+        return self.epochs_per_round
 
     def settings(self) -> dict[str, Any]:
         """The fields that decide what a run computes (a resumed run must use the same)."""

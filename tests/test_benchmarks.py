@@ -149,17 +149,19 @@ def test_plots_are_drawn_from_the_committed_results(tmp_path):
 
 @pytest.mark.slow
 def test_a_mimi_rows_recipe_options_replace_the_benchmarks_schedule(monkeypatch):
-    # `bench_accuracy.py --mimi-options epochs_per_round=1 final_epochs=3`: one epoch per round, three after the
-    # last cut, instead of the benchmark's E per round (the long_last candidate on the headline protocol)
+    # `bench_accuracy.py --mimi-options first_epochs=2 epochs_per_round=1 final_epochs=3`: two epochs before the
+    # first cut, one per later round, three after the last cut, instead of the benchmark's E per round (the
+    # long_ends candidate on the headline protocol)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import common
 
     method = common.Method("mimi", "long last", target_compression=16.0,
-                           recipe_options={"epochs_per_round": 1, "final_epochs": 3})
+                           recipe_options={"first_epochs": 2, "epochs_per_round": 1, "final_epochs": 3})
     result = common.run(method, common.SMOKE, "digits", seed=0, epochs_per_round=2, total_epochs=None, lr=3e-3,
                         batch_size=16, max_train=32, max_test=16)
     epochs = [segment["epochs"] for segment in result.segments]
-    assert epochs[-1] == 3 and set(epochs[:-1]) == {1} and result.epochs == sum(epochs)
+    assert len(epochs) >= 3 and epochs[0] == 2 and epochs[-1] == 3 and set(epochs[1:-1]) == {1}
+    assert result.epochs == sum(epochs)
     # a schedule that does not add up to the epochs its rivals train at this budget is refused, not published
     with pytest.raises(ValueError, match=f"trained {result.epochs} epochs where its rivals train {result.epochs + 1}"):
         common.run(method, common.SMOKE, "digits", seed=0, epochs_per_round=2, total_epochs=result.epochs + 1,

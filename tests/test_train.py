@@ -265,11 +265,20 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         TrainingRecipe(epochs_per_round=0)
     with pytest.raises(ValueError, match="warmup_ratio"):
         TrainingRecipe(warmup_ratio=1.5)
+    with pytest.raises(ValueError, match=r"first_epochs must be an int >= 1 \(or None\), got 0"):
+        TrainingRecipe(first_epochs=0)
     with pytest.raises(ValueError, match="needs its image processor"):
         train(make_model("vit", num_labels=10), "digits", tmp_path)
     with pytest.raises(ValueError, match="head classifies 3 classes but the dataset has 10"):
         train(make_model("vit", num_labels=3), "digits", tmp_path, processor=object())
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # nothing written but the run's lock
+
+
+def test_the_first_and_last_segments_can_be_longer_than_the_rounds_between():
+    recipe = TrainingRecipe(first_epochs=2, epochs_per_round=1, final_epochs=5)
+    assert [recipe.epochs_in_round(r, 4) for r in range(5)] == [2, 1, 1, 1, 5]
+    assert recipe.epochs_in_round(0, 0) == 5  # without pruning rounds the only segment is the last one
+    assert [TrainingRecipe(epochs_per_round=3).epochs_in_round(r, 2) for r in range(3)] == [3, 3, 3]
 
 
 # ------------------------------------------------------------------------------------- unattended runs
