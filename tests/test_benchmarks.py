@@ -155,7 +155,7 @@ def test_a_mimi_rows_recipe_options_replace_the_benchmarks_schedule(monkeypatch)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import common
 
-    method = common.Method("mimi", "long last", target_compression=16.0,
+    method = common.Method("mimi", "long ends", target_compression=16.0,
                            recipe_options={"first_epochs": 2, "epochs_per_round": 1, "final_epochs": 3})
     result = common.run(method, common.SMOKE, "digits", seed=0, epochs_per_round=2, total_epochs=None, lr=3e-3,
                         batch_size=16, max_train=32, max_test=16)
