@@ -241,12 +241,15 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
         "head_lr": head_lr, "seed": seed, "image_size": image_size, "max_train_samples": max_train,
         "max_eval_samples": max_test, "mixed_precision": mixed_precision,
         "checkpoint_every_steps": checkpoint_every_steps, "num_workers": num_workers, **method.recipe_options})
+    if mimi and total_epochs is not None:  # refused before any training, from the schedule the recipe plans
+        rounds = model.base_model.planned_rounds()
+        planned = sum(recipe.epochs_in_round(r, rounds) for r in range(rounds + 1))
+        if planned != total_epochs:
+            raise ValueError(f"{method.label} would have trained {planned} epochs where its rivals train "
+                             f"{total_epochs}: choose final_epochs so that the rounds and the last segment add up "
+                             f"to {total_epochs}")
     with tempfile.TemporaryDirectory() as scratch:
         result = train(model, data, run_dir or Path(scratch) / "run", recipe, processor=processor, resume=True)
-    if mimi and total_epochs is not None and result.history[-1]["epoch"] != total_epochs:
-        raise ValueError(f"{method.label} trained {result.history[-1]['epoch']} epochs where its rivals train "
-                         f"{total_epochs}: choose final_epochs so that the rounds and the last segment add up to "
-                         f"{total_epochs}")
     segments = [{"round": row["round"], "epochs": row["epoch"] - (previous["epoch"] if previous else 0),
                  "loss": row["epoch_losses"], "live_params": row["live_params"], "test_accuracy": row["accuracy"],
                  "seconds": row["seconds"], "adapters_alive": row["adapters_kept"]}
