@@ -105,7 +105,15 @@ CANDIDATES = {c.name: c for c in [
 
 def combine(name: str) -> Candidate:
     """``a+b+...``: the candidates' settings merged (scores, schedules, distillation), for combinations."""
+    unknown = [p for p in name.split("+") if p not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"unknown candidate(s) {unknown} in {name!r}; expected names among {list(CANDIDATES)}, "
+                         "joined by '+'")
     parts = [CANDIDATES[p] for p in name.split("+")]
+    schedules = sorted({p.schedule for p in parts} - {"paper"})
+    if len(schedules) > 1:  # one run has one epoch plan: merging two would silently keep only the last one
+        raise ValueError(f"{name!r} combines the schedules {schedules}; a candidate takes at most one of them "
+                         "(one_cosine, which changes only the learning rate, combines with any)")
     options, schedule, kd, group_lasso, neuron_drop = {}, "paper", None, 0.0, 0.0
     for part in parts:
         options.update(part.mimi_options)

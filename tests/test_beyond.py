@@ -85,6 +85,16 @@ def test_the_papers_method_is_the_default_setting():
                                                                                              4.0)
 
 
+def test_beyond_refuses_a_combination_it_cannot_run_as_named(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import beyond
+    assert beyond.candidate("long_last+one_cosine").schedule == "long_last"
+    with pytest.raises(ValueError, match="combines the schedules"):
+        beyond.candidate("long_last+continuous")  # two epoch plans: one would be dropped without a word
+    with pytest.raises(ValueError, match="unknown candidate"):
+        beyond.candidate("paper+typo")
+
+
 @pytest.mark.slow
 def test_beyond_benchmark_smoke_mode_writes_its_results(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
