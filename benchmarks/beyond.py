@@ -105,19 +105,20 @@ CANDIDATES = {c.name: c for c in [
 
 def combine(name: str) -> Candidate:
     """``a+b+...``: the candidates' settings merged (scores, schedules, distillation), for combinations."""
-    unknown = [p for p in name.split("+") if p not in CANDIDATES]
+    names = name.split("+")
+    unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         raise ValueError(f"unknown candidate(s) {unknown} in {name!r}; expected names among {list(CANDIDATES)}, "
                          "joined by '+'")
-    parts = [CANDIDATES[p] for p in name.split("+")]
+    parts = [CANDIDATES[n] for n in names]
     schedules = sorted({p.schedule for p in parts} - {"paper"})
     if len(schedules) > 1:  # one run has one epoch plan: merging two would silently keep only the last one
         raise ValueError(f"{name!r} combines the schedules {schedules}; a candidate takes at most one of them "
                          "(one_cosine, which changes only the learning rate, combines with any)")
-    options, schedule, kd, group_lasso, neuron_drop = {}, "paper", None, 0.0, 0.0
+    schedule = schedules[0] if schedules else "paper"
+    options, kd, group_lasso, neuron_drop = {}, None, 0.0, 0.0
     for part in parts:
         options.update(part.mimi_options)
-        schedule = part.schedule if part.schedule != "paper" else schedule
         kd = part.kd or kd
         group_lasso = part.group_lasso or group_lasso
         neuron_drop = part.neuron_drop or neuron_drop

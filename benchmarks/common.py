@@ -242,8 +242,7 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
         "max_eval_samples": max_test, "mixed_precision": mixed_precision,
         "checkpoint_every_steps": checkpoint_every_steps, "num_workers": num_workers, **method.recipe_options})
     if mimi and total_epochs is not None:  # refused before any training, from the schedule the recipe plans
-        rounds = model.base_model.planned_rounds()
-        planned = sum(recipe.epochs_in_round(r, rounds) for r in range(rounds + 1))
+        planned = sum(recipe.segment_epochs(model.base_model.planned_rounds()))
         if planned != total_epochs:
             raise ValueError(f"{method.label} would have trained {planned} epochs where its rivals train "
                              f"{total_epochs}: choose final_epochs so that the rounds and the last segment add up "

@@ -186,6 +186,10 @@ class TrainingRecipe:
             return self.first_epochs
         return self.epochs_per_round
 
+    def segment_epochs(self, total_rounds: int) -> list[int]:
+        """Epochs of every segment of a run with ``total_rounds`` pruning rounds (round 0, ..., the last)."""
+        return [self.epochs_in_round(r, total_rounds) for r in range(total_rounds + 1)]
+
     def settings(self) -> dict[str, Any]:
         """The fields that decide what a run computes (a resumed run must use the same)."""
         skip = ("mixed_precision", "checkpoint_every_steps", "num_workers")
@@ -308,7 +312,7 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
     validation_loader = accelerator.prepare(run.validation_loader) if run.validation_loader is not None else None
     # optimizer steps per epoch on each process (every epoch has the same number of batches)
     steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / recipe.gradient_accumulation_steps)
-    epochs = [recipe.epochs_in_round(r, pos.total_rounds) for r in range(pos.total_rounds + 1)]
+    epochs = recipe.segment_epochs(pos.total_rounds)
     # scheduler steps of each round (accelerate steps the schedule once per process and optimizer step)
     round_steps = [steps_per_epoch * e * accelerator.num_processes for e in epochs]
     progress = _Progress(total=sum(epochs) * steps_per_epoch, initial=pos.global_step,
