@@ -38,8 +38,9 @@ from common import Method  # noqa: E402
 
 def methods_at(budget_sigma: float, lora_rank: int, mimi_options: dict | None = None) -> list[Method]:
     """The methods at one budget. ``mimi_options``: `MiMiConfig` or `TrainingRecipe` fields for MiMi's rows (e.g.
-    the `reconstruct` candidate of `benchmarks/beyond.py`, or `restart_lr`), named in the row's label so that its
-    rows never mix with the default's."""
+    the `reconstruct` candidate of `benchmarks/beyond.py`, or the product's default schedule ``epochs_per_round=1
+    final_epochs=<R+2> restart_lr=false``), named in the row's label so that its rows never mix with the plain
+    "MiMi" rows, which are the paper's schedule (`common.run`)."""
     from peft_mimi import MiMiConfig
 
     s = f"{budget_sigma:g}"

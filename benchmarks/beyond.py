@@ -51,7 +51,7 @@ class Candidate:
     mimi_options: dict = field(default_factory=dict)  # MiMiConfig fields
     schedule: str = "paper"  # paper: E per round, rho 0.5 | long_last: 1 epoch per round, the rest after the last
     # cut | long_ends: E epochs before the first cut, then as long_last | rounds_1: 1 epoch per round, rho chosen so
-    # that the rounds fill the epochs | cubic | one_shot
+    # that the rounds fill the epochs | cubic | one_shot | continuous, callback_default: masked cuts in one round
     kd: tuple[float, float] | None = None  # (alpha, temperature) of the distillation from the wide adapter
     group_lasso: float = 0.0  # λ of a group-lasso penalty on each neuron's weights, added to the training loss
     neuron_drop: float = 0.0  # probability of dropping each adapter neuron per image while training (structured)
@@ -88,6 +88,10 @@ CANDIDATES = {c.name: c for c in [
     Candidate("continuous", "the paper's cuts at the same steps as masks (physical shrink at the end), one "
               "optimizer and one warm-up + cosine over the whole run: what vanilla adapters get, with the cuts "
               "(the HF Trainer callback's default form)", schedule="continuous"),
+    Candidate("callback_default", "MiMiPruningCallback's default as the HF Trainer runs it: masked cuts every "
+              "1/(2·(R+1)) of the steps (one epoch each at E = 2), the rest at the final widths, one optimizer "
+              "(its state carried across the cuts) and one warm-up + cosine over the whole run",
+              schedule="callback_default"),
     Candidate("cubic", "gradual masked cuts on the cubic schedule (20-70 % of the steps), one cosine",
               schedule="cubic"),
     Candidate("reconstruct", "paper, but each cut refits the kept neurons' W_up by least squares on the "
@@ -333,6 +337,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     from peft import get_peft_model
 
     from peft_mimi import MiMiConfig
+    from peft_mimi.pruning import EPOCHS_PER_SEGMENT
     from peft_mimi.train import TrainingRecipe, train
 
     data = common.task_dataset(task)
@@ -350,7 +355,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
         recipe.update(epochs_per_round=total)
     else:
         if cand.schedule == "paper":
-            recipe.update(epochs_per_round=epochs_per_round)
+            recipe.update(epochs_per_round=epochs_per_round, final_epochs=epochs_per_round)
         elif cand.schedule == "long_last":
             recipe.update(epochs_per_round=1, final_epochs=total - rounds)
         elif cand.schedule == "long_ends":
@@ -358,14 +363,13 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
                           final_epochs=total - epochs_per_round - (rounds - 1))
         elif cand.schedule == "rounds_1":
             options.setdefault("prune_ratio", ratio_for_rounds(initial, budget, total - 1))
-            recipe.update(epochs_per_round=1)
+            recipe.update(epochs_per_round=1, final_epochs=1)
         elif cand.schedule == "one_shot":
             options.setdefault("prune_ratio", ratio_for_rounds(initial, budget, 1))
             recipe.update(epochs_per_round=total // 2, final_epochs=total - total // 2)
-        elif cand.schedule in ("cubic", "continuous"):
+        elif cand.schedule in ("cubic", "continuous", "callback_default"):
             recipe.update(epochs_per_round=total)
-        if not cand.restart_lr:
-            recipe.update(restart_lr=False)
+        recipe.update(restart_lr=cand.restart_lr)
         config = MiMiConfig(init_compression=4.0, target_compression=sigma, **options)
     config.modules_to_save, config.seed = ["classifier"], seed
     if cand.kind == "head":
@@ -378,6 +382,9 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
         trained = Gradual(peft_model, total_steps=total * math.ceil(n_train / 64))
     elif cand.schedule == "continuous" and cand.kind == "mimi":
         trained = Continuous(peft_model, epochs_per_round * math.ceil(n_train / 64), rounds)
+    elif cand.schedule == "callback_default" and cand.kind == "mimi":  # MiMiPruningCallback.plan's default spacing
+        trained = Continuous(peft_model, total * math.ceil(n_train / 64) // (EPOCHS_PER_SEGMENT * (rounds + 1)),
+                             rounds)
     elif cand.kd is not None:
         trained = Distilled(peft_model, *cand.kd)
     elif cand.group_lasso:

@@ -46,7 +46,9 @@ def run_one(kind: str, backbone: str, task: str, seed: int, fraction: float | No
         config = MiMiConfig(target_compression=args.fixed_sigma)
     config.modules_to_save, config.seed = ["classifier"], seed
     peft_model = get_peft_model(model, config)
-    recipe = TrainingRecipe(epochs_per_round=args.epochs_per_round, batch_size=64, lr=args.lr, seed=seed,
+    # the paper's schedule (E epochs in every segment, the schedule restarted at each cut), as the results were run
+    recipe = TrainingRecipe(epochs_per_round=args.epochs_per_round, final_epochs=args.epochs_per_round,
+                            restart_lr=True, batch_size=64, lr=args.lr, seed=seed,
                             max_train_samples=args.max_train, max_eval_samples=args.max_test,
                             validation_fraction=fraction)
     start = time.perf_counter()

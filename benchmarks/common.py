@@ -110,7 +110,7 @@ class Method:
     mimi_options: dict = field(default_factory=dict)  # selection / score / prune_ratio overrides (ablation)
     recipe_options: dict = field(default_factory=dict)  # TrainingRecipe overrides for this method (e.g. restart_lr)
     widths: dict[str, int] | None = None  # kind "widths": fixed adapters of these per-layer widths, never pruned
-    final_epochs: int | None = None  # MiMi: epochs after the last cut (default: epochs_per_round)
+    final_epochs: int | None = None  # MiMi: epochs after the last cut (default: the benchmark's epochs_per_round)
     lr: float | None = None  # this method's learning rate (default: the benchmark's)
 
 
@@ -219,7 +219,9 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
         max_test: int | None = None, run_dir: Path | None = None, mixed_precision: str | None = None,
         checkpoint_every_steps: int | None = None, head_lr: float | None = None, num_workers: int = 0) -> RunResult:
     """Train ``method`` on built-in ``task`` with `peft_mimi.train.train` and return test accuracy, counts and
-    timings. MiMi trains ``(R+1)·epochs_per_round`` epochs (R = planned rounds); every other method trains
+    timings. MiMi trains ``(R+1)·epochs_per_round`` epochs (R = planned rounds), by default on the paper's schedule
+    (the same epochs in every segment, the learning rate restarted at every cut; the product's default schedule is
+    ``recipe_options`` ``epochs_per_round=1, final_epochs=R+2, restart_lr=False``); every other method trains
     ``total_epochs`` (pass MiMi's total for matched-epoch comparisons) in one round. ``run_dir`` keeps the run's
     files and checkpoints, so an interrupted benchmark resumes inside the run (default: a temporary directory)."""
     import tempfile
@@ -237,7 +239,9 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
     initial = dict(model.base_model.adapter_widths()) if mimi else None
     recipe = TrainingRecipe(**{  # the method's own recipe options (e.g. a MiMi schedule) over the benchmark's
         "epochs_per_round": epochs_per_round if mimi else total_epochs,
-        "final_epochs": method.final_epochs if mimi else None, "batch_size": batch_size, "lr": method.lr or lr,
+        # a plain "MiMi" row is the paper's schedule: E epochs in every segment, the schedule restarted at each cut
+        "final_epochs": (method.final_epochs or epochs_per_round) if mimi else None, "restart_lr": mimi,
+        "batch_size": batch_size, "lr": method.lr or lr,
         "head_lr": head_lr, "seed": seed, "image_size": image_size, "max_train_samples": max_train,
         "max_eval_samples": max_test, "mixed_precision": mixed_precision,
         "checkpoint_every_steps": checkpoint_every_steps, "num_workers": num_workers, **method.recipe_options})

@@ -1,10 +1,13 @@
 """MiMi with the Hugging Face Trainer: the pruning schedule runs from a callback.
 
-    python examples/trainer_example.py [--backbone fmnist-vit] [--data digits] [--epochs 6]
+    python examples/trainer_example.py [--backbone fmnist-vit] [--data digits] [--epochs 8]
 
-The paper's recipe: the learning rate restarts at every pruning round (``attach(trainer, restart_lr=True)``: each
-training segment warms up for ``warmup_steps`` (a ratio) of its steps, then decays with a cosine to 0), and gradients
-are clipped at norm 5.0 (``max_grad_norm=5.0``; the Trainer's default is 1.0).
+The default schedule, as `peft_mimi.train` runs it: one cosine learning-rate schedule over the whole run (the
+Trainer's ``lr_scheduler_type="cosine"``), the R pruning rounds early (one every ``1 / (2·(R+1))`` of the run: one
+epoch each when ``num_train_epochs = 2·(R+1)``, 8 for σt = 32 from σ0 = 4) and the rest of the run at the final
+widths; gradients clipped at norm 5.0 (``max_grad_norm=5.0``; the Trainer's default is 1.0). The paper's recipe
+instead: ``MiMiPruningCallback.attach(trainer, restart_lr=True, epochs_per_round=2)`` (equal segments, the learning
+rate restarted at every round).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="fmnist-vit")
     parser.add_argument("--data", default="digits")
-    parser.add_argument("--epochs", type=float, default=6)
+    parser.add_argument("--epochs", type=float, default=8)
     parser.add_argument("--target-compression", type=float, default=32.0)
     parser.add_argument("--output-dir", default="outputs/trainer_example")
     args = parser.parse_args()
@@ -43,7 +46,8 @@ def main() -> None:
         learning_rate=2e-3,
         weight_decay=0.05,
         max_grad_norm=5.0,  # the paper's gradient clipping
-        warmup_steps=0.1,  # with restart_lr: 10 % of every round's segment
+        lr_scheduler_type="cosine",  # one warm-up + cosine over the whole run, continued across the cuts
+        warmup_steps=0.1,  # a ratio: 10 % of the run
         logging_steps=10,
         save_strategy="no",
         report_to=[],
@@ -56,9 +60,9 @@ def main() -> None:
         data_collator=make_collate_fn(ImageTransform.from_processor(processor, train=True, flip=False),
                                       num_labels=len(names)),
     )
-    callback = MiMiPruningCallback.attach(trainer, restart_lr=True)  # prune, and restart the lr, at every round
+    callback = MiMiPruningCallback.attach(trainer)  # the pruning rounds, early in the run
     trainer.train()
-    print(f"pruning rounds and learning-rate restarts after steps {callback.prune_steps} of {trainer.state.max_steps}")
+    print(f"pruning rounds after steps {callback.prune_steps} of {trainer.state.max_steps}")
 
     model.eval()
     evaluate = make_collate_fn(ImageTransform.from_processor(processor, train=False), num_labels=len(names))

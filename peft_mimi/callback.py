@@ -1,8 +1,10 @@
 """`MiMiPruningCallback`: MiMi's schedule (train, prune, train, ..., train after the last pruning) inside a
 Hugging Face `transformers.Trainer`.
 
-The callback only decides *when*: it splits the Trainer's planned steps into ``R + 1`` segments and calls
-``prune_round(compact=False)`` at the end of each but the last. Pruning masks neurons instead of shrinking
+The callback only decides *when*: it cuts the Trainer's planned steps into ``R + 1`` segments and calls
+``prune_round(compact=False)`` at the end of each but the last; by default the first ``R`` segments are each
+``1 / (2·(R+1))`` of the run (one epoch when ``num_train_epochs = 2·(R+1)``) and the final widths train the rest,
+as `peft_mimi.train` does by default. Pruning masks neurons instead of shrinking
 tensors, so the Trainer's optimizer, scheduler, checkpoints and ``resume_from_checkpoint`` keep working; at the
 end of training the adapters are shrunk to their live neurons.
 
@@ -31,7 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .model import MiMiModel
-from .pruning import budget_search
+from .pruning import EPOCHS_PER_SEGMENT, budget_search
 
 SEARCH_FILE = "mimi_budget_search.safetensors"  # the budget search's state, in each Trainer checkpoint
 
@@ -53,11 +55,13 @@ def mimi_tuner(model) -> MiMiModel:
 class MiMiPruningCallback(TrainerCallback):
     """Runs MiMi's pruning rounds during `Trainer.train()`.
 
-    With no arguments the rounds the config needs (``R``) are spread evenly over the Trainer's planned steps:
-    ``R + 1`` equal training segments with a pruning round at the end of each but the last, so the adapters
-    always train after the last pruning. ``epochs_per_round`` or ``steps_per_round`` fix the segment length
-    instead. At each round the widths, the live parameter count and the budget are logged through the
-    Trainer's logging (``mimi/...`` keys).
+    With no arguments the rounds the config needs (``R``) come early: a pruning round every
+    ``max_steps / (2·(R+1))`` steps, so that the final widths train for the remaining ``(R+2) / (2·(R+1))`` of the
+    run (with ``num_train_epochs = 2·(R+1)``: one epoch per round and ``R + 2`` epochs at the end, `peft_mimi.train`'s
+    default schedule, the best one measured). ``epochs_per_round`` or ``steps_per_round`` fix the segment length
+    instead; the paper's even split is ``epochs_per_round = num_train_epochs / (R + 1)`` (2 with
+    ``num_train_epochs = 2·(R+1)``). At each round the widths, the live parameter count and the budget are logged
+    through the Trainer's logging (``mimi/...`` keys).
 
     Use :meth:`attach` (``MiMiPruningCallback.attach(trainer)``) so that reporting integrations such as
     TensorBoard, which run in callback order, also receive the round metrics; passing it in
@@ -178,7 +182,7 @@ class MiMiPruningCallback(TrainerCallback):
             steps_per_epoch = max_steps / max(num_train_epochs, 1e-9)
             segment = max(1, round(self.epochs_per_round * steps_per_epoch))
         else:
-            segment = max_steps // (planned_rounds + 1)
+            segment = max_steps // (EPOCHS_PER_SEGMENT * (planned_rounds + 1))
         steps = [segment * (r + 1) for r in range(planned_rounds)]
         if segment < 1 or steps[-1] >= max_steps:
             raise ValueError(

@@ -10,10 +10,11 @@
 * ``data``: a ``datasets.DatasetDict`` with ``"train"`` and ``"test"`` splits (columns ``image`` and ``label``,
   see :func:`peft_mimi.data.load_image_dataset`) or a name that function resolves.
 
-For every round ``r = 0..R`` it trains ``epochs_per_round`` epochs, measures test accuracy and, except after the
-last round, runs one pruning round that physically shrinks the adapters (so the next round is cheaper) and
-rebuilds the optimizer and its warm-up + cosine schedule (the paper's per-round restart; with
-``TrainingRecipe(restart_lr=False)`` the new optimizer continues one schedule over the whole run). It runs
+For every round ``r = 0..R`` it trains (by default one epoch in each of the ``R`` pruning rounds, and the rest of
+``2·(R+1)`` epochs, the paper's length, after the last cut), measures test accuracy and, except after the last
+round, runs one pruning round that physically shrinks the adapters (so the next round is cheaper) and rebuilds the
+optimizer, which continues one warm-up + cosine schedule over the whole run (``TrainingRecipe(restart_lr=True)``:
+the paper's restart of the schedule at every round; ``epochs_per_round=2`` with it is the paper's recipe). It runs
 unchanged on one CPU or under ``accelerate launch`` (every process applies rank 0's pruning decision; only the
 main process writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/`` and every benchmark train
 through it.
@@ -80,7 +81,7 @@ from .data import (
 )
 from .files import publish_directory
 from .model import MiMiModel
-from .pruning import budget_search
+from .pruning import EPOCHS_PER_SEGMENT, budget_search
 from .serving import RUN_FILE
 
 __all__ = ["OutputDirectoryBusy", "TrainResult", "TrainingRecipe", "build_optimizer", "evaluate", "evaluate_adapter",
@@ -108,12 +109,14 @@ class TrainingRecipe:
     project's own measurements chose for short schedules on small datasets (the paper's recipe is 100 epochs per
     round at ``lr = 5e-4 x batch / 512``, with mixup, cutmix and RandAugment)."""
 
-    epochs_per_round: int = field(default=2, metadata={"help": "E: epochs trained in each round (MiMi trains "
-                                                               "(R+1)·E epochs; a model without rounds trains E)."})
+    epochs_per_round: int = field(default=1, metadata={
+        "help": "E: epochs trained before each pruning round (the paper's recipe: 2, with restart_lr)."})
     first_epochs: Optional[int] = field(default=None, metadata={
         "help": "Epochs trained before the first pruning round (default: epochs_per_round)."})
     final_epochs: Optional[int] = field(default=None, metadata={
-        "help": "Epochs trained after the last pruning round (default: epochs_per_round)."})
+        "help": f"Epochs trained after the last pruning round, at the final widths (default: what the rounds leave "
+                f"of {EPOCHS_PER_SEGMENT}·(R+1) epochs, and at least epochs_per_round: R + 2 with E = 1, E with "
+                f"E >= {EPOCHS_PER_SEGMENT}; a model without pruning rounds trains E)."})
     batch_size: int = field(default=64, metadata={"help": "Images per batch on each process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     lr: float = field(default=DEFAULT_LR, metadata={"help": "Peak learning rate of AdamW (adapters, and the head "
@@ -122,11 +125,11 @@ class TrainingRecipe:
         "help": "Peak learning rate of the classification head (None: the same as lr)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D "
                                                                 "weights)."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up, as a fraction of each round's "
-                                                               "steps (of the whole run's with restart_lr=False); "
-                                                               "then cosine decay to 0."})
-    restart_lr: bool = field(default=True, metadata={
-        "help": "Restart the warm-up + cosine schedule at every round (the paper's recipe). False: one warm-up + "
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up, as a fraction of the whole run's "
+                                                               "steps (of each round's with restart_lr); then "
+                                                               "cosine decay to 0."})
+    restart_lr: bool = field(default=False, metadata={
+        "help": "Restart the warm-up + cosine schedule at every round (the paper's recipe). Default: one warm-up + "
                 "cosine over the whole run, continued across the cuts (the optimizer is still rebuilt for the "
                 "shrunk adapters), the schedule vanilla adapters get."})
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping (the paper's 5.0)."})
@@ -178,13 +181,16 @@ class TrainingRecipe:
             raise ValueError(f"TrainingRecipe.num_workers must be >= 0, got {self.num_workers!r}.")
 
     def epochs_in_round(self, round_: int, total_rounds: int) -> int:
-        """Epochs trained in round ``round_`` of ``0..total_rounds`` (a run without pruning rounds trains
-        ``final_epochs`` or ``epochs_per_round``)."""
-        if round_ == total_rounds and self.final_epochs:
-            return self.final_epochs
-        if round_ == 0 and self.first_epochs:
-            return self.first_epochs
-        return self.epochs_per_round
+        """Epochs trained in round ``round_`` of ``0..total_rounds``: ``first_epochs`` (round 0) or
+        ``epochs_per_round`` before each cut; after the last cut ``final_epochs``, else what the earlier rounds leave
+        of ``2·(R+1)`` epochs and at least ``epochs_per_round`` (a run without pruning rounds trains ``final_epochs``
+        or ``epochs_per_round``)."""
+        if round_ < total_rounds:
+            return self.first_epochs if round_ == 0 and self.first_epochs else self.epochs_per_round
+        if self.final_epochs or total_rounds == 0:
+            return self.final_epochs or self.epochs_per_round
+        earlier = sum(self.epochs_in_round(r, total_rounds) for r in range(total_rounds))
+        return max(self.epochs_per_round, EPOCHS_PER_SEGMENT * (total_rounds + 1) - earlier)
 
     def segment_epochs(self, total_rounds: int) -> list[int]:
         """Epochs of every segment of a run with ``total_rounds`` pruning rounds (round 0, ..., the last)."""

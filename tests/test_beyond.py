@@ -106,7 +106,7 @@ def test_beyond_benchmark_smoke_mode_writes_its_results(tmp_path):
     assert len({r["epochs"] for r in rows}) == 1, "every candidate trains the same total epochs"
     assert all(r["params"] <= r["budget"] for r in rows), "and ends within the same budget"
     recipes = {r["candidate"]: r["recipe"] for r in rows}
-    assert recipes["paper"]["restart_lr"] is None and recipes["one_cosine"]["restart_lr"] is False
+    assert recipes["paper"]["restart_lr"] is True and recipes["one_cosine"]["restart_lr"] is False
     combined = recipes["long_last+one_cosine"]  # a schedule and the single learning-rate schedule, together
     assert combined["restart_lr"] is False and combined["epochs_per_round"] == 1 and combined["final_epochs"] >= 1
     assert (tmp_path / "beyond.md").stat().st_size > 0 and (tmp_path / "beyond.png").stat().st_size > 0

@@ -30,9 +30,10 @@ from peft_mimi.card import is_hub_model_id, model_card
 from peft_mimi.train import TrainingRecipe, latest_checkpoint, load_adapter, train
 
 # 96 training images in batches of 16: 6 optimizer steps per epoch. d = 32, σ0 = 4, σt = 16: widths 8 -> 2,
-# 2048 -> 512 adapter parameters in R = 2 rounds, so 3 rounds of training.
-RECIPE = TrainingRecipe(epochs_per_round=1, batch_size=16, lr=3e-3, max_train_samples=96, max_eval_samples=48,
-                        seed=0, checkpoint_every_steps=4)
+# 2048 -> 512 adapter parameters in R = 2 rounds, so 3 rounds of training, one epoch each (final_epochs=1: the
+# default would give the last round the remaining R + 2 = 4 epochs; test_the_default_schedule_... runs that).
+RECIPE = TrainingRecipe(epochs_per_round=1, final_epochs=1, batch_size=16, lr=3e-3, max_train_samples=96,
+                        max_eval_samples=48, seed=0, checkpoint_every_steps=4)
 MIMI = MiMiConfig(target_compression=16.0)
 SETTINGS = dict(data="digits", recipe=RECIPE, mimi=MIMI)
 STEPS_PER_ROUND = 6
@@ -180,11 +181,12 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(run, backbon
     state = json.loads(state_file.read_text())
     assert (state["position"]["round"], state["position"]["global_step"], state["position"]["batch"]) == (1, 8, 2)
     # as written before TrainingRecipe.restart_lr existed: such a checkpoint restarted the schedule every round
+    saved = state_file.read_text()
     del state["settings"]["recipe"]["restart_lr"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"recipe.restart_lr: True in the checkpoint, False now"):
-        train(backbone, output_dir=out, resume=True,
-              **{**SETTINGS, "recipe": dataclasses.replace(RECIPE, restart_lr=False)})
+        train(backbone, output_dir=out, resume=True, **SETTINGS)
+    state_file.write_text(saved)
 
     resumed = train(backbone, output_dir=out, resume=True, **SETTINGS)
     assert resumed.widths == run.widths
@@ -281,6 +283,27 @@ def test_the_first_and_last_segments_can_be_longer_than_the_rounds_between():
     assert [TrainingRecipe(epochs_per_round=3).epochs_in_round(r, 2) for r in range(3)] == [3, 3, 3]
 
 
+def test_the_default_schedule_spends_the_papers_epochs_on_the_final_widths():
+    """By default each cut takes one epoch and the final widths train the rest of the paper's 2·(R+1) epochs; the
+    paper's even split is one setting away; a model without pruning rounds trains epochs_per_round."""
+    default = TrainingRecipe()
+    assert default.restart_lr is False
+    assert default.segment_epochs(4) == [1, 1, 1, 1, 6]  # σt = 64 from σ0 = 4: 10 epochs, 6 at the final widths
+    assert default.segment_epochs(7) == [1] * 7 + [9]  # σt = 256: 16 epochs, 9 at the final widths
+    assert TrainingRecipe(epochs_per_round=2, restart_lr=True).segment_epochs(4) == [2] * 5  # the paper's
+    assert TrainingRecipe(first_epochs=3).segment_epochs(4) == [3, 1, 1, 1, 4]  # still 10 in all
+    assert TrainingRecipe(epochs_per_round=4).segment_epochs(2) == [4, 4, 4]  # never shorter than a round
+    assert default.segment_epochs(0) == [1] and TrainingRecipe(epochs_per_round=3).segment_epochs(0) == [3]
+
+
+def test_the_default_schedule_trains_one_epoch_per_cut_and_the_rest_at_the_final_widths(backbone, tmp_path):
+    recipe = dataclasses.replace(RECIPE, final_epochs=None, checkpoint_every_steps=None)
+    result = train(backbone, output_dir=tmp_path / "out", **{**SETTINGS, "recipe": recipe})
+    assert [row["epoch"] for row in result.history] == [1, 2, 6]  # R = 2: 1 + 1 + (2·3 - 2)
+    assert [row["global_step"] for row in result.history] == [6, 12, 36]
+    assert result.live_params <= result.budget == 512
+
+
 # ------------------------------------------------------------------------------------- unattended runs
 def test_a_live_run_owns_its_output_directory_and_a_killed_one_does_not(backbone, tmp_path):
     """A second run pointed at a directory a live run is writing is refused at once; once that process is killed
@@ -372,7 +395,7 @@ def test_a_python_user_trains_objects_and_any_classifier_through_the_same_loop(b
     lora = get_peft_model(base, LoraConfig(r=2, target_modules=TARGET_MODULES_BY_MODEL_TYPE["vit"],
                                            modules_to_save=["classifier"]))
     before = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
-    result = train(lora, data, tmp_path / "lora", dataclasses.replace(RECIPE, epochs_per_round=3),
+    result = train(lora, data, tmp_path / "lora", dataclasses.replace(RECIPE, epochs_per_round=3, final_epochs=None),
                    processor=processor)
     assert result.rounds == 0 and result.widths is None and result.budget is None
     assert [row["global_step"] for row in result.history] == [3 * STEPS_PER_ROUND]
