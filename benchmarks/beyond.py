@@ -88,9 +88,9 @@ CANDIDATES = {c.name: c for c in [
     Candidate("continuous", "the paper's cuts at the same steps as masks (physical shrink at the end), one "
               "optimizer and one warm-up + cosine over the whole run: what vanilla adapters get, with the cuts "
               "(the HF Trainer callback's default form)", schedule="continuous"),
-    Candidate("callback_default", "MiMiPruningCallback's default as the HF Trainer runs it: masked cuts every "
-              "1/(2·(R+1)) of the steps (one epoch each at E = 2), the rest at the final widths, one optimizer "
-              "(its state carried across the cuts) and one warm-up + cosine over the whole run",
+    Candidate("callback_default", "MiMiPruningCallback's default as the HF Trainer runs it: a masked cut every "
+              "epoch (every 1/(2·(R+1)) of a shorter run), the rest at the final widths, one optimizer (its state "
+              "carried across the cuts) and one warm-up + cosine over the whole run",
               schedule="callback_default"),
     Candidate("cubic", "gradual masked cuts on the cubic schedule (20-70 % of the steps), one cosine",
               schedule="cubic"),
@@ -383,8 +383,9 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     elif cand.schedule == "continuous" and cand.kind == "mimi":
         trained = Continuous(peft_model, epochs_per_round * math.ceil(n_train / 64), rounds)
     elif cand.schedule == "callback_default" and cand.kind == "mimi":  # MiMiPruningCallback.plan's default spacing
-        trained = Continuous(peft_model, total * math.ceil(n_train / 64) // (EPOCHS_PER_SEGMENT * (rounds + 1)),
-                             rounds)
+        steps_per_epoch = math.ceil(n_train / 64)
+        trained = Continuous(peft_model, min(steps_per_epoch, total * steps_per_epoch // (EPOCHS_PER_SEGMENT *
+                                                                                            (rounds + 1))), rounds)
     elif cand.kd is not None:
         trained = Distilled(peft_model, *cand.kd)
     elif cand.group_lasso:

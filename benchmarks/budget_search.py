@@ -46,11 +46,12 @@ def run_one(kind: str, backbone: str, task: str, seed: int, fraction: float | No
         config = MiMiConfig(target_compression=args.fixed_sigma)
     config.modules_to_save, config.seed = ["classifier"], seed
     peft_model = get_peft_model(model, config)
-    # the paper's schedule (E epochs in every segment, the schedule restarted at each cut), as the results were run
-    recipe = TrainingRecipe(epochs_per_round=args.epochs_per_round, final_epochs=args.epochs_per_round,
-                            restart_lr=True, batch_size=64, lr=args.lr, seed=seed,
-                            max_train_samples=args.max_train, max_eval_samples=args.max_test,
-                            validation_fraction=fraction)
+    # --schedule paper: E epochs in every segment, the schedule restarted at each cut (as the first results ran);
+    # default: TrainingRecipe's own (one epoch per cut, the rest of 2·(R+1) epochs at the last round's widths)
+    schedule = (dict(epochs_per_round=args.epochs_per_round, final_epochs=args.epochs_per_round, restart_lr=True)
+                if args.schedule == "paper" else {})
+    recipe = TrainingRecipe(**schedule, batch_size=64, lr=args.lr, seed=seed, max_train_samples=args.max_train,
+                            max_eval_samples=args.max_test, validation_fraction=fraction)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         result = train(peft_model, data, Path(scratch) / "run", recipe, processor=processor)
@@ -129,14 +130,19 @@ def publish(args, rows: list[dict], final: bool) -> None:
         """``common.table``, without the fixed-budget runs' columns when there are none."""
         keep = [i for i, name in enumerate(header) if args.fixed_sigma or not ("σt=" in name or "fixed" in name)]
         return common.table([header[i] for i in keep], [[row[i] for i in keep] for row in body])
+    device = common.environment()["device"]  # with --publish-only, the machine that measured the rows
+    schedule_text = (f"the paper's schedule (E = {args.epochs_per_round} epochs per round, the learning rate "
+                     "restarted at each cut)" if args.schedule == "paper" else
+                     "`TrainingRecipe`'s default schedule (one epoch per round, the rest of 2·(R+1) epochs after the "
+                     "last cut, one warm-up + cosine)")
     markdown = f"""# Budget search: the smallest adapter within {args.tolerance:g} point(s) of the best round
 
-{status}MiMi from σ0 = 4 toward the floor σt = {args.floor:g}, E = {args.epochs_per_round} epochs per round,
+{status}MiMi from σ0 = 4 toward the floor σt = {args.floor:g}, {schedule_text},
 `MiMiConfig(budget_tolerance={args.tolerance:g})`: after each round, accuracy on a validation split carved from the
 training images (stratified, seeded); the rounds go on down to the floor, and the smallest round within
 {args.tolerance:g} point(s) of the best validation accuracy is restored and saved. {compared}
 {args.max_train} training images (class-balanced subset, the validation split comes out of them), {args.max_test}
-test images{pixels}, lr {args.lr:g}, batch 64, seeds {sorted({r['seed'] for r in rows})}, on {common.device_name()}.
+test images{pixels}, lr {args.lr:g}, batch 64, seeds {sorted({r['seed'] for r in rows})}, on {device}.
 
 "Best round" is the trained round with the highest **test** accuracy (known only afterwards); "within on test" counts
 the seeds where the saved adapter's test accuracy is at most {args.tolerance:g} point(s) below it.
@@ -206,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="σt of the fixed-budget runs compared with; 0: no fixed runs (search only)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize the images to this many pixels (default: the backbone's native size)")
-    parser.add_argument("--epochs-per-round", type=int, default=2)
+    parser.add_argument("--epochs-per-round", type=int, default=2, help="E of --schedule paper")
+    parser.add_argument("--schedule", choices=["paper", "default"], default="paper",
+                        help="paper: E epochs per round, the learning rate restarted at each cut; default: "
+                             "TrainingRecipe's own schedule")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-train", type=int, default=1000)
     parser.add_argument("--max-test", type=int, default=1000)

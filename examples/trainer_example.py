@@ -3,11 +3,11 @@
     python examples/trainer_example.py [--backbone fmnist-vit] [--data digits] [--epochs 8]
 
 The default schedule, as `peft_mimi.train` runs it: one cosine learning-rate schedule over the whole run (the
-Trainer's ``lr_scheduler_type="cosine"``), the R pruning rounds early (one every ``1 / (2·(R+1))`` of the run: one
-epoch each when ``num_train_epochs = 2·(R+1)``, 8 for σt = 32 from σ0 = 4) and the rest of the run at the final
-widths; gradients clipped at norm 5.0 (``max_grad_norm=5.0``; the Trainer's default is 1.0). The paper's recipe
-instead: ``MiMiPruningCallback.attach(trainer, restart_lr=True, epochs_per_round=2)`` (equal segments, the learning
-rate restarted at every round).
+Trainer's ``lr_scheduler_type="cosine"``), the R pruning rounds early (one every epoch; ``num_train_epochs =
+2·(R+1)`` is the paper's length, 8 for σt = 32 from σ0 = 4) and the rest of the run at the final widths; gradients
+clipped at norm 5.0 (``max_grad_norm=5.0``; the Trainer's default is 1.0). The paper's recipe instead:
+``MiMiPruningCallback.attach(trainer, restart_lr=True, epochs_per_round=2)`` (equal segments, the learning rate
+restarted at every round).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 Hugging Face `transformers.Trainer`.
 
 The callback only decides *when*: it cuts the Trainer's planned steps into ``R + 1`` segments and calls
-``prune_round(compact=False)`` at the end of each but the last; by default the first ``R`` segments are each
-``1 / (2·(R+1))`` of the run (one epoch when ``num_train_epochs = 2·(R+1)``) and the final widths train the rest,
+``prune_round(compact=False)`` at the end of each but the last; by default the first ``R`` segments are one epoch
+each (less in a run shorter than ``2·(R+1)`` epochs: ``1 / (2·(R+1))`` of it) and the final widths train the rest,
 as `peft_mimi.train` does by default. Pruning masks neurons instead of shrinking
 tensors, so the Trainer's optimizer, scheduler, checkpoints and ``resume_from_checkpoint`` keep working; at the
 end of training the adapters are shrunk to their live neurons.
@@ -55,10 +55,10 @@ def mimi_tuner(model) -> MiMiModel:
 class MiMiPruningCallback(TrainerCallback):
     """Runs MiMi's pruning rounds during `Trainer.train()`.
 
-    With no arguments the rounds the config needs (``R``) come early: a pruning round every
-    ``max_steps / (2·(R+1))`` steps, so that the final widths train for the remaining ``(R+2) / (2·(R+1))`` of the
-    run (with ``num_train_epochs = 2·(R+1)``: one epoch per round and ``R + 2`` epochs at the end, `peft_mimi.train`'s
-    default schedule, the best one measured). ``epochs_per_round`` or ``steps_per_round`` fix the segment length
+    With no arguments the rounds the config needs (``R``) come early: a pruning round every epoch (every
+    ``max_steps / (2·(R+1))`` steps in a run shorter than ``2·(R+1)`` epochs), and the final widths train for the
+    rest of the run (with ``num_train_epochs = 2·(R+1)``: ``R + 2`` epochs, `peft_mimi.train`'s default schedule,
+    the best one measured). ``epochs_per_round`` or ``steps_per_round`` fix the segment length
     instead; the paper's even split is ``epochs_per_round = num_train_epochs / (R + 1)`` (2 with
     ``num_train_epochs = 2·(R+1)``). At each round the widths, the live parameter count and the budget are logged
     through the Trainer's logging (``mimi/...`` keys).
@@ -181,8 +181,9 @@ class MiMiPruningCallback(TrainerCallback):
         elif self.epochs_per_round is not None:
             steps_per_epoch = max_steps / max(num_train_epochs, 1e-9)
             segment = max(1, round(self.epochs_per_round * steps_per_epoch))
-        else:
-            segment = max_steps // (EPOCHS_PER_SEGMENT * (planned_rounds + 1))
+        else:  # one epoch per cut, or less in a run shorter than the paper's 2·(R+1) epochs; the rest at the end
+            steps_per_epoch = max_steps / max(num_train_epochs, 1e-9)
+            segment = min(max(1, round(steps_per_epoch)), max_steps // (EPOCHS_PER_SEGMENT * (planned_rounds + 1)))
         steps = [segment * (r + 1) for r in range(planned_rounds)]
         if segment < 1 or steps[-1] >= max_steps:
             raise ValueError(

@@ -273,6 +273,14 @@ def test_callback_refuses_a_model_that_is_not_mimi(digits, tmp_path):
         MiMiPruningCallback.attach(trainer)
 
 
+def test_by_default_the_cuts_come_one_epoch_apart_and_the_final_widths_train_the_rest():
+    plan = MiMiPruningCallback().plan  # 10 steps per epoch, R = 4 rounds
+    assert plan(max_steps=100, num_train_epochs=10, planned_rounds=4) == [10, 20, 30, 40]  # the paper's 2·(R+1)
+    assert plan(max_steps=300, num_train_epochs=30, planned_rounds=4) == [10, 20, 30, 40]  # longer: a longer end
+    assert plan(max_steps=50, num_train_epochs=5, planned_rounds=4) == [5, 10, 15, 20]  # shorter: 1/(2·(R+1)) each
+    assert MiMiPruningCallback(epochs_per_round=2).plan(100, 10, 4) == [20, 40, 60, 80]  # the paper's even split
+
+
 def test_too_short_training_is_explained(digits, tmp_path):
     with pytest.raises(ValueError, match="Train longer"):
         MiMiPruningCallback(steps_per_round=10).plan(max_steps=20, num_train_epochs=1, planned_rounds=2)
