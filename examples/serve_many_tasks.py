@@ -61,8 +61,8 @@ def train_tasks(backbone: str, out: Path, samples: int) -> dict[str, Path]:
         run_dir = out / task
         if not (run_dir / "adapter" / "adapter_config.json").is_file():
             started = time.perf_counter()
-            result = train(backbone, task, run_dir, TrainingRecipe(epochs_per_round=1, batch_size=32,
-                                                                    max_train_samples=samples, max_eval_samples=200),
+            result = train(backbone, task, run_dir, TrainingRecipe(batch_size=32, max_train_samples=samples,
+                                                                    max_eval_samples=200),
                            mimi=MiMiConfig(target_compression=target_compression))
             removed = sum(width == 0 for width in result.widths.values())
             print(f"  {task:9s} {result.rounds} pruning rounds -> {result.live_params:,} adapter parameters "
