@@ -313,7 +313,7 @@ def test_the_trainer_callback_searches_on_the_trainers_evaluation(tmp_path):
     trainer.callback_handler.callbacks.insert(0, Copy())
     trainer.train()
 
-    assert callback.prune_steps == [4, 8, 12]  # 32 steps, R = 3: a cut every 32 / (2·4) steps, then the rest
+    assert callback.prune_steps == [4, 8, 12]  # 8 epochs of 4 steps, R = 3: a cut every epoch, then the rest
     assert trainer.state.global_step == 32  # every segment trained, down to the floor
     assert callback.search_accuracies == [0.5, 0.6, 0.3, 0.585] and callback.chosen_round == 1
     tuner = model.base_model

@@ -104,7 +104,7 @@ def test_schedule_lands_on_the_budget_trains_after_the_last_round_and_reloads(di
     trainer.train()
 
     max_steps = trainer.state.max_steps
-    # by default a cut every max_steps / (2·(R+1)) steps, and the rest of the run at the final widths
+    # by default a cut every epoch (6 epochs, R = 2), and the rest of the run at the final widths
     assert callback.prune_steps == [max_steps // 6, 2 * (max_steps // 6)]
     assert tuner.live_params() <= tuner.budget()
     assert tuner.peft_config["default"].rounds_done == 2
