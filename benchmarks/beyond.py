@@ -270,11 +270,9 @@ class _StepCuts(_Wrapper):
 
 
 class Continuous(_StepCuts):
-    """The paper's cuts, ``tuner.prune_round(compact=False)``, every ``steps_per_round`` steps of one round: the
-    neurons are masked, so the optimizer's state carries on for the kept ones."""
-
-    def __init__(self, peft_model: nn.Module, steps_per_round: int, rounds: int) -> None:
-        super().__init__(peft_model, [steps_per_round * (k + 1) for k in range(rounds)])
+    """The rounds' cuts, ``tuner.prune_round(compact=False)``, at the given steps of one round (those that
+    `MiMiPruningCallback.plan` chooses): the neurons are masked, so the optimizer's state carries on for the kept
+    ones."""
 
     def _cut(self, k: int) -> None:
         self.tuner[0].prune_round(compact=False)
@@ -336,8 +334,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
             lr: float, max_train: int, max_test: int) -> dict:
     from peft import get_peft_model
 
-    from peft_mimi import MiMiConfig
-    from peft_mimi.pruning import EPOCHS_PER_SEGMENT
+    from peft_mimi import MiMiConfig, MiMiPruningCallback
     from peft_mimi.train import TrainingRecipe, train
 
     data = common.task_dataset(task)
@@ -355,7 +352,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
         recipe.update(epochs_per_round=total)
     else:
         if cand.schedule == "paper":
-            recipe.update(epochs_per_round=epochs_per_round, final_epochs=epochs_per_round)
+            recipe.update(common.paper_schedule(epochs_per_round))
         elif cand.schedule == "long_last":
             recipe.update(epochs_per_round=1, final_epochs=total - rounds)
         elif cand.schedule == "long_ends":
@@ -380,12 +377,9 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     n_train = min(max_train, len(data["train"]))
     if cand.schedule == "cubic" and cand.kind == "mimi":
         trained = Gradual(peft_model, total_steps=total * math.ceil(n_train / 64))
-    elif cand.schedule == "continuous" and cand.kind == "mimi":
-        trained = Continuous(peft_model, epochs_per_round * math.ceil(n_train / 64), rounds)
-    elif cand.schedule == "callback_default" and cand.kind == "mimi":  # MiMiPruningCallback.plan's default spacing
-        steps_per_epoch = math.ceil(n_train / 64)
-        trained = Continuous(peft_model, min(steps_per_epoch, total * steps_per_epoch // (EPOCHS_PER_SEGMENT *
-                                                                                            (rounds + 1))), rounds)
+    elif cand.schedule in ("continuous", "callback_default") and cand.kind == "mimi":  # the callback's cut steps
+        callback = MiMiPruningCallback(epochs_per_round=epochs_per_round if cand.schedule == "continuous" else None)
+        trained = Continuous(peft_model, callback.plan(total * math.ceil(n_train / 64), total, rounds))
     elif cand.kd is not None:
         trained = Distilled(peft_model, *cand.kd)
     elif cand.group_lasso:

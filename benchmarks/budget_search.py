@@ -48,8 +48,7 @@ def run_one(kind: str, backbone: str, task: str, seed: int, fraction: float | No
     peft_model = get_peft_model(model, config)
     # --schedule paper: E epochs in every segment, the schedule restarted at each cut (as the first results ran);
     # default: TrainingRecipe's own (one epoch per cut, the rest of 2·(R+1) epochs at the last round's widths)
-    schedule = (dict(epochs_per_round=args.epochs_per_round, final_epochs=args.epochs_per_round, restart_lr=True)
-                if args.schedule == "paper" else {})
+    schedule = common.paper_schedule(args.epochs_per_round) if args.schedule == "paper" else {}
     recipe = TrainingRecipe(**schedule, batch_size=64, lr=args.lr, seed=seed, max_train_samples=args.max_train,
                             max_eval_samples=args.max_test, validation_fraction=fraction)
     start = time.perf_counter()

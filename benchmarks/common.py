@@ -117,6 +117,12 @@ class Method:
 FLOORS = ("pixels", "probe")  # kinds measured by peft_mimi.floors, not trained
 
 
+def paper_schedule(epochs_per_round: int) -> dict:
+    """`TrainingRecipe` fields of the paper's schedule: ``epochs_per_round`` epochs in every segment, the last one
+    too, and the learning rate restarted at every cut (the product's default spends the epochs differently)."""
+    return {"epochs_per_round": epochs_per_round, "final_epochs": epochs_per_round, "restart_lr": True}
+
+
 def build(method: Method, model: nn.Module, seed: int, total_steps: int | None = None) -> nn.Module:
     """Wrap (or unfreeze parts of) ``model`` for ``method``; returns the module to train. AdaLoRA needs the
     ``total_steps`` of its training."""
@@ -237,11 +243,11 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
     n_train = min(max_train or len(data["train"]), len(data["train"]))
     model = build(method, model, seed, total_steps=(total_epochs or 0) * math.ceil(n_train / batch_size))
     initial = dict(model.base_model.adapter_widths()) if mimi else None
+    # a plain "MiMi" row is the paper's schedule; every other method trains total_epochs in its one round
+    schedule = {**paper_schedule(epochs_per_round), "final_epochs": method.final_epochs or epochs_per_round} \
+        if mimi else {"epochs_per_round": total_epochs}
     recipe = TrainingRecipe(**{  # the method's own recipe options (e.g. a MiMi schedule) over the benchmark's
-        "epochs_per_round": epochs_per_round if mimi else total_epochs,
-        # a plain "MiMi" row is the paper's schedule: E epochs in every segment, the schedule restarted at each cut
-        "final_epochs": (method.final_epochs or epochs_per_round) if mimi else None, "restart_lr": mimi,
-        "batch_size": batch_size, "lr": method.lr or lr,
+        **schedule, "batch_size": batch_size, "lr": method.lr or lr,
         "head_lr": head_lr, "seed": seed, "image_size": image_size, "max_train_samples": max_train,
         "max_eval_samples": max_test, "mixed_precision": mixed_precision,
         "checkpoint_every_steps": checkpoint_every_steps, "num_workers": num_workers, **method.recipe_options})
