@@ -176,13 +176,12 @@ class MiMiPruningCallback(TrainerCallback):
         """Global steps after which a pruning round runs (pure: used by ``on_train_begin`` and tests)."""
         if planned_rounds == 0:
             return []
+        steps_per_epoch = max_steps / max(num_train_epochs, 1e-9)
         if self.steps_per_round is not None:
             segment = self.steps_per_round
         elif self.epochs_per_round is not None:
-            steps_per_epoch = max_steps / max(num_train_epochs, 1e-9)
             segment = max(1, round(self.epochs_per_round * steps_per_epoch))
         else:  # one epoch per cut, or less in a run shorter than the paper's 2·(R+1) epochs; the rest at the end
-            steps_per_epoch = max_steps / max(num_train_epochs, 1e-9)
             segment = min(max(1, round(steps_per_epoch)), max_steps // (EPOCHS_PER_SEGMENT * (planned_rounds + 1)))
         steps = [segment * (r + 1) for r in range(planned_rounds)]
         if segment < 1 or steps[-1] >= max_steps:
