@@ -48,8 +48,9 @@ def _activation(name: str) -> nn.Module:
     return nn.Identity() if name == "identity" else ACT2FN[name]
 
 
-# compiled, adapters up to this width compute W_down·y as a product and a sum rather than a GEMM: measured as fast or
-# faster up to width 32 in AOTInductor on a CPU (at width 96, 9 % slower at batch 32)
+# compiled, adapters up to this width are written as products and sums rather than two GEMMs (see
+# FusedMiMiLinear._compiled_narrow): W_down·y measured as fast or faster up to width 32 in AOTInductor on a CPU (at
+# width 96, 9 % slower at batch 32)
 COMPILED_PRODUCT_SUM_MAX_WIDTH = 32
 
 # the same non-linearities as `_activation`, as torch functions: what the fused path and exported models call
@@ -61,10 +62,10 @@ class FusedMiMiLinear(nn.Module):
 
     ``y = W·x + b`` (``weight``: ``(d, k)``), then ``y += W_up·act(W_down·y + b_down) + b_up`` in place (``down_weight``
     ``(n, d)``, ``up_weight`` ``(d, n)``): three matrix products and the activation, no copy of the output and no
-    Python beyond this forward (compiled, a narrow adapter's ``W_down·y`` is a product and a sum instead). Equal to
-    the adapted layer up to float rounding. Several adapters active together are one wider adapter (their neurons
-    side by side, ``b_up`` summed). ``weight`` and ``bias`` may be the wrapped Linear's own parameters (shared, not
-    copied)."""
+    Python beyond this forward (compiled, a narrow adapter is products and sums that Inductor fuses into the code
+    around it: :meth:`_compiled_narrow`). Equal to the adapted layer up to float rounding. Several adapters active
+    together are one wider adapter (their neurons side by side, ``b_up`` summed). ``weight`` and ``bias`` may be the
+    wrapped Linear's own parameters (shared, not copied)."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, down_weight: torch.Tensor,
@@ -84,15 +85,10 @@ class FusedMiMiLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-        # the hidden activations transposed, (n, rows): BLAS runs W_down·yᵀ faster than the skinny (rows, n) product
         if torch.compiler.is_compiling() and self.width <= COMPILED_PRODUCT_SUM_MAX_WIDTH:
-            # compiled (torch.compile, torch.export, export_compiled): W_down·y as a product and a sum, which Inductor
-            # generates as one loop over y, where a GEMM call would cost more than its arithmetic
-            # (benchmarks/results/inference_*.md). Eager PyTorch would materialise the product: not there.
-            hidden = (y.unsqueeze(1) * self.down_weight).sum(-1).t()
-            if self.down_bias is not None:
-                hidden = hidden + self.down_bias[:, None]
-        elif self.down_bias is None:
+            return self._compiled_narrow(y).view(*x.shape[:-1], self.out_features)
+        # the hidden activations transposed, (n, rows): BLAS runs W_down·yᵀ faster than the skinny (rows, n) product
+        if self.down_bias is None:
             hidden = torch.mm(self.down_weight, y.t())
         else:
             hidden = torch.addmm(self.down_bias[:, None], self.down_weight, y.t())
@@ -104,6 +100,29 @@ class FusedMiMiLinear(nn.Module):
         # y is this call's own tensor, and no backward needs it: accumulating into it saves a pass over the output
         y.addmm_(hidden.t(), self.up_weight.t())
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _compiled_narrow(self, y: torch.Tensor) -> torch.Tensor:
+        """The adapter on ``y`` (``(rows, d)``) as compiled code runs it (torch.compile, torch.export, export_compiled)
+        when it is narrow: no GEMM call, whose fixed cost is more than a narrow adapter's arithmetic. Inductor
+        generates ``W_down·y`` as one loop over ``y``, and the up-projection, a sum of ``width`` scaled rows of
+        ``W_upᵀ`` added to ``y``, inside the kernel that consumes the layer's output (in a ViT the residual add and
+        the next LayerNorm): the adapter adds one read of ``y`` and no call of its own
+        (benchmarks/results/inference_*.md). Eager PyTorch would run each term as its own operation: there the GEMMs
+        of :meth:`forward` are faster."""
+        hidden = (y.unsqueeze(1) * self.down_weight).sum(-1)  # (rows, n)
+        if self.down_bias is not None:
+            hidden = hidden + self.down_bias
+        act = FUSED_ACTIVATIONS[self.activation]
+        if act is not None:
+            hidden = act(hidden)
+        # a view that changes nothing, but Inductor stores its input: the activation is computed once per hidden
+        # value, not again inside the sum for each of the d outputs it feeds (GELU's erf made that 1.2x the backbone)
+        hidden = hidden.as_strided(hidden.shape, hidden.stride())
+        out = y if self.up_bias is None else y + self.up_bias
+        up_rows = self.up_weight.t().contiguous()  # (n, d): a constant once the weights are frozen
+        for neuron in range(self.width):
+            out = out + hidden[:, neuron, None] * up_rows[neuron]
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, width={self.width}, "
