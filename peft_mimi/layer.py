@@ -48,10 +48,13 @@ def _activation(name: str) -> nn.Module:
     return nn.Identity() if name == "identity" else ACT2FN[name]
 
 
-# compiled, adapters up to this width are written as products and sums rather than two GEMMs (see
-# FusedMiMiLinear._compiled_narrow): W_down·y measured as fast or faster up to width 32 in AOTInductor on a CPU (at
-# width 96, 9 % slower at batch 32)
+# compiled (AOTInductor, DINOv2-S on a 2-core CPU), adapters up to this width compute W_down·y as a product and a sum
+# rather than a GEMM: as fast or faster up to width 32 (at width 96, 9 % slower at batch 32)
 COMPILED_PRODUCT_SUM_MAX_WIDTH = 32
+# and up to this width the whole adapter is products and sums fused into the code around it
+# (FusedMiMiLinear._compiled_narrow): 1.03-1.04x the backbone at batch 1 with every adapter 16 wide, against
+# 1.07-1.08x with the up-projection a GEMM; at width 32 level at batch 1 and slower at batch 32
+COMPILED_FUSED_MAX_WIDTH = 16
 
 # the same non-linearities as `_activation`, as torch functions: what the fused path and exported models call
 FUSED_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": None}
@@ -85,10 +88,17 @@ class FusedMiMiLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-        if torch.compiler.is_compiling() and self.width <= COMPILED_PRODUCT_SUM_MAX_WIDTH:
+        compiling = torch.compiler.is_compiling()
+        if compiling and self.width <= COMPILED_FUSED_MAX_WIDTH:
             return self._compiled_narrow(y).view(*x.shape[:-1], self.out_features)
         # the hidden activations transposed, (n, rows): BLAS runs W_down·yᵀ faster than the skinny (rows, n) product
-        if self.down_bias is None:
+        if compiling and self.width <= COMPILED_PRODUCT_SUM_MAX_WIDTH:
+            # one generated loop over y, where a GEMM call would cost more than its arithmetic; eager PyTorch would
+            # materialise the product: not there
+            hidden = (y.unsqueeze(1) * self.down_weight).sum(-1).t()
+            if self.down_bias is not None:
+                hidden = hidden + self.down_bias[:, None]
+        elif self.down_bias is None:
             hidden = torch.mm(self.down_weight, y.t())
         else:
             hidden = torch.addmm(self.down_bias[:, None], self.down_weight, y.t())

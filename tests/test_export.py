@@ -17,7 +17,12 @@ from peft.utils import ModulesToSaveWrapper
 
 from peft_mimi import MiMiConfig
 from peft_mimi.export import export_compiled, export_onnx, export_program, to_plain_module
-from peft_mimi.layer import COMPILED_PRODUCT_SUM_MAX_WIDTH, FusedMiMiLinear, MiMiLayer
+from peft_mimi.layer import (
+    COMPILED_FUSED_MAX_WIDTH,
+    COMPILED_PRODUCT_SUM_MAX_WIDTH,
+    FusedMiMiLinear,
+    MiMiLayer,
+)
 
 
 def adapted_model(family: str = "vit", num_classes: int = 5, seed: int = 1, adapter_name: str = "default"):
@@ -173,9 +178,10 @@ def test_fused_and_plain_models_compile_to_one_graph_with_the_same_logits():
         torch.testing.assert_close(logits(compiled, images), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("width", [5, COMPILED_PRODUCT_SUM_MAX_WIDTH + 8])
+@pytest.mark.parametrize("width", [5, COMPILED_FUSED_MAX_WIDTH + 4, COMPILED_PRODUCT_SUM_MAX_WIDTH + 8])
 def test_a_compiled_fused_layer_computes_what_the_eager_one_does(width):
-    """Compiled, narrow adapters compute W_down·y as a product and a sum, wider ones as a GEMM: both as eager."""
+    """Compiled, a narrow adapter is products and sums, a wider one computes W_down·y so and W_up as a GEMM, the
+    widest are two GEMMs: all as eager."""
     torch.manual_seed(0)
     d, k = 48, 24
     layer = FusedMiMiLinear(torch.randn(d, k), torch.randn(d), torch.randn(width, d) / 7, torch.randn(width),
@@ -187,6 +193,23 @@ def test_a_compiled_fused_layer_computes_what_the_eager_one_does(width):
         got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
     assert got.shape == (2, 9, d)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_narrow_adapter_exports_without_a_matrix_product_of_its_own():
+    """What lets Inductor fuse a narrow adapter into the code around it: the exported graph holds the Linear's product
+    and no other, and the activation's input is stored (an as_strided view) rather than recomputed per output."""
+    torch.manual_seed(0)
+    layer = FusedMiMiLinear(torch.randn(16, 8), torch.randn(16), torch.randn(3, 16), torch.randn(3),
+                            torch.randn(16, 3), torch.randn(16), "gelu")
+    with torch.no_grad():
+        program = torch.export.export(layer, (torch.randn(2, 5, 8),), strict=False)
+    ops = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    products = [op for op in ops if any(name in op for name in ("mm", "linear", "matmul"))]
+    assert products == ["aten.linear.default"], ops
+    assert "aten.as_strided.default" in ops
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("export", "load"), [
