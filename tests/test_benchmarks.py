@@ -37,6 +37,7 @@ def test_benchmark_smoke_mode_writes_its_results(script, extra, outputs, tmp_pat
                    and "latency_s" in v)
         (compiled,) = [v for k, v in variants.items() if k.startswith("MiMi") and "export_compiled" in k]
         assert compiled["deployed_ratio"]["1"] > 0 and "packages" not in compiled
+        assert len(compiled["deployed_ratios"]["4"]) == 2  # the smoke run's fresh processes, each timed
 
 
 @pytest.mark.slow
