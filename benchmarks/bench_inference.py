@@ -28,7 +28,10 @@ to the backbone is the median over repeats of (variant time / backbone time in t
 slow drifts in load; the same ratio of process CPU time (all threads) is reported beside it, as a check that
 other processes disturb less. The 1-minute load average (``os.getloadavg``) is recorded before and after each block.
 Then each timed variant runs alone with its reference (the bare backbone, or the backbone run the same way),
-alternating for as many repeats: the "pairs" table, where no other model runs between the two.
+alternating for as many repeats: the "pairs" table, where no other model runs between the two. The AOTInductor
+packages are timed once more as deployed, each pair in ``--deployed-runs`` fresh processes holding nothing else: a
+process's ratio moves by a few percent from one process to the next here, so their median and range are reported.
+What one forward of each package calls is counted in its generated code (kernels and library ops).
 GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` per image (matrix products only). ``torch.inference_mode``,
 fp32, the OpenMP runtime's own wait policy unless ``OMP_WAIT_POLICY`` is set (see below); onnxruntime without its
 threads' busy-waiting after a run, which on 2 cores took the CPU from whichever variant was timed next.
@@ -179,6 +182,8 @@ def build_variants(backbone: str, args, workdir: Path) -> tuple[dict[str, Callab
         rows[label]["same_form_as"] = reference
     if packages:
         rows[f"{mimi}, {AOT_FORM}"]["packages"] = [packages[two_tasks], packages[bare]]
+        for label, model in ((f"{mimi}, {AOT_FORM}", two_tasks), (f"{BARE}, {AOT_FORM}", bare)):
+            rows[label]["calls_per_forward"] = package_calls(packages[model])
     return fns, rows
 
 
@@ -188,6 +193,24 @@ def export_onnx_to(model: torch.nn.Module, example: torch.Tensor, workdir: Path)
     path = workdir / f"{id(model)}.onnx"
     export_onnx(model, example, path)
     return path
+
+
+def package_calls(path: str) -> dict[str, int] | None:
+    """What one forward of an AOTInductor package calls: ``{"generated kernels": n, "library ops": m}`` (Inductor's
+    own loops, and the ATen/oneDNN functions it calls out to: the Linears, attention), counted in the package's
+    generated C++ (its ``run_impl``); None if this torch lays out its packages otherwise."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(path) as package:
+        sources = [n for n in package.namelist() if n.endswith(".wrapper.cpp")]
+        code = package.read(sources[0]).decode() if len(sources) == 1 else ""
+    start, end = code.find("AOTInductorModel::run_impl("), code.find("// AOTInductorModel::run_impl")
+    if start < 0 or end < start:
+        return None
+    body = code[start:end]
+    return {"generated kernels": len(re.findall(r"^\s*cpp_fused_\w+\(", body, re.M)),
+            "library ops": len(re.findall(r"\baoti_torch_cpu_\w+\(", body))}
 
 
 class CompiledPerBatch:
@@ -379,6 +402,12 @@ def markdown(results: dict, args) -> str:
                       "repeats; median paired ratio. Without the other models running in between, the caches and "
                       "the threads see only these two:", "",
                       common.table(["variant", *(f"× reference @ {b}" for b in args.batches)], pairs), ""]
+        calls = [f"{label}: {v['calls_per_forward']['generated kernels']} generated kernels and "
+                 f"{v['calls_per_forward']['library ops']} library ops" for label, v in res["variants"].items()
+                 if v.get("calls_per_forward")]
+        if calls:
+            lines += ["What one forward of each AOTInductor package calls (counted in its generated C++: Inductor's "
+                      "own loops, and the ATen/oneDNN functions it calls out to): " + "; ".join(calls) + ".", ""]
         deployed = [f"{label}: " + ", ".join(
             f"{v['deployed_ratio'][str(b)]:.3f}× at batch {b} ({spread(v['deployed_ratios'][str(b)])})"
             for b in args.batches) for label, v in res["variants"].items() if "deployed_ratio" in v]
