@@ -107,7 +107,8 @@ def export_compiled(
 ) -> str:
     """The program of :func:`export_program` compiled ahead of time by AOTInductor into machine code for this
     machine (the device ``model`` is on), packaged at ``path`` (``.pt2``); returns the path. The fastest PyTorch form:
-    no Python between operations, so an adapter costs about its arithmetic (benchmarks/results/inference_*.md).
+    no Python between operations, and a narrow adapter computed inside the kernels the backbone runs anyway, so a
+    compacted MiMi model makes the same calls as its backbone (benchmarks/results/inference_*.md).
     The weights are frozen into the package (Inductor's ``freezing``: constants folded, and on a CPU the Linear
     weights pre-packed for oneDNN, which halves a ViT-S's latency on a 2-core CPU against compiling without it);
     ``inductor_configs`` adds to or overrides Inductor's settings (``torch._inductor.config`` names, e.g.
