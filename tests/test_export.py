@@ -197,7 +197,7 @@ def test_a_compiled_fused_layer_computes_what_the_eager_one_does(width):
 
 def test_a_narrow_adapter_exports_without_a_matrix_product_of_its_own():
     """What lets Inductor fuse a narrow adapter into the code around it: the exported graph holds the Linear's product
-    and no other, and the activation's input is stored (an as_strided view) rather than recomputed per output."""
+    and no other, and the activations are stored once (an as_strided view) rather than recomputed per output."""
     torch.manual_seed(0)
     layer = FusedMiMiLinear(torch.randn(16, 8), torch.randn(16), torch.randn(3, 16), torch.randn(3),
                             torch.randn(16, 3), torch.randn(16), "gelu")
