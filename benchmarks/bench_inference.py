@@ -47,11 +47,13 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,9 +201,6 @@ def package_calls(path: str) -> dict[str, int] | None:
     """What one forward of an AOTInductor package calls: ``{"generated kernels": n, "library ops": m}`` (Inductor's
     own loops, and the ATen/oneDNN functions it calls out to: the Linears, attention), counted in the package's
     generated C++ (its ``run_impl``); None if this torch lays out its packages otherwise."""
-    import re
-    import zipfile
-
     with zipfile.ZipFile(path) as package:
         sources = [n for n in package.namelist() if n.endswith(".wrapper.cpp")]
         code = package.read(sources[0]).decode() if len(sources) == 1 else ""

@@ -52,9 +52,9 @@ def _activation(name: str) -> nn.Module:
 # rather than a GEMM: as fast or faster up to width 32 (at width 96, 9 % slower at batch 32)
 COMPILED_PRODUCT_SUM_MAX_WIDTH = 32
 # and up to this width the whole adapter is products and sums fused into the code around it
-# (FusedMiMiLinear._compiled_narrow): 1.03-1.04x the backbone at batch 1 with every adapter 16 wide, against
-# 1.07-1.08x with the up-projection a GEMM; at width 32 level at batch 1 and slower at batch 32
-COMPILED_FUSED_MAX_WIDTH = 16
+# (FusedMiMiLinear._compiled_up): 1.03-1.04x the backbone at batch 1 with widths 11-22 (σt = 24), against 1.07-1.08x
+# with the up-projection a GEMM; with widths 26-38 (σt = 12) level at batch 1 and slower at batch 32
+COMPILED_FUSED_MAX_WIDTH = 24
 
 # the same non-linearities as `_activation`, as torch functions: what the fused path and exported models call
 FUSED_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": None}
@@ -66,7 +66,7 @@ class FusedMiMiLinear(nn.Module):
     ``y = W·x + b`` (``weight``: ``(d, k)``), then ``y += W_up·act(W_down·y + b_down) + b_up`` in place (``down_weight``
     ``(n, d)``, ``up_weight`` ``(d, n)``): three matrix products and the activation, no copy of the output and no
     Python beyond this forward (compiled, a narrow adapter is products and sums that Inductor fuses into the code
-    around it: :meth:`_compiled_narrow`). Equal to the adapted layer up to float rounding. Several adapters active
+    around it: :meth:`_compiled_up`). Equal to the adapted layer up to float rounding. Several adapters active
     together are one wider adapter (their neurons side by side, ``b_up`` summed). ``weight`` and ``bias`` may be the
     wrapped Linear's own parameters (shared, not copied)."""
 
@@ -88,43 +88,40 @@ class FusedMiMiLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-        compiling = torch.compiler.is_compiling()
-        if compiling and self.width <= COMPILED_FUSED_MAX_WIDTH:
-            return self._compiled_narrow(y).view(*x.shape[:-1], self.out_features)
-        # the hidden activations transposed, (n, rows): BLAS runs W_down·yᵀ faster than the skinny (rows, n) product
-        if compiling and self.width <= COMPILED_PRODUCT_SUM_MAX_WIDTH:
-            # one generated loop over y, where a GEMM call would cost more than its arithmetic; eager PyTorch would
-            # materialise the product: not there
-            hidden = (y.unsqueeze(1) * self.down_weight).sum(-1).t()
+        if torch.compiler.is_compiling() and self.width <= COMPILED_PRODUCT_SUM_MAX_WIDTH:
+            # compiled (torch.compile, torch.export, export_compiled): W_down·y as a product and a sum, one generated
+            # loop over y where a GEMM call would cost more than its arithmetic (eager PyTorch would materialise the
+            # product: not there)
+            hidden = (y.unsqueeze(1) * self.down_weight).sum(-1)  # (rows, n)
             if self.down_bias is not None:
-                hidden = hidden + self.down_bias[:, None]
-        elif self.down_bias is None:
-            hidden = torch.mm(self.down_weight, y.t())
+                hidden = hidden + self.down_bias
+            hidden = self._activate(hidden)
+            if self.width <= COMPILED_FUSED_MAX_WIDTH:
+                return self._compiled_up(y, hidden).view(*x.shape[:-1], self.out_features)
+            hidden = hidden.t()
         else:
-            hidden = torch.addmm(self.down_bias[:, None], self.down_weight, y.t())
-        act = FUSED_ACTIVATIONS[self.activation]
-        if act is not None:
-            hidden = act(hidden)
+            # the hidden activations transposed, (n, rows): BLAS runs W_down·yᵀ faster than the skinny (rows, n) one
+            if self.down_bias is None:
+                hidden = torch.mm(self.down_weight, y.t())
+            else:
+                hidden = torch.addmm(self.down_bias[:, None], self.down_weight, y.t())
+            hidden = self._activate(hidden)
         if self.up_bias is not None:
             y = y + self.up_bias
         # y is this call's own tensor, and no backward needs it: accumulating into it saves a pass over the output
         y.addmm_(hidden.t(), self.up_weight.t())
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _compiled_narrow(self, y: torch.Tensor) -> torch.Tensor:
-        """The adapter on ``y`` (``(rows, d)``) as compiled code runs it (torch.compile, torch.export, export_compiled)
-        when it is narrow: no GEMM call, whose fixed cost is more than a narrow adapter's arithmetic. Inductor
-        generates ``W_down·y`` as one loop over ``y``, and the up-projection, a sum of ``width`` scaled rows of
-        ``W_upᵀ`` added to ``y``, inside the kernel that consumes the layer's output (in a ViT the residual add and
-        the next LayerNorm): the adapter adds one read of ``y`` and no call of its own
-        (benchmarks/results/inference_*.md). Eager PyTorch would run each term as its own operation: there the GEMMs
-        of :meth:`forward` are faster."""
-        hidden = (y.unsqueeze(1) * self.down_weight).sum(-1)  # (rows, n)
-        if self.down_bias is not None:
-            hidden = hidden + self.down_bias
+    def _activate(self, hidden: torch.Tensor) -> torch.Tensor:
         act = FUSED_ACTIVATIONS[self.activation]
-        if act is not None:
-            hidden = act(hidden)
+        return hidden if act is None else act(hidden)
+
+    def _compiled_up(self, y: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``y + W_up·hidden + b_up`` (``hidden``: ``(rows, n)``, activated) as compiled code runs it for a narrow
+        adapter: a sum of ``width`` scaled rows of ``W_upᵀ`` added to ``y``, which Inductor generates inside the
+        kernel that consumes the layer's output (in a ViT the residual add and the next LayerNorm), so that the
+        adapter, with ``W_down·y`` as one loop, adds no call of its own (benchmarks/results/inference_*.md). Eager
+        PyTorch would run each term as its own operation: there the GEMM of :meth:`forward` is faster."""
         # a view that changes nothing, but Inductor stores its input: the activation is computed once per hidden
         # value, not again inside the sum for each of the d outputs it feeds (GELU's erf made that 1.2x the backbone)
         hidden = hidden.as_strided(hidden.shape, hidden.stride())
