@@ -30,7 +30,9 @@ other processes disturb less. The 1-minute load average (``os.getloadavg``) is r
 Then each timed variant runs alone with its reference (the bare backbone, or the backbone run the same way),
 alternating for as many repeats: the "pairs" table, where no other model runs between the two. The AOTInductor
 packages are timed once more as deployed, each pair in ``--deployed-runs`` fresh processes holding nothing else: a
-process's ratio moves by a few percent from one process to the next here, so their median and range are reported.
+process's ratio moves by a few percent from one process to the next here, so their median and range are reported;
+the same processes also time a byte-for-byte copy of the backbone's package against the backbone's (the control:
+what the measurement reads when nothing differs, i.e. its bias and resolution).
 What one forward of each package calls is counted in its generated code (kernels and library ops).
 GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` per image (matrix products only). ``torch.inference_mode``,
 fp32, the OpenMP runtime's own wait policy unless ``OMP_WAIT_POLICY`` is set (see below); onnxruntime without its
@@ -48,6 +50,7 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -183,7 +186,9 @@ def build_variants(backbone: str, args, workdir: Path) -> tuple[dict[str, Callab
     for label, reference in same_form.items():
         rows[label]["same_form_as"] = reference
     if packages:
-        rows[f"{mimi}, {AOT_FORM}"]["packages"] = [packages[two_tasks], packages[bare]]
+        # the control, a copy of the backbone's package under another name: loaded as a model of its own
+        control = shutil.copyfile(packages[bare], workdir / "backbone-copy.pt2")
+        rows[f"{mimi}, {AOT_FORM}"]["packages"] = [packages[two_tasks], control, packages[bare]]
         for label, model in ((f"{mimi}, {AOT_FORM}", two_tasks), (f"{BARE}, {AOT_FORM}", bare)):
             rows[label]["calls_per_forward"] = package_calls(packages[model])
     return fns, rows
@@ -282,18 +287,20 @@ def paired_ratio(times: list[float], reference: list[float]) -> float:
     return statistics.median(t / r for t, r in zip(times, reference))
 
 
-def deployed_ratios(packages: list[str], batch: int, size: int, repeats: int, threads: int, runs: int) -> list[float]:
-    """The MiMi package's latency over the backbone's (``packages``: those two ``.pt2`` paths), median paired ratio,
-    timed as a deployment runs them: in a fresh process holding nothing but torch and the two packages; once per
+def deployed_ratios(packages: list[str], batch: int, size: int, repeats: int, threads: int,
+                    runs: int) -> list[list[float]]:
+    """Each package's latency over the last one's (``packages``: ``.pt2`` paths, the reference last), median paired
+    ratio, timed as a deployment runs them: in a fresh process holding nothing but torch and the packages; once per
     process, in ``runs`` processes one after the other (a process's ratio moves by a few percent from one to the
-    next on this machine, where the memory it was given lands: the spread across processes is the honest error)."""
+    next on this machine, where the memory it was given lands: the spread across processes is the honest error).
+    Returns one list per package but the last: its ratio in each process."""
     command = [sys.executable, __file__, "--time-packages", *packages, "--batches", str(batch), "--package-pixels",
                str(size), "--repeats", str(repeats), "--threads", str(threads)]
-    ratios = []
+    per_process = []
     for _ in range(runs):
         done = subprocess.run(command, capture_output=True, text=True, check=True)
-        ratios.append(json.loads(done.stdout.strip().splitlines()[-1])["ratio"])
-    return ratios
+        per_process.append(json.loads(done.stdout.strip().splitlines()[-1])["ratios"])
+    return [list(ratios) for ratios in zip(*per_process)]
 
 
 def spread(ratios: list[float]) -> str:
@@ -301,13 +308,16 @@ def spread(ratios: list[float]) -> str:
 
 
 def time_packages(args) -> None:
-    """``--time-packages A B``: print ``{"ratio": A's time / B's}`` (median paired ratio, interleaved repeats)."""
-    runners = {path: torch._inductor.aoti_load_package(path) for path in args.time_packages}
+    """``--time-packages A [B ...] REFERENCE``: print ``{"ratios": [A's time / REFERENCE's, ...]}`` (median paired
+    ratios, interleaved repeats). The packages are loaded in a random order: none is always first in memory."""
+    *timed, reference = args.time_packages
+    order = list(args.time_packages)
+    random.shuffle(order)
+    runners = {path: torch._inductor.aoti_load_package(path) for path in order}
     side = args.package_pixels
     x = torch.randn(args.batches[0], 3, side, side, generator=torch.Generator().manual_seed(0))
-    times = interleaved_times(runners, x, args.repeats)
-    first, second = args.time_packages
-    print(json.dumps({"ratio": paired_ratio(times[first], times[second]),
+    times = interleaved_times({path: runners[path] for path in args.time_packages}, x, args.repeats)
+    print(json.dumps({"ratios": [paired_ratio(times[path], times[reference]) for path in timed],
                       "ms": {p: 1000 * statistics.median(t) for p, t in times.items()}}))
 
 
@@ -346,9 +356,11 @@ def _bench_config(backbone: str, args, workdir: Path) -> dict:
             rows[label].setdefault("pair_ratio", {})[str(batch)] = paired_ratio(pair[label], pair[reference])
         for row in rows.values():
             if "packages" in row:
-                ratios = deployed_ratios(row["packages"], batch, size, repeats, args.threads, args.deployed_runs)
+                ratios, control = deployed_ratios(row["packages"], batch, size, repeats, args.threads,
+                                                  args.deployed_runs)
                 row.setdefault("deployed_ratios", {})[str(batch)] = ratios
                 row.setdefault("deployed_ratio", {})[str(batch)] = statistics.median(ratios)
+                row.setdefault("control_ratios", {})[str(batch)] = control
         print(f"[inference] {backbone} batch {batch} (load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}): "
               + ", ".join(f"{k}={1000 * statistics.median(v):.1f}ms" for k, v in times.items()), flush=True)
     for row in rows.values():
@@ -408,13 +420,15 @@ def markdown(results: dict, args) -> str:
             lines += ["What one forward of each AOTInductor package calls (counted in its generated C++: Inductor's "
                       "own loops, and the ATen/oneDNN functions it calls out to): " + "; ".join(calls) + ".", ""]
         deployed = [f"{label}: " + ", ".join(
-            f"{v['deployed_ratio'][str(b)]:.3f}× at batch {b} ({spread(v['deployed_ratios'][str(b)])})"
+            f"{v['deployed_ratio'][str(b)]:.3f}× at batch {b} ({spread(v['deployed_ratios'][str(b)])}; control "
+            f"{statistics.median(v['control_ratios'][str(b)]):.3f}×, {spread(v['control_ratios'][str(b)])})"
             for b in args.batches) for label, v in res["variants"].items() if "deployed_ratio" in v]
         if deployed:
-            lines += ["As deployed: the two AOTInductor packages (MiMi's and the backbone's) timed the same way in a "
+            lines += ["As deployed: the AOTInductor packages (MiMi's and the backbone's) timed the same way in a "
                       "fresh process that holds nothing else (torch alone, as a server loading the package), in "
                       f"{args.deployed_runs} such processes one after the other; the median of their ratios (lowest to "
-                      "highest): "
+                      "highest). The control is a copy of the backbone's package timed against the backbone's in the "
+                      "same processes: nothing differs, so its ratio is the measurement's own bias and spread. "
                       + "; ".join(deployed) + ".", ""]
     if args.notes:
         lines += [args.notes]
@@ -449,10 +463,56 @@ def profile(args) -> None:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
             lines += [f"## torch.profiler, {name} ({args.repeats} forwards)", "", "```", table.strip(), "```", ""]
     lines += layer_breakdown(model, fused, bare, x, args)
+    lines += compiled_breakdown(bare, model, pixels, args)
     lines += [f"Load average at the end: {os.getloadavg()[0]:.2f}.", ""]
     if args.notes:
         lines += [args.notes]
     common.write_results(args.out, "inference_profile", {"config": vars(args), "markdown": lines}, "\n".join(lines))
+
+
+def compiled_breakdown(bare, model, pixels: int, args) -> list[str]:
+    """Compiled as ``export_compiled`` compiles (Inductor, weights frozen), the time per forward spent in Inductor's
+    generated kernels and in the library calls they make (oneDNN/MKL GEMMs, attention), backbone against MiMi, at
+    batch 1 and 32: ``torch.profiler`` with Inductor's per-kernel records, the two models alternating for
+    ``args.repeats`` profiled rounds of a few forwards each, medians over rounds."""
+    from torch.profiler import profile as torch_profile
+
+    from peft_mimi.export import to_plain_module
+
+    models = {BARE: bare, "MiMi (export.to_plain_module)": to_plain_module(model)}
+    rows = []
+    with torch._inductor.config.patch({"freezing": True, "cpp.enable_kernel_profile": True}), torch.inference_mode():
+        compiled = {name: torch.compile(m) for name, m in models.items()}
+        for batch in (1, 32):
+            x = torch.randn(batch, 3, pixels, pixels)
+            calls = 20 if batch == 1 else 2
+            for m in compiled.values():
+                for _ in range(2):
+                    m(pixel_values=x)
+            per_round: dict[str, dict[str, list[float]]] = {n: {"generated": [], "library": []} for n in compiled}
+            for repeat in range(args.repeats):
+                for name in (list(compiled) if repeat % 2 == 0 else list(compiled)[::-1]):
+                    with torch_profile() as prof:
+                        for _ in range(calls):
+                            compiled[name](pixel_values=x)
+                    totals = {"generated": 0.0, "library": 0.0}
+                    for event in prof.events():  # the calls made by the compiled graph itself
+                        if event.cpu_parent is not None and "CompiledFxGraph" in event.cpu_parent.name:
+                            kind = "generated" if event.name.startswith("graph_") else "library"
+                            totals[kind] += event.cpu_time_total / 1000 / calls
+                    for kind, ms in totals.items():
+                        per_round[name][kind].append(ms)
+            medians = {n: {k: statistics.median(v) for k, v in kinds.items()} for n, kinds in per_round.items()}
+            base = medians[BARE]
+            for name, kinds in medians.items():
+                rows.append([name, str(batch)] + [f"{kinds[k]:.3f} ({kinds[k] - base[k]:+.3f})"
+                                                  for k in ("generated", "library")])
+    return ["## Compiled: generated kernels and library calls", "",
+            "`torch.compile` with Inductor's `freezing` (as `export_compiled` compiles), Inductor's per-kernel "
+            "profiling on; ms per forward (difference to the backbone), median of "
+            f"{args.repeats} profiled rounds, the two models alternating. Generated kernels: Inductor's own loops (a "
+            "narrow adapter is computed inside them); library calls: the GEMMs and attention they call out to.", "",
+            common.table(["model", "batch", "generated kernels, ms", "library calls, ms"], rows), ""]
 
 
 def layer_breakdown(model, fused, bare, x, args) -> list[str]:
@@ -554,12 +614,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default="")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--time-packages", nargs=2, metavar=("PT2", "REFERENCE_PT2"),
-                        help="internal (the deployed-process timing): time two AOTInductor packages, print the ratio")
+    parser.add_argument("--time-packages", nargs="+", metavar="PT2",
+                        help="internal (the deployed-process timing): time AOTInductor packages, print each one's "
+                             "ratio to the last")
     parser.add_argument("--package-pixels", type=int, default=112, help="with --time-packages: the image side")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.time_packages:
+        if len(args.time_packages) < 2:
+            parser.error("--time-packages needs at least two packages: those timed, then the reference")
         time_packages(args)
         return
     if args.smoke:

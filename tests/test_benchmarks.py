@@ -38,6 +38,8 @@ def test_benchmark_smoke_mode_writes_its_results(script, extra, outputs, tmp_pat
         (compiled,) = [v for k, v in variants.items() if k.startswith("MiMi") and "export_compiled" in k]
         assert compiled["deployed_ratio"]["1"] > 0 and "packages" not in compiled
         assert len(compiled["deployed_ratios"]["4"]) == 2  # the smoke run's fresh processes, each timed
+        # and in each, a copy of the backbone's package against the backbone's: the measurement's own spread
+        assert len(compiled["control_ratios"]["4"]) == 2 and all(r > 0 for r in compiled["control_ratios"]["4"])
 
 
 @pytest.mark.slow
@@ -167,3 +169,16 @@ def test_a_mimi_rows_recipe_options_replace_the_benchmarks_schedule(monkeypatch)
     with pytest.raises(ValueError, match=f"trained {result.epochs} epochs where its rivals train {result.epochs + 1}"):
         common.run(method, common.SMOKE, "digits", seed=0, epochs_per_round=2, total_epochs=result.epochs + 1,
                    lr=3e-3, batch_size=16, max_train=32, max_test=16)
+
+
+@pytest.mark.slow
+def test_inference_profile_splits_the_compiled_forward_into_kernels_and_library_calls(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--smoke", "--profile",
+                    "--out", str(tmp_path)], check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    text = (tmp_path / "inference_profile.md").read_text()
+    compiled = text.split("## Compiled: generated kernels and library calls")[1]
+    bare, mimi = "backbone (no adapter)", "MiMi (export.to_plain_module)"
+    rows = [line.strip("| ").split(" | ") for line in compiled.splitlines() if line.startswith(("| " + bare, "| MiMi"))]
+    assert [r[:2] for r in rows] == [[bare, "1"], [mimi, "1"], [bare, "32"], [mimi, "32"]]
+    assert all(float(cell.split()[0]) > 0 for r in rows for cell in r[2:]), "each model spends time in both"
