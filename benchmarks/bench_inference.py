@@ -437,7 +437,7 @@ def markdown(results: dict, args) -> str:
 
 # ------------------------------------------------------------------------------------------------- profile
 def profile(args) -> None:
-    """Where one adapter's time goes (batch 1): torch.profiler over whole forwards of the bare backbone, the default
+    """Where one adapter's time goes: torch.profiler over whole forwards (batch 1) of the bare backbone, the default
     MiMi model and the fused one, and interleaved timings of one adapted layer and of its parts."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -449,7 +449,7 @@ def profile(args) -> None:
     fused = mimi_model(backbone, args.sigma, args)
     fused.fuse_for_inference()
     x = torch.randn(1, 3, pixels, pixels)
-    lines = ["# Where the time of a MiMi adapter goes (batch 1)", "",
+    lines = ["# Where the time of a MiMi adapter goes", "",
              f"{backbone} at {pixels} px, MiMi σt={args.sigma:g} compacted, {args.threads} CPU thread(s), fp32, "
              f"OMP_WAIT_POLICY {args.omp_wait_policy}, "
              f"`torch.inference_mode`, 1-minute load average at the start {os.getloadavg()[0]:.2f}.", ""]
