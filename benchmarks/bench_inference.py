@@ -438,7 +438,8 @@ def markdown(results: dict, args) -> str:
 # ------------------------------------------------------------------------------------------------- profile
 def profile(args) -> None:
     """Where one adapter's time goes: torch.profiler over whole forwards (batch 1) of the bare backbone, the default
-    MiMi model and the fused one, and interleaved timings of one adapted layer and of its parts."""
+    MiMi model and the fused one, interleaved timings of one adapted layer and of its parts, and the compiled forward
+    split into generated kernels and library calls (:func:`compiled_breakdown`)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
