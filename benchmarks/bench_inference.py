@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-aot", dest="aot", action="store_false",
                         help="skip the AOTInductor rows (export.export_compiled: about a minute per model to compile)")
     parser.add_argument("--deployed-runs", type=int, default=5,
-                        help="fresh processes that each time the two AOTInductor packages (the deployed ratio)")
+                        help="fresh processes that each time the AOTInductor packages (deployed ratio, control)")
     parser.add_argument("--profile", action="store_true", help="write inference_profile.md for the first config")
     parser.add_argument("--notes", default="")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)

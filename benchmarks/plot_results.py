@@ -77,7 +77,7 @@ def plot_inference(raw: dict, axes) -> None:
                           / statistics.median(base["latency_s"]["32"]) - 1) for label in labels]
         # the ONNX and compiled rows: against the backbone run the same way (paired ratio), FLOPs not counted
         same_form = [label for label, v in variants.items() if "32" in v.get("same_form_ratio", {})]
-        labels += [f"{label} vs the backbone so" for label in same_form]
+        labels += [f"{label}, vs the backbone in the same form" for label in same_form]
         flops += [float("nan")] * len(same_form)
         latency += [100 * (variants[label]["same_form_ratio"]["32"] - 1) for label in same_form]
         xs = range(len(labels))
