@@ -81,11 +81,19 @@ _DATASETS: dict[str, Any] = {}
 
 
 def task_dataset(task: str):
-    """The built-in dataset ``task`` (a ``DatasetDict``), loaded once per process."""
+    """The dataset ``task`` (a ``DatasetDict``), loaded once per process: a built-in dataset of `peft_mimi.data`,
+    or a task of the structured suite (`structured_tasks.TASKS`; ``<task>:val`` is its 800 / 200
+    learning-rate-selection split)."""
     from peft_mimi.data import load_builtin_dataset
 
     if task not in _DATASETS:
-        _DATASETS[task] = load_builtin_dataset(task)
+        import structured_tasks
+
+        name, _, part = task.partition(":")
+        if name in structured_tasks.TASKS:
+            _DATASETS[task] = structured_tasks.load_task(name, validation=part == "val")
+        else:
+            _DATASETS[task] = load_builtin_dataset(task)
     return _DATASETS[task]
 
 
