@@ -50,6 +50,19 @@ def _make_model(family, num_labels, seed, hidden_size, layers):
     raise ValueError(family)
 
 
+def require_fashion_mnist() -> None:
+    """Skip the calling test, naming the Debian package, when the Fashion-MNIST files are not on this machine (the
+    README's `make test` installs only Python packages; `.ci/run` installs nothing more)."""
+    from peft_mimi import data
+
+    try:
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte"):
+            data._find_idx(stem)
+    except FileNotFoundError as missing:
+        pytest.skip(f"optional data: {missing}")
+
+
 def make_images(n: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
 

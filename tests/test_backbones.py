@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import require_fashion_mnist
 from transformers import Dinov2Config, Dinov2Model
 
 from peft_mimi.backbones import BUILTIN_BACKBONES, WEIGHTS_DIR, dinov2_onnx, list_backbones, load_backbone
@@ -160,8 +161,7 @@ SHIPPED = ["fmnist-vit", "fmnist-swin"]
 
 def _fashion_mnist_test(count: int):
     data = pytest.importorskip("peft_mimi.data")
-    if not (data.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    require_fashion_mnist()
     return data, data.load_builtin_dataset("fashion_mnist")["test"].select(range(count))
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +101,7 @@ def test_accuracy_benchmark_smoke_runs_every_part_and_the_summary_pairs_seeds(tm
 def test_pretrain_backbones_smoke_trains_both_through_train_and_the_shipped_cards_name_the_old_loop(
     tmp_path, monkeypatch
 ):
+    require_fashion_mnist()  # the backbones were pretrained on it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     script = ROOT / "benchmarks" / "pretrain_backbones.py"
     subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)],

@@ -15,6 +15,7 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from conftest import require_fashion_mnist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -46,8 +47,8 @@ def require_source(name: str) -> None:
     module = BUILTIN_EXPECTED[name][0]
     if module is not None:
         pytest.importorskip(module, reason=f"the '{name}' dataset needs {module} (peft-mimi[data])")
-    elif not (data.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST needs the Debian package: apt-get install dataset-fashion-mnist")
+    else:
+        require_fashion_mnist()
 
 
 def fingerprint(dsdict: datasets.DatasetDict) -> str:
