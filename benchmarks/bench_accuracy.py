@@ -38,7 +38,7 @@ from common import Method  # noqa: E402
 
 def methods_at(budget_sigma: float, lora_rank: int, mimi_options: dict | None = None) -> list[Method]:
     """The methods at one budget. ``mimi_options``: `MiMiConfig` or `TrainingRecipe` fields for MiMi's rows (e.g.
-    the `reconstruct` candidate of `benchmarks/beyond.py`, or the product's default schedule ``epochs_per_round=1
+    ``selection=local`` or ``score=gradient``, or the product's default schedule ``epochs_per_round=1
     final_epochs=<R+2> restart_lr=false``), named in the row's label so that its rows never mix with the plain
     "MiMi" rows, which are the paper's schedule (`common.run`)."""
     from peft_mimi import MiMiConfig
@@ -440,7 +440,7 @@ def parse_option(item: str) -> tuple[str, object]:
     name, sep, text = item.partition("=")
     if not sep or name not in {**MiMiConfig.__dataclass_fields__, **TrainingRecipe.__dataclass_fields__}:
         raise SystemExit(f"--mimi-options {item!r}: expected FIELD=VALUE with a MiMiConfig or TrainingRecipe "
-                         "field, e.g. reconstruct=true or restart_lr=false")
+                         "field, e.g. score=gradient or restart_lr=false")
     lowered = text.lower()
     if lowered in ("true", "false"):
         return name, lowered == "true"
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["mimi", "adapter", "lora", "adalora"],
                         help="the methods run at each budget")
     parser.add_argument("--mimi-options", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="MiMiConfig or TrainingRecipe fields for MiMi's rows, e.g. reconstruct=true or "
+                        help="MiMiConfig or TrainingRecipe fields for MiMi's rows, e.g. score=gradient or "
                              "restart_lr=false (named in the rows' label)")
     parser.add_argument("--budget-methods", nargs="*", default=[], metavar="SIGMA=KIND,KIND",
                         help="the methods run at one budget instead of --methods, e.g. 64=mimi,adapter,lora")

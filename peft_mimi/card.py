@@ -108,7 +108,7 @@ def model_card(
     accuracy = saved.get("accuracy") if saved else None
     search = saved.get("chosen_round") is not None if saved else False
 
-    target = (f"σt = {config.target_compression:g}" if config.target_compression is not None
+    target = (f"σt = {config.effective_target_compression:g}" if config.target_params is None
               else f"{config.target_params:,} parameters")
     card_data = ModelCardData(
         library_name="peft",
@@ -145,8 +145,7 @@ def model_card(
         f"| start width | d / σ0, σ0 = {config.init_compression:g} |",
         f"| budget | {target}: {budget:,} adapter parameters |",
         f"| pruning rounds | {rounds} (ρ = {config.prune_ratio:g}, {config.selection} selection, "
-        f"score `{config.score}`{', kept neurons refitted at each cut (`reconstruct`)' if config.reconstruct else ''})"
-        " |",
+        f"score `{config.score}`) |",
         f"| adapter parameters | {counts['adapter']:,} ({_percent(counts['adapter'], counts['base'])} of the base) |",
         f"| head parameters | {counts['head']:,} |",
         f"| adapters kept | {sum(w > 0 for w in widths.values())} of {len(widths)} |",

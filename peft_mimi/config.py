@@ -1,4 +1,4 @@
-"""`MiMiConfig`: the configuration of a MiMi adapter (METHOD.md sections 2, 4 and 6)."""
+"""`MiMiConfig`: the configuration of a MiMi adapter (docs/method.md, sections 2, 4 and 6)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 
 from ._peft_type import PeftType
-from .files import check_adapter_weights, check_module_names
 from .pruning import SCORES, SELECTIONS
 
 DEFAULT_TARGET_COMPRESSION = 32.0  # the budget of MiMiConfig(): what uniform adapters of width d/32 hold
@@ -63,15 +62,68 @@ def default_target_modules(model_type: Optional[str]) -> Union[set[str], str, No
     return rf"(?:.*\.)?{re.escape(scope)}\.(?:.*\.)?(?:{'|'.join(re.escape(name) for name in names)})"
 
 
+# Settings that earlier versions saved in adapter_config.json and that no longer exist. Loading such a file keeps
+# working when the setting was off (it changed nothing); an adapter made with it is refused, because loading it as
+# if made without would misstate how it was made and change what further pruning does.
+_REMOVED_SCORES = ("relative", "taylor", "contribution")
+
+
 @dataclass
 class MiMiConfig(PeftConfig):
-    """Configuration of a MiMi adapter: Houlsby-style bottleneck adapters ``y + W_up·act(W_down·y)`` on the
-    outputs of the attention and MLP blocks, trained large and pruned neuron by neuron, globally across layers,
-    down to a parameter budget.
+    """
+    Configuration of a MiMi adapter ([`MiMiModel`]): Houlsby-style bottleneck adapters ``y + W_up·act(W_down·y)`` on
+    the outputs of the attention and MLP blocks, trained large and pruned neuron by neuron, globally across layers,
+    down to a parameter budget (docs/method.md).
 
-    Give at most one budget: ``target_compression`` (σt; the budget is what uniform adapters of width
-    ``floor(d/σt)`` would hold) or ``target_params`` (an absolute number of adapter parameters). Without either,
-    σt = 32 (``MiMiConfig()`` works, as every PEFT config does).
+    Give at most one budget, ``target_compression`` or ``target_params``; without either, σt = 32
+    (``MiMiConfig()`` works, as every PEFT config does; :attr:`effective_target_compression` says which σt applies).
+
+    Args:
+        init_compression (`float`):
+            σ0: every adapter starts with width ``max(1, floor(d / σ0))``, ``d`` the feature size of the layer it
+            adapts. Defaults to 4 (the paper's).
+        target_compression (`Optional[float]`):
+            σt: prune until the adapters hold no more parameters than uniform adapters of width ``floor(d / σt)``
+            would. Stays None when not given (the default σt = 32 then applies, without being written here).
+        target_params (`Optional[int]`):
+            An absolute budget instead: prune until the adapters hold at most this many parameters.
+        prune_ratio (`float`):
+            ρ: the fraction of the surviving neurons each pruning round removes (the last round removes exactly what
+            is left to reach the budget). Defaults to 0.5.
+        selection (`str`):
+            ``"global"`` ranks the neurons of all adapters together (MiMi); ``"local"`` removes the same fraction
+            from every adapter (the paper's ablation).
+        score (`str`):
+            The neuron importance score: ``"mimi"`` (the paper's eq. 3, the default) or one of the paper's
+            ablations, ``"l1"`` (eq. 3 without the normalisation), ``"down_l1"`` (``W_down`` rows only),
+            ``"gradient"`` (L1 norm of the accumulated gradients) and ``"random"``.
+        budget_tolerance (`Optional[float]`):
+            Budget search, in accuracy points: prune on down to the budget (then a floor), measure validation
+            accuracy after each round, and keep the smallest round within this many points of the best round.
+            None (the default): the adapter at the budget.
+        init_weights (`bool`):
+            True (PEFT's convention): ``W_up`` starts at zero, so the model starts equal to the base model;
+            False: random (tests).
+        activation (`str`):
+            The adapter's non-linearity: ``"gelu"`` (default), ``"relu"``, ``"silu"``, ``"tanh"`` or
+            ``"identity"``.
+        adapter_bias (`bool`):
+            Give ``W_down`` and ``W_up`` biases (the paper has none; default False).
+        target_modules (`Optional[Union[List[str], str]]`):
+            The Linear modules to adapt: a list of names (exact or suffix match) or a regex. When not given, the
+            defaults of the model type are used (the attention output projection and the second MLP Linear of every
+            block, see `TARGET_MODULES_BY_MODEL_TYPE`).
+        exclude_modules (`Optional[Union[List[str], str]]`):
+            Modules not to adapt: a list of names (exact or suffix match) or a regex.
+        modules_to_save (`Optional[List[str]]`):
+            Modules trained and saved in full besides the adapters, e.g. ``["classifier"]`` for a new task's head.
+        adapter_widths (`Optional[Dict[str, int]]`):
+            Recorded by MiMi as it prunes and saved with the adapter: ``{module name: width}``, 0 = removed. Given
+            for a new adapter, these are its starting widths.
+        rounds_done (`int`):
+            Recorded by MiMi: the pruning rounds already applied.
+        seed (`int`):
+            Seed of the ``"random"`` score, so that every process ranks the same way.
     """
 
     init_compression: float = field(
@@ -96,15 +148,8 @@ class MiMiConfig(PeftConfig):
     )
     score: str = field(
         default="mimi",
-        metadata={"help": f"Neuron importance score, one of {SCORES} ('mimi' is the paper's eq. 3)."},
-    )
-    reconstruct: bool = field(
-        default=False,
-        metadata={
-            "help": "At each cut, refit the kept neurons' W_up by least squares on the second moment of the hidden "
-            "activations seen in training since the last cut, so that the adapter's output changes as little as "
-            "possible (False: the paper's plain removal)."
-        },
+        metadata={"help": f"Neuron importance score, one of {SCORES} ('mimi' is the paper's eq. 3, the others its "
+                          "ablations)."},
     )
     budget_tolerance: Optional[float] = field(
         default=None,
@@ -145,10 +190,19 @@ class MiMiConfig(PeftConfig):
     rounds_done: int = field(default=0, metadata={"help": "Pruning rounds already applied (recorded by MiMi)."})
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' score, so that ranks agree."})
 
+    @property
+    def effective_target_compression(self) -> Optional[float]:
+        """The σt the budget is computed from: ``target_compression``, or the default 32 when neither budget is
+        given; None when the budget is ``target_params``."""
+        if self.target_params is not None:
+            return self.target_compression
+        return DEFAULT_TARGET_COMPRESSION if self.target_compression is None else self.target_compression
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """PEFT's loader, plus: a local adapter whose weights file is damaged is refused here, naming the file,
-        before PEFT reads it (``PeftModel.from_pretrained`` and ``load_adapter`` load the config first)."""
+        """PEFT's loader, with a message naming the file when ``adapter_config.json`` cannot be a MiMi config. A local
+        directory it was read from is remembered (``_source_directory``, not saved) so that ``MiMiModel`` checks the
+        weights file there before it builds anything (see `peft_mimi.files.check_adapter_weights`)."""
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
@@ -158,13 +212,33 @@ class MiMiConfig(PeftConfig):
                 f"({type(err).__name__}: {str(err)[:200]}). The file is damaged or was not written by peft_mimi: "
                 "save the adapter again with save_pretrained."
             ) from None
-        if os.path.isdir(directory):
-            config._adapter_weights = check_adapter_weights(directory)  # checked against the model on load
+        config._source_directory = directory if os.path.isdir(directory) else None
         return config
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """PEFT's hook between reading ``adapter_config.json`` and building the config: settings of earlier versions
+        that no longer exist load when they were off, and are refused, saying what to do, when they were on."""
+        if "reconstruct" in kwargs:
+            if kwargs["reconstruct"] is not False:
+                raise ValueError(
+                    f"This adapter_config.json records reconstruct={short_repr(kwargs['reconstruct'])}: the adapter "
+                    "was made with the least-squares refit of W_up at each cut, which peft_mimi no longer has. Its "
+                    'weights do not need it: delete the "reconstruct" key from adapter_config.json to load them '
+                    "(pruning it further would then remove neurons without the refit)."
+                )
+            kwargs = {key: value for key, value in kwargs.items() if key != "reconstruct"}
+        if kwargs.get("score") in _REMOVED_SCORES:
+            raise ValueError(
+                f"This adapter_config.json records score={kwargs['score']!r}, a neuron score peft_mimi no longer has "
+                f"(it now has {SCORES}). The adapter's weights do not depend on it: set \"score\" to \"mimi\" in "
+                "adapter_config.json to load them (pruning it further would then use the paper's score)."
+            )
+        return kwargs
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_module_names(self)
+        _check_module_names(self)
         self.peft_type = PeftType.MIMI
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
@@ -183,16 +257,15 @@ class MiMiConfig(PeftConfig):
                 "MiMiConfig takes one budget: target_compression (e.g. 32.0) or target_params (e.g. 400_000), not "
                 f"both; got target_compression={self.target_compression!r}, target_params={self.target_params!r}."
             )
-        if self.target_compression is None and self.target_params is None:  # MiMiConfig() works, like LoraConfig()
-            self.target_compression = DEFAULT_TARGET_COMPRESSION
         if self.target_compression is not None:
             positive_number("target_compression", self.target_compression)
-            if self.target_compression < self.init_compression:
-                warnings.warn(
-                    f"target_compression={self.target_compression} is below init_compression="
-                    f"{self.init_compression}: the budget is at or above the initial size, so MiMi will not prune.",
-                    stacklevel=3,
-                )
+        sigma = self.effective_target_compression
+        if sigma is not None and sigma < self.init_compression:
+            warnings.warn(
+                f"target_compression={sigma} is below init_compression={self.init_compression}: the budget is at or "
+                "above the initial size, so MiMi will not prune.",
+                stacklevel=3,
+            )
         if self.target_params is not None and (
             isinstance(self.target_params, bool) or not isinstance(self.target_params, int) or self.target_params < 0
         ):
@@ -208,7 +281,7 @@ class MiMiConfig(PeftConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"MiMiConfig.{name}={value!r} is not known; choose one of {allowed}.")
-        for name in ("init_weights", "adapter_bias", "reconstruct"):
+        for name in ("init_weights", "adapter_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MiMiConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if self.budget_tolerance is not None and (
@@ -232,3 +305,41 @@ class MiMiConfig(PeftConfig):
                     raise ValueError(
                         f"MiMiConfig.adapter_widths[{module!r}] must be an int >= 0 (0 = removed), got {width!r}."
                     )
+
+
+def _check_module_names(config: Any) -> None:
+    """Raise ``ValueError`` unless ``config.target_modules`` and ``config.exclude_modules`` are None, a regex that
+    compiles or a list of names, and ``config.modules_to_save`` None or a list of names: what PEFT's matching
+    accepts. Run by ``MiMiConfig.__post_init__`` before the lists become sets: a hand-edited
+    ``adapter_config.json`` then gets this message instead of a ``TypeError`` or ``re.error`` from deep inside PEFT."""
+    for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, str) and name != "modules_to_save":
+            try:
+                re.compile(value)
+            except (re.error, RecursionError, OverflowError) as error:
+                raise ValueError(f"MiMiConfig.{name}={short_repr(value)} is not a valid regex ({error}).") from None
+            continue
+        if not isinstance(value, (list, tuple, set)) or not all(isinstance(item, str) and item for item in value):
+            kind = ("a list of module names, e.g. ['classifier']" if name == "modules_to_save" else
+                    "a list of module names or a regex, e.g. ['attention.o_proj', 'mlp.fc2']")
+            raise ValueError(f"MiMiConfig.{name} must be {kind}; got {short_repr(value)}.")
+        if name == "modules_to_save":  # PEFT puts each name into a regex, unescaped
+            for item in value:
+                try:
+                    re.compile(rf"(^|.*\.){item}($|\..*)")
+                except (re.error, RecursionError, OverflowError) as error:
+                    raise ValueError(
+                        f"MiMiConfig.modules_to_save has {short_repr(item)}, not a valid module name ({error})."
+                    ) from None
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a value nested too deep to print is named by its type)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deep to print"
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"

@@ -2,13 +2,14 @@
 and saves are atomic.
 
 Adapters come from the Hub and from colleagues, so the loader must not trust them. :func:`check_adapter_weights`
-(run by ``MiMiConfig.from_pretrained``, i.e. by every ``PeftModel.from_pretrained`` / ``load_adapter`` of a local
-MiMi adapter) reads only the header of ``adapter_model.safetensors`` and refuses, naming the file, a truncated or
-damaged file, tensors of unexpected names, dtypes or shapes, and an ``adapter_config.json`` whose recorded widths
-disagree with the tensors: PEFT builds every adapter at its recorded width *before* it reads the weights, so a
-recorded width of 10^9 would otherwise be allocated first and refused afterwards. What it returns lets
-:func:`check_adapter_fits_model` check the same file against the model it is loaded into, before injection.
-:func:`save_adapter` writes a whole new set of files before any old one is replaced.
+(run by ``MiMiModel`` before it injects an adapter read by ``MiMiConfig.from_pretrained``, i.e. by every
+``PeftModel.from_pretrained`` / ``load_adapter`` of a local MiMi adapter) reads only the header of
+``adapter_model.safetensors`` and refuses, naming the file, a truncated or damaged file, tensors of unexpected
+names, dtypes or shapes, and an ``adapter_config.json`` whose recorded widths disagree with the tensors: PEFT builds
+every adapter at its recorded width *before* it reads the weights, so a recorded width of 10^9 would otherwise be
+allocated first and refused afterwards. What it returns lets :func:`check_adapter_fits_model` check the same file
+against the model it is loaded into, before injection.
+:func:`save_adapter` and :func:`publish_directory` write a whole new directory before the old one is replaced.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from .config import default_target_modules, short_repr
 
 # dtypes a MiMi weight may be saved in (safetensors names); the neuron mask is BOOL
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
@@ -169,14 +172,14 @@ def _check_recorded_widths(config_path: Path, config: Any, weights: AdapterWeigh
     widths = config.get("adapter_widths") if isinstance(config, dict) else None
     if not isinstance(widths, dict) or not widths:
         raise ValueError(
-            f"{config_path} records no adapter_widths (got {_short(widths)}), which every saved MiMi adapter has: "
+            f"{config_path} records no adapter_widths (got {short_repr(widths)}), which every saved MiMi adapter has: "
             f"without them the loader would build every adapter at its initial width instead of the {len(adapters)} "
             f"adapter(s) {path} holds. {_MISMATCH_FIX}"
         )
     for module, width in widths.items():
         held = adapters.get(module)
         if isinstance(width, bool) or not isinstance(width, int) or width < 0:
-            problem = (f"{config_path} records an invalid width {_short(width)} for module {module!r} (widths are "
+            problem = (f"{config_path} records an invalid width {short_repr(width)} for module {module!r} (widths are "
                        "ints >= 0, 0 = removed)")
         elif width > 0 and held is None:
             problem = (f"{path} holds no tensor for module {module!r}, but {config_path} records width {width} for "
@@ -209,44 +212,6 @@ def _check_recorded_widths(config_path: Path, config: Any, weights: AdapterWeigh
                 )
 
 
-def check_module_names(config: Any) -> None:
-    """Raise ``ValueError`` unless ``config.target_modules`` and ``config.exclude_modules`` are None, a regex that
-    compiles or a list of names, and ``config.modules_to_save`` None or a list of names: what PEFT's matching
-    accepts. Meant for ``MiMiConfig.__post_init__``, before the lists become sets: a hand-edited
-    ``adapter_config.json`` then gets this message instead of a ``TypeError`` or ``re.error`` from deep inside PEFT."""
-    for name in ("target_modules", "exclude_modules", "modules_to_save"):
-        value = getattr(config, name, None)
-        if value is None:
-            continue
-        if isinstance(value, str) and name != "modules_to_save":
-            try:
-                re.compile(value)
-            except (re.error, RecursionError, OverflowError) as error:
-                raise ValueError(f"MiMiConfig.{name}={_short(value)} is not a valid regex ({error}).") from None
-            continue
-        if not isinstance(value, (list, tuple, set)) or not all(isinstance(item, str) and item for item in value):
-            kind = ("a list of module names, e.g. ['classifier']" if name == "modules_to_save" else
-                    "a list of module names or a regex, e.g. ['attention.o_proj', 'mlp.fc2']")
-            raise ValueError(f"MiMiConfig.{name} must be {kind}; got {_short(value)}.")
-        if name == "modules_to_save":  # PEFT puts each name into a regex, unescaped
-            for item in value:
-                try:
-                    re.compile(rf"(^|.*\.){item}($|\..*)")
-                except (re.error, RecursionError, OverflowError) as error:
-                    raise ValueError(
-                        f"MiMiConfig.modules_to_save has {_short(item)}, not a valid module name ({error})."
-                    ) from None
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a value nested too deep to print is named by its type)."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        return f"a {type(value).__name__} nested too deep to print"
-    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
-
-
 def check_adapter_fits_model(model: nn.Module, config: Any, weights: AdapterWeights) -> None:
     """Raise ``ValueError`` before any adapter tensor is created when the adapter ``config`` (a ``MiMiConfig`` whose
     weights file said ``weights``, see :func:`check_adapter_weights`) cannot be loaded into ``model`` (the model
@@ -254,8 +219,6 @@ def check_adapter_fits_model(model: nn.Module, config: Any, weights: AdapterWeig
     ``nn.Linear`` with as many output features as the file's tensors (the loader allocates ``width x out_features``
     per matrix); and every Linear its ``target_modules`` match must have a recorded width (else the loader would
     create an adapter of initial width there, which the file does not fill)."""
-    from .config import default_target_modules  # config imports this module
-
     widths = config.adapter_widths or {}
     modules = dict(model.named_modules())
     model_name = type(model).__name__
@@ -307,37 +270,78 @@ def _linear_names(modules: dict[str, nn.Module]) -> list[str]:
 
 
 def save_adapter(model: Any, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """``model.save_pretrained(save_directory, **kwargs)``, atomically per file: everything is written and fsynced
-    in a temporary sibling directory first, then each file replaces its old version with ``os.replace``. A crash
-    or a failed write (disk full, no permission) leaves every previous file whole; files in ``save_directory``
-    that the save does not produce are kept. Returns ``save_directory``."""
+    """``model.save_pretrained(save_directory, **kwargs)``, atomically: the whole adapter is written into a staging
+    sibling directory, which then replaces ``save_directory`` (:func:`publish_directory`). A crash or a failed write
+    (disk full, no permission) leaves the previous adapter whole, never a new ``adapter_config.json`` beside old
+    weights. Files in ``save_directory`` that the save does not produce are carried over. Returns
+    ``save_directory``."""
     target = Path(save_directory)
-    target.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(staging, **kwargs)
-        fsync_tree(staging)
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-            destination = target / path.relative_to(staging)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, destination)
-        fsync_dir(target)
+        if target.is_dir():
+            _carry_over(target, staging)
+        publish_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def publish_directory(staging: Path, target: Path) -> None:
-    """Replace ``target`` by the complete directory ``staging`` (fsynced first): a reader sees the old directory or
-    the new one, never a mix. An existing ``target`` is moved aside and deleted after the rename."""
-    fsync_tree(staging)
-    old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(old, ignore_errors=True)
+def _carry_over(old: Path, new: Path) -> None:
+    """Put into ``new`` every file of ``old`` that ``new`` lacks (a hard link where possible, else a copy)."""
+    for path in sorted(old.rglob("*")):
+        destination = new / path.relative_to(old)
+        if not path.is_file() or destination.exists():
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+
+
+# How a directory is replaced. POSIX renames a directory atomically but cannot rename one onto a non-empty
+# directory, nor swap two (Linux's renameat2(RENAME_EXCHANGE) is not in Python's standard library); a symlink that is
+# swapped instead would turn the user's directory into a link, which copies and Hub uploads treat differently. So
+# the old directory is renamed aside (`_aside`), the complete new one renamed in, and the aside copy deleted. At
+# every instant the target holds the complete old or the complete new directory, except between the two renames,
+# when it is absent and the complete old one sits under the aside name; the next `publish_directory` or
+# `save_adapter` (or `recover_directory`) on that target puts it back or, once the new one is in, deletes it.
+def _aside(target: Path) -> Path:
+    return target.with_name(f".old-{target.name}")
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """Finish a :func:`publish_directory` of ``target`` that a crash interrupted: with ``target`` absent, the old
+    directory left aside becomes ``target`` again; with ``target`` present (the new one was in place), the aside
+    copy is deleted. Does nothing when there is no aside copy."""
+    target = Path(target)
+    aside = _aside(target)
+    if not aside.exists():
+        return
     if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(aside)
+    else:
+        os.replace(aside, target)
     fsync_dir(target.parent)
+
+
+def publish_directory(staging: Path, target: Path) -> None:
+    """Replace ``target`` by the complete directory ``staging`` (a sibling: same filesystem), fsynced first: a
+    reader finds the complete old directory or the complete new one, never a mix (see the comment above for the
+    instant between the two renames and how a crash there is recovered)."""
+    staging, target = Path(staging), Path(target)
+    recover_directory(target)
+    fsync_tree(staging)
+    aside = _aside(target)
+    if target.exists():
+        os.replace(target, aside)
+        fsync_dir(target.parent)
+    os.replace(staging, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def fsync_tree(root: Path) -> None:

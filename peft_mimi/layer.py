@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .pruning import ACTIVITY_SCORES, importance_scores, reconstructed_up
+from .pruning import importance_scores
 
 BASE_ADAPTER_NAME = "__base__"  # in adapter_names: this image goes through the base model, without adapters
 
@@ -140,7 +140,7 @@ class MiMiLayer(BaseTunerLayer):
     """Mixin holding the adapters of one wrapped layer, keyed by adapter name."""
 
     adapter_layer_names = ("mimi_down", "mimi_up")
-    other_param_names = ("mimi_width", "mimi_mask", "mimi_activation", "mimi_score", "mimi_reconstruct")
+    other_param_names = ("mimi_width", "mimi_mask", "mimi_activation", "mimi_score")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -150,15 +150,9 @@ class MiMiLayer(BaseTunerLayer):
         self.mimi_width: dict[str, int] = {}
         self.mimi_activation: dict[str, nn.Module] = {}
         self.mimi_score: dict[str, str] = {}
-        self.mimi_reconstruct: dict[str, bool] = {}
-        # second moment E[a aᵀ] of the hidden activations gathered in training, for reconstruct=True; not saved
-        self._gram: dict[str, torch.Tensor] = {}
         # per-neuron accumulated |gradient| for score="gradient"; not saved
         self._grad_l1: dict[str, torch.Tensor] = {}
         self._grad_hooks: dict[str, list] = {}
-        # per-neuron statistics of the hidden activations gathered in training for the activity scores
-        # ("taylor": accumulated |a·dL/da|, "contribution": accumulated mean |a|); not saved
-        self._activity: dict[str, torch.Tensor] = {}
         # adapters with masked neurons, kept on the Python side so that forward needs no device sync
         self._masked: set[str] = set()
         self._activation_name: dict[str, str] = {}
@@ -180,18 +174,15 @@ class MiMiLayer(BaseTunerLayer):
         return self.out_features
 
     def update_layer(
-        self, adapter_name: str, width: int, *, init_weights: bool, activation: str, bias: bool, score: str,
-        reconstruct: bool = False,
+        self, adapter_name: str, width: int, *, init_weights: bool, activation: str, bias: bool, score: str
     ) -> None:
-        """Create (or replace) adapter ``adapter_name`` with ``width`` neurons (0 = no adapter on this layer).
-        ``reconstruct``: gather the activations' second moment in training so that cuts can refit ``W_up``."""
+        """Create (or replace) adapter ``adapter_name`` with ``width`` neurons (0 = no adapter on this layer)."""
         self._unfuse_for("adding or replacing an adapter")
         if width < 0:
             raise ValueError(f"adapter width must be >= 0, got {width}")
         self.mimi_activation[adapter_name] = _activation(activation)
         self._activation_name[adapter_name] = activation
         self.mimi_score[adapter_name] = score
-        self.mimi_reconstruct[adapter_name] = reconstruct
         self.mimi_width[adapter_name] = width
         for container in (self.mimi_down, self.mimi_up):
             if adapter_name in container:
@@ -235,20 +226,21 @@ class MiMiLayer(BaseTunerLayer):
             return torch.zeros(0, dtype=torch.long)
         return torch.nonzero(self.mimi_mask[adapter_name].cpu(), as_tuple=False).flatten()
 
-    def scores(self, adapter_name: str, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Importance of the live neurons (in the order of :meth:`live_neurons`), float32 on the CPU."""
+    def scores(self, adapter_name: str, generator: torch.Generator | None = None,
+               grad_l1: torch.Tensor | None = None) -> torch.Tensor:
+        """Importance of the live neurons (in the order of :meth:`live_neurons`), float32 on the CPU. The
+        ``"gradient"`` score uses ``grad_l1`` when given (per physical neuron, e.g. summed over processes), else this
+        layer's own accumulated gradients. Reads only."""
         live = self.live_neurons(adapter_name)
         if len(live) == 0:
             return torch.zeros(0)
         down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
-        grad = self._grad_l1.get(adapter_name)
         all_scores = importance_scores(
             self.mimi_score[adapter_name],
             down.weight,
             up.weight,
             down.bias,
-            grad_l1=grad,
-            activity=self._activity.get(adapter_name),
+            grad_l1=self._grad_l1.get(adapter_name) if grad_l1 is None else grad_l1,
             generator=generator,
         )
         return all_scores.cpu()[live]
@@ -336,21 +328,16 @@ class MiMiLayer(BaseTunerLayer):
         for handle in self._grad_hooks.pop(adapter_name, []):
             handle.remove()
         self._grad_l1.pop(adapter_name, None)
-        self._activity.pop(adapter_name, None)
-        self._gram.pop(adapter_name, None)
 
     def reset_gradient_scores(self, adapter_name: str) -> None:
-        """Forget the accumulated gradients and activation statistics (called after each round: scores are per
-        round)."""
+        """Forget the accumulated gradients (called after each round: scores are per round)."""
         self._grad_l1.pop(adapter_name, None)
-        self._activity.pop(adapter_name, None)
-        self._gram.pop(adapter_name, None)
 
-    _STATISTICS = ("_grad_l1", "_activity", "_gram")
+    _STATISTICS = ("_grad_l1",)
 
     def round_statistics(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The data-aware statistics gathered since the last round (gradient, activity and Gram sums), by name:
-        what a checkpoint must keep so that a resumed round prunes as an uninterrupted one would."""
+        """The data-aware statistics gathered since the last round (the ``"gradient"`` score's sums), by name: what a
+        checkpoint must keep so that a resumed round prunes as an uninterrupted one would."""
         return {name: getattr(self, name)[adapter_name] for name in self._STATISTICS
                 if adapter_name in getattr(self, name)}
 
@@ -360,49 +347,6 @@ class MiMiLayer(BaseTunerLayer):
             if name not in self._STATISTICS:
                 raise ValueError(f"unknown round statistic {name!r}; expected one of {self._STATISTICS}")
             getattr(self, name)[adapter_name] = tensor
-
-    def _record_gram(self, adapter_name: str, hidden: torch.Tensor) -> None:
-        """Accumulate ``E[a aᵀ]`` over the rows and tokens of one training batch (``hidden`` before the mask)."""
-        flat = hidden.detach().reshape(-1, hidden.shape[-1]).float()
-        gram = flat.T @ flat / max(1, len(flat))
-        total = self._gram.get(adapter_name)
-        self._gram[adapter_name] = gram if total is None else total + gram
-
-    @torch.no_grad()
-    def reconstruct_cut(self, adapter_name: str, keep_live: torch.Tensor) -> bool:
-        """Before removing the live neurons with ``keep_live`` False, refit the kept neurons' ``W_up`` columns so
-        that the adapter's output changes as little as possible on the activations seen in training since the
-        last round (`peft_mimi.pruning.reconstructed_up`). Returns False (nothing changed) without statistics."""
-        self._check_not_fused("pruning")
-        gram = self._gram.get(adapter_name)
-        if gram is None or self.physical_width(adapter_name) == 0 or bool(keep_live.all()):
-            return False
-        live = self.live_neurons(adapter_name).to(gram.device)
-        up = self.mimi_up[adapter_name].weight
-        kept = live[keep_live.to(live.device)].to(up.device)
-        new = reconstructed_up(up[:, live.to(up.device)], gram[live][:, live], keep_live.to(gram.device))
-        up[:, kept] = new.to(up.dtype)
-        return True
-
-    def _record_activity(self, adapter_name: str, hidden: torch.Tensor) -> None:
-        """Accumulate the statistics of the activity scores from ``hidden`` (``(rows, ..., width)``, before the
-        mask) of one training forward pass: "contribution" the mean ``|a_j|`` now, "taylor" ``Σ_rows
-        |Σ_tokens a_j · ∂L/∂a_j|`` when the backward pass reaches ``hidden``."""
-        def accumulate(per_neuron: torch.Tensor) -> None:
-            total = self._activity.get(adapter_name)
-            self._activity[adapter_name] = per_neuron.float() if total is None else total + per_neuron.float()
-
-        width = hidden.shape[-1]
-        if self.mimi_score[adapter_name] == "contribution":
-            accumulate(hidden.detach().abs().reshape(-1, width).mean(dim=0))
-        elif hidden.requires_grad:
-            value = hidden.detach()
-            hidden.register_hook(lambda grad: accumulate(
-                (grad.detach() * value).reshape(value.shape[0], -1, width).sum(dim=1).abs().sum(dim=0)))
-
-    def activity_scores(self, adapter_name: str) -> torch.Tensor | None:
-        """Per-neuron activation statistics of the activity scores since the last round, or None."""
-        return self._activity.get(adapter_name)
 
     def gradient_scores(self, adapter_name: str) -> torch.Tensor | None:
         """Per-neuron accumulated L1 norm of the weight gradients since the last round, or None."""
@@ -439,14 +383,20 @@ class MiMiLayer(BaseTunerLayer):
         dtype = base.weight.dtype
         downs = [(self.mimi_down[name], live.to(base.weight.device)) for name, live in parts]
         ups = [self.mimi_up[name] for name, _ in parts]
-        has_bias = downs[0][0].bias is not None
+        # adapters with and without biases fuse together: a missing down bias is zeros, a missing up bias adds nothing
+        with_bias = [up.bias is not None for up in ups]
+        down_bias = up_bias = None
+        if any(with_bias):
+            down_bias = torch.cat([down.bias[live] if down.bias is not None else live.new_zeros(len(live), dtype=dtype)
+                                   for down, live in downs]).to(dtype)
+            up_bias = sum(up.bias.to(dtype) for up, has_bias in zip(ups, with_bias) if has_bias)
         return FusedMiMiLinear(
             weight=base.weight,
             bias=base.bias,
             down_weight=torch.cat([down.weight[live] for down, live in downs]).to(dtype),
-            down_bias=torch.cat([down.bias[live] for down, live in downs]).to(dtype) if has_bias else None,
+            down_bias=down_bias,
             up_weight=torch.cat([up.weight[:, live] for up, (_, live) in zip(ups, downs)], dim=1).to(dtype),
-            up_bias=sum(up.bias for up in ups).to(dtype) if has_bias else None,
+            up_bias=up_bias,
             activation=activations.pop(),
         )
 
@@ -506,7 +456,6 @@ class Linear(nn.Module, MiMiLayer):
         activation: str = "gelu",
         bias: bool = False,
         score: str = "mimi",
-        reconstruct: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -514,8 +463,7 @@ class Linear(nn.Module, MiMiLayer):
         self._active_adapter = adapter_name
         self.register_load_state_dict_post_hook(_refresh_masks_after_load)
         self.update_layer(
-            adapter_name, width, init_weights=init_weights, activation=activation, bias=bias, score=score,
-            reconstruct=reconstruct,
+            adapter_name, width, init_weights=init_weights, activation=activation, bias=bias, score=score
         )
 
     def adapter_delta(self, adapter_name: str, y: torch.Tensor) -> torch.Tensor | None:
@@ -524,11 +472,6 @@ class Linear(nn.Module, MiMiLayer):
             return None
         down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
         hidden = self.mimi_activation[adapter_name](down(y.to(down.weight.dtype)))
-        if self.training:
-            if self.mimi_score[adapter_name] in ACTIVITY_SCORES:
-                self._record_activity(adapter_name, hidden)
-            if self.mimi_reconstruct.get(adapter_name):
-                self._record_gram(adapter_name, hidden)
         if adapter_name in self._masked:
             hidden = hidden * self.mimi_mask[adapter_name].to(hidden.dtype)
         return up(hidden)

@@ -22,10 +22,9 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig, default_target_modules
-from .files import check_adapter_fits_model
+from .files import check_adapter_fits_model, check_adapter_weights
 from .layer import BASE_ADAPTER_NAME, MERGE_ERROR, Linear, MiMiLayer
 from .pruning import (
-    ACTIVITY_SCORES,
     budget_for_compression,
     initial_width,
     num_rounds,
@@ -57,8 +56,11 @@ class MiMiModel(BaseTuner):
     # ------------------------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
-        weights = getattr(config, "_adapter_weights", None)  # set by MiMiConfig.from_pretrained
-        if weights is not None:  # a saved adapter: its widths must fit this model before anything is built
+        directory = getattr(config, "_source_directory", None)  # set by MiMiConfig.from_pretrained
+        # a saved adapter (PeftModel.from_pretrained, load_adapter): its weights file is checked, and its widths
+        # against this model, before PEFT allocates anything at the recorded widths or reads a tensor
+        weights = check_adapter_weights(directory) if directory is not None else None
+        if weights is not None:
             check_adapter_fits_model(model, config, weights)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -99,7 +101,6 @@ class MiMiModel(BaseTuner):
             activation=mimi_config.activation,
             bias=mimi_config.adapter_bias,
             score=mimi_config.score,
-            reconstruct=mimi_config.reconstruct,
         )
         if isinstance(target, MiMiLayer):
             target.update_layer(adapter_name, width, **layer_kwargs)
@@ -274,7 +275,7 @@ class MiMiModel(BaseTuner):
         if config.target_params is not None:
             return config.target_params
         dims = list(self.feature_sizes(adapter_name).values())
-        return budget_for_compression(dims, config.target_compression, config.adapter_bias)
+        return budget_for_compression(dims, config.effective_target_compression, config.adapter_bias)
 
     def planned_rounds(self, adapter_name: str | None = None) -> int:
         """All rounds of the schedule, done or not: from the starting size ``floor(d/σ0)`` to the budget."""
@@ -307,30 +308,23 @@ class MiMiModel(BaseTuner):
         return [layer.feature_size for layer in layers], [width(layer, adapter_name) for layer in layers]
 
     def neuron_scores(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """``{module name: importance of each live neuron}`` with the configured score (float32, CPU)."""
-        adapter_name = self._adapter(adapter_name)
+        """``{module name: importance of each live neuron}`` with the configured score (float32, CPU), from this
+        process's own weights and gradients: no collective call and nothing mutated, so any process of a distributed
+        run may call it alone. :meth:`prune_round` ranks with the gradients of every process summed instead."""
+        return self._neuron_scores(self._adapter(adapter_name), across_processes=False)
+
+    def _neuron_scores(self, adapter_name: str, *, across_processes: bool) -> dict[str, torch.Tensor]:
+        """What :meth:`neuron_scores` returns; with ``across_processes`` and ``score="gradient"``, the accumulated
+        gradients are first summed over the processes of a distributed run (a collective: every process must call
+        it), so that the ranking sees every process's batches."""
         config = self.peft_config[adapter_name]
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + config.rounds_done)
-        scores = {}
-        for name, layer in self._layers(adapter_name):
-            if config.score in ("gradient", *ACTIVITY_SCORES):
-                self._sum_gradient_scores_across_processes(layer, adapter_name)
-            scores[name] = layer.scores(adapter_name, generator=generator)
-        return scores
-
-    @staticmethod
-    def _sum_gradient_scores_across_processes(layer: MiMiLayer, adapter_name: str) -> None:
-        grad = layer.gradient_scores(adapter_name)
-        if grad is None:
-            grad = layer.activity_scores(adapter_name)
-        if grad is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(grad)
-
-    @staticmethod
-    def _sum_gram_across_processes(layer: MiMiLayer, adapter_name: str) -> None:
-        gram = layer._gram.get(adapter_name)
-        if gram is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(gram)
+        layers = list(self._layers(adapter_name))
+        gradients = [layer.gradient_scores(adapter_name) for _, layer in layers]
+        if across_processes and config.score == "gradient":
+            gradients = _summed_over_processes(gradients)
+        return {name: layer.scores(adapter_name, generator=generator, grad_l1=grad)
+                for (name, layer), grad in zip(layers, gradients)}
 
     # -------------------------------------------------------------------------------------- pruning
     @torch.no_grad()
@@ -341,8 +335,8 @@ class MiMiModel(BaseTuner):
 
         ``compact=True`` shrinks the tensors (rebuild the optimizer afterwards); ``compact=False`` only masks
         the neurons, keeping shapes so that a running optimizer (HF Trainer) is unaffected; call
-        :meth:`compact` at the end. Every process of a distributed run applies rank 0's decision.
-        Returns the new live widths.
+        :meth:`compact` at the end. In a distributed run every process must call it: the ``"gradient"`` score sums
+        every process's gradients, and every process applies rank 0's decision. Returns the new live widths.
         """
         adapter_name = self._adapter(adapter_name)
         config = self.peft_config[adapter_name]
@@ -352,7 +346,7 @@ class MiMiModel(BaseTuner):
                           "removes nothing.", stacklevel=2)
             return self.adapter_widths(adapter_name)
         layers = list(self._layers(adapter_name))
-        scores = self.neuron_scores(adapter_name)
+        scores = self._neuron_scores(adapter_name, across_processes=True)
         keep = select_neurons(
             [scores[name] for name, _ in layers],
             [layer.feature_size for _, layer in layers],
@@ -364,9 +358,6 @@ class MiMiModel(BaseTuner):
         )
         keep = _same_on_every_process(keep)
         for (_, layer), keep_live in zip(layers, keep):
-            if config.reconstruct:
-                self._sum_gram_across_processes(layer, adapter_name)
-                layer.reconstruct_cut(adapter_name, keep_live)
             if compact:
                 layer.keep_neurons(adapter_name, keep_live)
             else:
@@ -499,6 +490,25 @@ def _fit_heads_to_checkpoint(model: nn.Module, adapter_name: str, state_dict: di
                              device=head.weight.device, dtype=head.weight.dtype)
         new_head.requires_grad_(head.weight.requires_grad)
         wrapper.modules_to_save[adapter_name] = new_head
+
+
+def _summed_over_processes(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """New tensors: each of ``tensors`` summed over the processes of a distributed run, in one collective (every
+    process must call it, with the same shapes and the same Nones). The arguments are not modified; outside a
+    distributed run they are returned as they are."""
+    present = [t for t in tensors if t is not None]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or not present:
+        return tensors
+    flat = torch.cat([t.detach().float().flatten() for t in present])  # a new tensor: the reduction happens here
+    torch.distributed.all_reduce(flat)
+    summed, start = [], 0
+    for t in tensors:
+        if t is None:
+            summed.append(None)
+            continue
+        summed.append(flat[start : start + t.numel()].view_as(t))
+        start += t.numel()
+    return summed
 
 
 def _same_on_every_process(keep: list[torch.Tensor]) -> list[torch.Tensor]:

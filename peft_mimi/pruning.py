@@ -1,6 +1,6 @@
 """The pruning arithmetic of MiMi: widths, budgets, round counts, importance scores and neuron selection.
 
-Pure functions on numbers and tensors (METHOD.md sections 2-4). Nothing here knows about modules: the layer
+Pure functions on numbers and tensors (docs/method.md, sections 2-4). Nothing here knows about modules: the layer
 applies a selection, the tuner walks the model, the callback and the trainer decide *when*.
 
 Conventions: an adapter on a layer of feature size ``d`` with ``width`` neurons owns ``W_down`` (width x d) and
@@ -21,9 +21,8 @@ import torch
 # (benchmarks/results/dinov2-s14-long-last-one-schedule*/).
 EPOCHS_PER_SEGMENT = 2
 
-SCORES = ("mimi", "l1", "down_l1", "gradient", "random", "relative", "taylor", "contribution")
-# scores computed from statistics of the adapter's hidden activations gathered while training (no extra pass)
-ACTIVITY_SCORES = ("taylor", "contribution")
+# the paper's score (eq. 3) and the scores of its ablations
+SCORES = ("mimi", "l1", "down_l1", "gradient", "random")
 SELECTIONS = ("global", "local")
 
 
@@ -80,7 +79,6 @@ def importance_scores(
     down_bias: torch.Tensor | None = None,
     *,
     grad_l1: torch.Tensor | None = None,
-    activity: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Importance of each neuron of one adapter, shape ``(width,)``, float32; higher = more important.
@@ -91,14 +89,6 @@ def importance_scores(
     - ``"gradient"``: ``grad_l1[j] / (2d)`` where ``grad_l1`` is the accumulated L1 norm of the neuron's
       weight gradients (ablation)
     - ``"random"``: uniform noise from ``generator`` (ablation)
-    - ``"relative"``: eq. 3 divided by its expected value at initialisation, ``1/(4√d)`` (``W_down`` uniform
-      ``±1/√d``, ``W_up = 0``): ``4√d · mimi``. Neurons of wide and narrow layers start level, so global
-      selection does not strip the wide layers merely because their weights are smaller.
-    - ``"taylor"``: ``activity[j] / (2d)``, where ``activity`` is the accumulated first-order Taylor estimate of
-      the loss change when neuron ``j`` is removed, ``Σ_rows |Σ_tokens a_j · ∂L/∂a_j|`` (Molchanov et al. 2017):
-      loss per parameter the neuron owns
-    - ``"contribution"``: ``activity[j] · |W_up[:,j]|_1 / (2d)``, where ``activity`` is the accumulated mean
-      ``|a_j|``: the size of what the neuron adds to the layer's output, per parameter it owns
 
     ``down_weight`` is ``(width, d)``, ``up_weight`` is ``(d, width)``.
     """
@@ -123,43 +113,9 @@ def importance_scores(
                 "score='gradient' needs accumulated gradients: run at least one backward pass between rounds"
             )
         return grad_l1.detach().float().to(down.device) / (2 * d)
-    if kind == "relative":
-        return importance_scores("mimi", down_weight, up_weight, down_bias) * 4 * math.sqrt(d)
-    if kind in ACTIVITY_SCORES:
-        if activity is None:
-            raise ValueError(
-                f"score={kind!r} needs activation statistics: run at least one training step (model.train(), "
-                "forward and backward) between rounds"
-            )
-        activity = activity.detach().float().to(down.device)
-        return activity / (2 * d) if kind == "taylor" else activity * up.sum(dim=0) / (2 * d)
     if kind == "random":
         return torch.rand(width, generator=generator).to(down.device)
     raise ValueError(f"unknown score {kind!r}; choose one of {SCORES}")
-
-
-def reconstructed_up(up_weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor,
-                     ridge: float = 1e-3) -> torch.Tensor:
-    """``W_up`` for the kept neurons that best reproduces the whole adapter's output: the least-squares solution of
-    ``min_W E||W_up · a - W · a_K||²`` over the activations ``a`` whose second moment is ``gram = E[a aᵀ]``, i.e.
-    ``W_up · G[:, K] · (G[K, K] + λI)⁻¹`` with ``λ = ridge · mean(diag G)``. The removed neurons' effect is folded
-    into the kept ones as far as the kept activations can express it (a cut then costs less accuracy).
-
-    ``up_weight`` is ``(d, width)``, ``gram`` ``(width, width)``, ``keep`` a bool mask of ``width``; returns
-    ``(d, keep.sum())`` in ``up_weight``'s dtype. With every neuron kept it returns ``W_up`` unchanged.
-    """
-    width = up_weight.shape[1]
-    if gram.shape != (width, width) or keep.shape != (width,):
-        raise ValueError(f"gram must be {(width, width)} and keep {(width,)} for W_up {tuple(up_weight.shape)}, got "
-                         f"{tuple(gram.shape)} and {tuple(keep.shape)}")
-    keep = keep.to(gram.device)
-    if bool(keep.all()) or not bool(keep.any()):
-        return up_weight[:, keep.to(up_weight.device)].clone()
-    g = gram.double()
-    kk = g[keep][:, keep]
-    lam = ridge * float(torch.diagonal(g).mean().clamp_min(1e-12))
-    solved = torch.linalg.solve(kk + lam * torch.eye(len(kk), dtype=g.dtype, device=g.device), g[keep])  # (k, width)
-    return (up_weight.double() @ solved.T.to(up_weight.device)).to(up_weight.dtype)
 
 
 def removal_order(scores: Sequence[torch.Tensor], selection: str) -> list[tuple[int, int]]:

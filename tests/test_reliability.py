@@ -20,9 +20,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_mimi"
 
 def test_a_config_without_arguments_works_like_every_peft_config():
     config = MiMiConfig()
-    assert (config.target_compression, config.target_params) == (32.0, None)
-    assert MiMiConfig(target_params=1000).target_compression is None  # the default never adds a second budget
-    assert MiMiConfig.from_peft_type(**config.to_dict()).target_compression == 32.0
+    assert (config.target_compression, config.target_params, config.effective_target_compression) == (None, None, 32.0)
+    assert MiMiConfig(target_params=1000).effective_target_compression is None  # one budget only
+    assert MiMiConfig.from_peft_type(**config.to_dict()).effective_target_compression == 32.0
 
 
 @pytest.mark.parametrize(
@@ -186,6 +186,67 @@ def test_save_adapter_that_fails_midway_leaves_the_previous_files_whole(tmp_path
     assert (target / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
 
 
+class Crash(BaseException):
+    """The process dies here: nothing after this point runs (not even `except Exception` handlers)."""
+
+
+def _adapter_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("crash_at", ["old aside", "new in", "aside deleted"])
+def test_a_save_that_crashes_at_any_step_leaves_a_complete_adapter_and_the_next_call_recovers(
+    tmp_path, monkeypatch, crash_at
+):
+    from peft_mimi import save_adapter
+    from peft_mimi.files import recover_directory
+
+    target = tmp_path / "adapter"
+    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, init_weights=False))
+    save_adapter(model, target)
+    (target / "notes.txt").write_text("the user's own file")
+    old = _adapter_files(target)
+    model.base_model.prune_round()  # a newer adapter: other widths in the config, other tensors in the weights
+
+    steps = []
+    real_replace, real_rmtree = os.replace, __import__("shutil").rmtree
+
+    def replace(src, dst):
+        steps.append("old aside" if Path(src) == target else "new in" if Path(dst) == target else "other")
+        if steps[-1] == crash_at:
+            raise Crash
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name == f".old-{target.name}" and crash_at == "aside deleted":
+            raise Crash
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr("shutil.rmtree", rmtree)
+    with pytest.raises(Crash):
+        save_adapter(model, target)
+    monkeypatch.undo()
+
+    # at the crash, the target holds the complete old adapter or the complete new one; between the two renames it is
+    # absent and the complete old one waits under the aside name
+    found = target if target.exists() else target.with_name(f".old-{target.name}")
+    assert found == target or crash_at == "new in"
+    loaded = PeftModel.from_pretrained(make_model("vit"), found).base_model.adapter_widths()
+    assert loaded == (model.base_model.adapter_widths() if crash_at == "aside deleted"
+                      else json.loads(old["adapter_config.json"])["adapter_widths"])
+    assert _adapter_files(found) == old or crash_at == "aside deleted"
+
+    recover_directory(target)  # what the next save_adapter / publish_directory does first
+    assert not target.with_name(f".old-{target.name}").exists()
+    assert (_adapter_files(target) == old) == (crash_at != "aside deleted")
+    save_adapter(model, target)
+    assert PeftModel.from_pretrained(make_model("vit"), target).base_model.adapter_widths() == \
+        model.base_model.adapter_widths()
+    assert (target / "notes.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "no staging or aside copy is left behind"
+
+
 def test_loading_without_importing_peft_mimi_fails_in_peft_and_the_card_says_what_to_import(tmp_path):
     import subprocess
     import sys
@@ -333,6 +394,39 @@ def test_a_config_claiming_a_huge_width_is_refused_before_anything_is_allocated(
 
 
 # ------------------------------------------------------------------- the weights are checked against the model
+def test_the_package_has_no_import_cycle_and_the_config_reads_no_weights(tmp_path):
+    import ast
+
+    imports: dict[str, set[str]] = {}  # module -> the package's modules it imports, at the top or in a function
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        imports[module] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0]
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                imports[module].update(f"{base}.{name}" for name in names)
+    cycles = []
+    for start in imports:  # depth-first from each module: does it reach itself?
+        stack, seen = list(imports[start]), set()
+        while stack:
+            module = stack.pop()
+            if module == start:
+                cycles.append(start)
+                break
+            if module not in seen:
+                seen.add(module)
+                stack.extend(imports.get(module, ()))
+    assert not cycles, f"modules that import themselves through others: {sorted(cycles)}"
+
+    weights = _saved_adapter(tmp_path)
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged
+    assert MiMiConfig.from_pretrained(str(tmp_path)).adapter_widths, "reading a config reads only the config"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))} .* is damaged"):  # loading the adapter checks
+        PeftModel.from_pretrained(make_model("vit"), tmp_path)
+
+
 def _config_and_weights(directory: Path):
     from peft_mimi.files import check_adapter_weights
 
@@ -374,13 +468,6 @@ def test_the_weights_are_checked_against_the_model_before_injection(tmp_path):
     ],
 )
 def test_module_name_fields_of_the_wrong_type_are_refused_by_name(field, value, message):
-    from types import SimpleNamespace
-
-    from peft_mimi.files import check_module_names
-
-    fields = {"target_modules": None, "exclude_modules": None, "modules_to_save": None}
-    check_module_names(SimpleNamespace(**fields))
-    check_module_names(SimpleNamespace(target_modules=["mlp.fc2"], exclude_modules=r".*\.0\..*",
-                                       modules_to_save=["classifier"]))
+    MiMiConfig(target_modules=["mlp.fc2"], exclude_modules=r".*\.0\..*", modules_to_save=["classifier"])
     with pytest.raises(ValueError, match=message):
-        check_module_names(SimpleNamespace(**{**fields, field: value}))
+        MiMiConfig(**{field: value})

@@ -152,10 +152,10 @@ def test_global_selection_reallocates_between_layers_and_local_does_not():
 
 
 def test_every_score_variant_prunes_to_the_budget():
-    for score in ("mimi", "l1", "down_l1", "random", "gradient", "relative", "taylor", "contribution"):
+    for score in ("mimi", "l1", "down_l1", "random", "gradient"):
         model = get_peft_model(make_model("swin"), mimi(score=score, init_weights=False))
         tuner = model.base_model
-        model.train()  # the activity scores gather their statistics in training forward passes
+        model.train()
         while tuner.num_rounds():
             model(pixel_values=make_images(), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
             tuner.prune_round()
@@ -259,6 +259,108 @@ def test_config_json_round_trip(tmp_path):
     loaded = MiMiConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.peft_type == PeftType.MIMI
+
+
+def test_the_config_holds_the_method_the_peft_fields_and_the_recorded_state_only():
+    from dataclasses import fields
+
+    from peft.config import PeftConfig
+
+    own = {f.name for f in fields(MiMiConfig)} - {f.name for f in fields(PeftConfig)}
+    assert own == {
+        "init_compression", "target_compression", "target_params", "prune_ratio", "selection", "score",  # method
+        "budget_tolerance", "init_weights", "activation", "adapter_bias",
+        "target_modules", "exclude_modules", "modules_to_save",  # PEFT's module fields
+        "adapter_widths", "rounds_done", "seed",  # recorded state
+    }
+    documented = re.findall(r"^        (\w+) \(`", MiMiConfig.__doc__, flags=re.MULTILINE)  # the Args: block
+    assert documented == [f.name for f in fields(MiMiConfig) if f.name in own]
+    assert peft_mimi.pruning.SCORES == ("mimi", "l1", "down_l1", "gradient", "random")  # the paper's and ablations
+
+
+def test_an_old_config_loads_when_a_removed_setting_was_off_and_is_refused_when_it_was_on(tmp_path):
+    model = get_peft_model(make_model("vit"), mimi(init_weights=False))
+    prune_to_budget(model)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+
+    path.write_text(json.dumps({**saved, "reconstruct": False}))  # written by every save before the removal
+    loaded = PeftModel.from_pretrained(make_model("vit"), tmp_path)
+    assert not hasattr(loaded.peft_config["default"], "reconstruct")
+    assert loaded.base_model.adapter_widths() == model.base_model.adapter_widths()
+
+    for removed, fix in (({"reconstruct": True}, 'delete the "reconstruct" key from adapter_config.json'),
+                         ({"score": "taylor"}, 'set "score" to "mimi" in adapter_config.json')):
+        path.write_text(json.dumps({**saved, **removed}))
+        with pytest.raises(ValueError, match=f"peft_mimi no longer has.*{re.escape(fix)}"):
+            PeftModel.from_pretrained(make_model("vit"), tmp_path)
+    with pytest.raises(TypeError, match="reconstruct"):  # only old files get the leniency, not new code
+        MiMiConfig(reconstruct=False)
+
+
+def test_the_default_budget_is_not_written_into_the_config_so_another_budget_can_be_set_later(tmp_path):
+    import dataclasses
+
+    config = MiMiConfig()
+    assert (config.target_compression, config.effective_target_compression) == (None, 32.0)
+    config.target_params = 1000  # set after construction, as a script or the Trainer might
+    assert config.effective_target_compression is None
+    config.save_pretrained(tmp_path)
+    assert MiMiConfig.from_pretrained(tmp_path).target_params == 1000
+
+    replaced = dataclasses.replace(MiMiConfig(), target_params=1000)
+    assert (replaced.target_compression, replaced.target_params) == (None, 1000)
+    model = get_peft_model(make_model("vit"), dataclasses.replace(mimi(target_compression=None), target_params=1000))
+    assert model.base_model.budget() == 1000
+    prune_to_budget(model)
+    assert 0 < model.base_model.live_params() <= 1000
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(make_model("vit"), tmp_path / "adapter").peft_config["default"]
+    assert (reloaded.target_compression, reloaded.target_params) == (None, 1000)
+
+    default = get_peft_model(make_model("vit"), mimi(target_compression=None)).base_model
+    uniform_32 = get_peft_model(make_model("vit"), mimi(target_compression=32.0)).base_model
+    assert default.budget() == uniform_32.budget()  # the default σt = 32 applies without being written
+
+
+def test_neuron_scores_are_local_and_change_nothing_while_pruning_sums_the_gradients_of_every_process(monkeypatch):
+    model = get_peft_model(make_model("vit"), mimi(score="gradient", init_weights=False))
+    tuner = model.base_model
+    model.train()
+    model(pixel_values=make_images(), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+    layers = dict(tuner._layers("default"))
+    accumulated = {name: layer.gradient_scores("default").clone() for name, layer in layers.items()}
+
+    # a two-process run, seen from one process: all_reduce sums (here: doubles) what every process holds
+    calls = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        tensor.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: None)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+
+    scores = tuner.neuron_scores()  # one process alone may call it: no collective, nothing mutated
+    assert calls == []
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.gradient_scores("default"), accumulated[name])
+        torch.testing.assert_close(scores[name], accumulated[name] / (2 * layer.feature_size))
+
+    ranked = []
+
+    def keep_all(scores, *args, **kwargs):
+        ranked.extend(scores)
+        return [torch.ones(len(s), dtype=torch.bool) for s in scores]
+
+    monkeypatch.setattr(peft_mimi.model, "select_neurons", keep_all)
+    tuner.prune_round()  # every process prunes together: one all_reduce of all the layers' gradients
+    assert calls == [sum(t.numel() for t in accumulated.values())]
+    for got, (name, layer) in zip(ranked, layers.items(), strict=True):
+        torch.testing.assert_close(got, 2 * accumulated[name] / (2 * layer.feature_size))
 
 
 def test_several_adapters_load_switch_and_delete(tmp_path):
