@@ -129,14 +129,16 @@ def parse_peft_mimi(argv: list[str]) -> None:
     """Fail unless the ``peft-mimi`` parser accepts ``argv`` (``train``: the dataclass parser, every flag known)."""
     from peft_mimi.cli import build_parser, train_parser
 
-    with contextlib.redirect_stderr(io.StringIO()) as err:
+    asks_help = bool({"-h", "--help"} & set(argv))
+    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()) as out:
         try:
             if argv[:1] == ["train"]:
                 train_parser().parse_args_into_dataclasses(args=argv[1:])
             else:
                 build_parser().parse_args(argv)
-        except SystemExit:
-            raise AssertionError(f"peft-mimi {shlex.join(argv)}: {err.getvalue().strip()}") from None
+        except SystemExit as exit_:
+            if not (asks_help and exit_.code == 0 and "usage:" in out.getvalue()):
+                raise AssertionError(f"peft-mimi {shlex.join(argv)}: {err.getvalue().strip()}") from None
 
 
 def run_peft_mimi(argv: list[str]) -> None:
@@ -163,7 +165,7 @@ def check_command(tokens: list[str], run: bool) -> None:
     if program == "peft-mimi" or tokens[:3] == ["python", "-m", "peft_mimi.cli"]:
         argv = args if program == "peft-mimi" else tokens[3:]
         parse_peft_mimi(argv)
-        if run:
+        if run and not {"-h", "--help"} & set(argv):
             run_peft_mimi(argv)
     elif program == "accelerate":
         from accelerate.commands.launch import launch_command_parser
