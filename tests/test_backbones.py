@@ -229,3 +229,33 @@ def test_unknown_backbone_lists_the_builtins(tmp_path):
         load_backbone(str(tmp_path))
     with pytest.raises(ValueError, match="id2label has 2 labels"):
         load_backbone("fmnist-vit", num_labels=3, id2label={0: "a", 1: "b"})
+
+
+def test_a_replaced_head_is_reported_in_one_line_and_other_load_problems_still_in_full(tmp_path, capfd, caplog):
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def shown() -> str:  # transformers' handler writes to stderr, or to pytest's log capture where it propagates
+        text = capfd.readouterr().err + caplog.text
+        caplog.clear()
+        return text
+
+    with caplog.at_level(logging.WARNING):
+        load_backbone("fmnist-vit", num_labels=4)
+        assert [r.getMessage() for r in caplog.records if r.name == "peft_mimi.backbones"] == [
+            "fmnist-vit: a new classification head for 4 classes replaces the checkpoint's 10-class head."]
+        printed = shown()
+        assert "MISMATCH" not in printed and "size mismatch" not in printed and "incompatible" not in printed
+
+        # a checkpoint that also lacks a weight of the body: transformers' report stays whole
+        damaged = tmp_path / "damaged"
+        shutil.copytree(WEIGHTS_DIR / "fmnist-vit", damaged)
+        weights = load_file(damaged / "model.safetensors")
+        missing = next(key for key in weights if "layernorm" in key)
+        save_file({k: v for k, v in weights.items() if k != missing}, damaged / "model.safetensors",
+                  metadata={"format": "pt"})
+        load_backbone(str(damaged), num_labels=4)
+        printed = shown()
+        assert "MISSING" in printed and "MISMATCH" in printed and "classifier.weight" in printed

@@ -12,9 +12,11 @@ with ``save_pretrained``, or a Hugging Face Hub id, and returns ``(model, image_
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ __all__ = ["BUILTIN_BACKBONES", "WEIGHTS_DIR", "BuiltinBackbone", "list_backbone
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HEAD_NAMES = ("classifier", "head", "fc")  # what image classifiers of transformers call their classification head
+_HEAD_PREFIXES = tuple(f"{name}." for name in _HEAD_NAMES)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,19 +160,54 @@ def load_backbone(
         label2id = label2id or {label: i for i, label in id2label.items()}
         if sorted(label2id.values()) != sorted(id2label):
             raise ValueError(f"label2id must map the labels onto the ids of id2label {id2label}, got {label2id}.")
-        kwargs.update(num_labels=len(id2label), id2label=id2label, label2id=label2id)
+        # id2label alone sets the number of labels (with num_labels too, transformers warns that it disagrees with the
+        # checkpoint's labels, which are being replaced on purpose)
+        kwargs.update(id2label=id2label, label2id=label2id)
     elif label2id is not None:
         raise ValueError("label2id needs id2label (or a num_labels that changes the head).")
     if resized:
         kwargs["ignore_mismatched_sizes"] = True
-    model = _from_pretrained(AutoModelForImageClassification, source, name_or_path, **kwargs)
+        with _head_report_silenced():
+            model = _from_pretrained(AutoModelForImageClassification, source, name_or_path, **kwargs)
+        logger.warning("%s: a new classification head for %d classes %s.", name_or_path, len(id2label),
+                       f"replaces the checkpoint's {config.num_labels}-class head" if has_head else
+                       "is added (the checkpoint has none)")
+    else:
+        model = _from_pretrained(AutoModelForImageClassification, source, name_or_path, **kwargs)
     if fresh_head:
         _init_task_head(_classification_head(model))
     return model, _from_pretrained(AutoImageProcessor, source, name_or_path)
 
 
+class _HeadReportFilter(logging.Filter):
+    """Drops transformers' report of weights not loaded from the checkpoint (5.x: the "LOAD REPORT" table; 4.x: "Some
+    weights ... newly initialized") when every weight it names belongs to the classification head."""
+
+    _WEIGHT = re.compile(r"[\w.]+\.(?:weight|bias)\b")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message and "newly initialized" not in message:
+            return True
+        names = self._WEIGHT.findall(message)
+        return not names or not all(name.startswith(_HEAD_PREFIXES) for name in names)
+
+
+@contextmanager
+def _head_report_silenced() -> Iterator[None]:
+    """While loading a checkpoint whose head is replaced on purpose: transformers' report of that head's weights is
+    not shown (:func:`load_backbone` says it in one line instead); any other report, and every other message, is."""
+    emitter = logging.getLogger("transformers.modeling_utils")
+    report_filter = _HeadReportFilter()
+    emitter.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        emitter.removeFilter(report_filter)
+
+
 def _classification_head(model: PreTrainedModel) -> torch.nn.Module:
-    for name in ("classifier", "head", "fc"):
+    for name in _HEAD_NAMES:
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Module):
             return head
