@@ -1,0 +1,412 @@
+"""The structured suite: VTAB-1k's structured group, generated offline (`structured_tasks.py`), plus one real task
+(elpv), where parameter-efficient methods differ by 10-20 points instead of one.
+
+Protocol (as VTAB-1k): 1,000 training images per task, a test set of >= 2,000 images from another seed (elpv: a
+fixed stratified split); the learning rate of each method family chosen per task on an 800 / 200 split of the
+training images (seed 0, ``--what lr``), then every method trained on all 1,000 with that rate and tested
+(``--what grid``). Every trained row runs through `peft_mimi.train.train` (``common.run``), as a user's run does.
+Epochs: the rows at a budget σt train MiMi's default total, ``2·(R+1)`` epochs for its R pruning rounds (10 at
+σt = 64, 14 at σt = 256 on DINOv2-S), so that MiMi, vanilla adapters, Adapter+ and LoRA at one budget see the same
+epochs; the budget-free rows (σ = 4 adapters, full fine-tuning) train ``--fixed-epochs``.
+
+    python benchmarks/bench_structured.py --what lr --resume             # learning rates, seed 0, validation split
+    python benchmarks/bench_structured.py --what grid --resume           # the table, 3 seeds (long: see REPORT)
+    python benchmarks/bench_structured.py --what publish                 # tables and plot from what is recorded
+
+Results: ``<out>/accuracy.json`` (``runs``: one record per trained or fitted run) with ``accuracy.md`` and
+``accuracy.png``; ``<out>/lr_selection.json`` / ``.md`` (the validation runs). Each record says on which device it ran.
+An interrupted grid continues with ``--resume``: a run counts as done when a record with the same task, method,
+budget, seed, image size, epochs and learning rate exists (in ``<out>`` or in ``--merge`` files from other
+machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import structured_tasks  # noqa: E402
+from common import Method  # noqa: E402
+
+OUT = common.RESULTS_DIR / "structured"
+BACKBONE = "dinov2-s14"
+# the learning-rate grid of each method family (chosen per task on the validation split, seed 0); the first value
+# listed in DEFAULT_LR is used where no selection is recorded
+LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "lora": [1e-3, 3e-3, 1e-2],
+           "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
+DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
+METHOD_ORDER = ("probe", "adapter4", "mimi", "adapter", "lora", "adalora", "full")
+LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi", "adapter": "vanilla adapters",
+          "lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the table: ``method`` (a key of LABELS) at budget ``sigma_t`` (None: budget-free; 4 for the
+    large adapters)."""
+
+    method: str
+    sigma_t: float | None
+
+    @property
+    def family(self) -> str:
+        return "adapter" if self.method == "adapter4" else self.method
+
+    @property
+    def record_method(self) -> str:  # the `method` field of accuracy.json's records
+        return "adapter" if self.method == "adapter4" else self.method
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.method] + (f" σt={self.sigma_t:g}" if self.sigma_t and self.method != "adapter4" else "")
+
+
+def rows_of(args) -> list[Row]:
+    rows = []
+    for name in args.methods:
+        if name in ("probe", "full"):
+            rows.append(Row(name, None))
+        elif name == "adapter4":
+            rows.append(Row(name, 4.0))
+        elif name == "adalora":
+            rows += [Row(name, b) for b in args.adalora_budgets]
+        else:
+            rows += [Row(name, b) for b in args.budgets]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ planning a run
+class Planner:
+    """Turns a table row into the `common.Method` that trains it and its epochs, on ``args.backbone``."""
+
+    def __init__(self, args):
+        self.args = args
+        self._rounds: dict[float, int] = {}
+        self._model = None
+
+    def model(self):
+        if self._model is None:
+            self._model, _ = common.load_model(self.args.backbone, 2)
+        return self._model
+
+    def rounds(self, sigma_t: float) -> int:
+        if sigma_t not in self._rounds:
+            mimi = Method("mimi", "MiMi", target_compression=sigma_t)
+            self._rounds[sigma_t] = common.build(mimi, self.model(), 0).base_model.num_rounds()
+            self._model = None  # build wrapped it: load a fresh one next time
+        return self._rounds[sigma_t]
+
+    def epochs(self, row: Row) -> int:
+        if row.method == "probe":
+            return 0
+        if row.sigma_t is None or row.method == "adapter4":
+            return self.args.fixed_epochs
+        return 2 * (self.rounds(row.sigma_t) + 1)  # MiMi's default total at this budget
+
+    def method(self, row: Row) -> Method:
+        if row.method == "probe":
+            return Method("probe", row.label)
+        if row.method == "full":
+            return Method("full", row.label)
+        if row.method == "adapter4":
+            return Method("adapter", row.label, init_compression=4.0, target_compression=4.0)
+        if row.method == "adapter":
+            return Method("adapter", row.label, init_compression=row.sigma_t, target_compression=row.sigma_t)
+        if row.method == "mimi":  # the product's default: σ0 = 4, one epoch per cut, the rest at the final widths
+            return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
+                          recipe_options={"epochs_per_round": 1, "final_epochs": None, "restart_lr": False})
+        budget = common.adapter_budget(self.model(), row.sigma_t)
+        rank = common.lora_rank_for_budget(self.model(), budget)
+        return Method(row.method, row.label, lora_rank=rank)
+
+
+def run_key(record: dict) -> tuple:
+    return (record["task"], record["method"], record["sigma_t"], record["seed"], record["image_size"],
+            record["epochs"], record["lr"], record.get("split", "test"))
+
+
+def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float | None, validation: bool) -> dict:
+    """Train (or fit) ``row`` on ``task`` and return its record."""
+    method = planner.method(row)
+    epochs = planner.epochs(row)
+    data_task = f"{task}:val" if validation else task
+    started = time.time()
+    result = common.run(method, args.backbone, data_task, seed=seed, epochs_per_round=1,
+                        total_epochs=epochs or None, lr=lr or DEFAULT_LR["adapter"], batch_size=args.batch_size,
+                        image_size=args.image_size, max_train=args.max_train, max_test=args.max_test,
+                        mixed_precision=args.mixed_precision, num_workers=args.num_workers)
+    record = {
+        "task": task, "method": row.record_method, "label": row.label, "sigma_t": row.sigma_t,
+        "params": result.method_params, "head_params": result.head_params, "epochs": epochs, "seed": seed,
+        "accuracy": round(100 * result.accuracy, 2), "image_size": args.image_size, "device": common.device_name(),
+        "lr": lr, "split": "validation" if validation else "test", "backbone": args.backbone,
+        "mixed_precision": args.mixed_precision, "wall_s": round(time.time() - started, 1),
+        "train_s": round(result.wall_s, 1), "rounds": result.segments, "widths": result.widths,
+        "n_train": len(common.task_dataset(data_task)["train"]) if args.max_train is None else args.max_train,
+        "n_test": len(common.task_dataset(data_task)["test"]) if args.max_test is None else args.max_test,
+    }
+    if method.kind in ("lora", "adalora"):
+        record["lora_rank"] = method.lora_rank
+    if row.method == "probe":
+        record["lr"] = None
+    return record
+
+
+# ------------------------------------------------------------------------------------------ results files
+def load_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["runs"] if path.is_file() else []
+
+
+def merged(records: list[dict]) -> list[dict]:
+    """One record per run (the first seen)."""
+    first: dict[tuple, dict] = {}
+    for record in records:
+        first.setdefault(run_key(record), record)
+    return list(first.values())
+
+
+def chosen_lrs(selection: list[dict]) -> dict[tuple[str, str], dict]:
+    """``{(task, family): {"lr": best, "validation": {lr: accuracy}}}`` from the validation runs (seed 0): the rate
+    with the best validation accuracy, summed over the family's rows (ties: the smaller rate)."""
+    scores: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in selection:
+        family = "adapter" if r["method"] == "adapter" else r["method"]
+        scores.setdefault((r["task"], family), {}).setdefault(r["lr"], []).append(r["accuracy"])
+    out = {}
+    for key, by_lr in scores.items():
+        means = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
+        best = max(sorted(means), key=lambda lr: means[lr])
+        out[key] = {"lr": best, "validation": means}
+    return out
+
+
+def lr_for(args, row: Row, task: str) -> tuple[float | None, str]:
+    if row.method == "probe":
+        return None, "probe: converged logistic regression, C chosen by cross-validation"
+    chosen = args.chosen.get((task, row.family))
+    if chosen:
+        return chosen["lr"], "validation"
+    return DEFAULT_LR[row.family], "default (no validation runs recorded)"
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "") + ("" if len(values) >= 3 else
+                                                                         f" (n={len(values)})")
+
+
+def summary(records: list[dict], tasks: list[str]) -> list[dict]:
+    """Per table row: accuracy per task (every seed), the mean over tasks of the per-task means, params, epochs,
+    wall time, devices."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["label"], r["sigma_t"]), []).append(r)
+    out = []
+    for (method, label, sigma_t), rs in groups.items():
+        per_task = {t: [r["accuracy"] for r in rs if r["task"] == t] for t in tasks}
+        complete = all(per_task[t] for t in tasks)
+        out.append({
+            "method": method, "label": label, "sigma_t": sigma_t, "per_task": per_task,
+            "task_means": {t: statistics.fmean(v) for t, v in per_task.items() if v},
+            "task_stds": {t: statistics.stdev(v) for t, v in per_task.items() if len(v) > 1},
+            "mean": statistics.fmean(statistics.fmean(v) for v in per_task.values()) if complete else None,
+            "params": statistics.median(r["params"] for r in rs), "epochs": sorted({r["epochs"] for r in rs}),
+            "wall_s": statistics.median(r["wall_s"] for r in rs), "devices": sorted({r["device"] for r in rs}),
+            "lrs": {t: sorted({r["lr"] for r in rs if r["task"] == t and r["lr"] is not None}) for t in tasks},
+            "seeds": sorted({r["seed"] for r in rs}),
+        })
+    return sorted(out, key=table_order)
+
+
+def table_order(row: dict) -> tuple:
+    """The probe, the σ = 4 adapters and full fine-tuning first, then each budget's methods in METHOD_ORDER."""
+    method = "adapter4" if (row["method"], row["sigma_t"]) == ("adapter", 4.0) else row["method"]
+    budget = 0.0 if method in ("probe", "adapter4", "full") else row["sigma_t"]
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return budget, rank, row["label"]
+
+
+def same_size_spread(rows: list[dict], tasks: list[str]) -> list[list[Any]]:
+    """Per budget and task: the spread (best - worst mean) between the methods trained at that budget."""
+    lines = []
+    for sigma_t in sorted({s["sigma_t"] for s in rows if s["sigma_t"] and s["sigma_t"] != 4}):
+        at = [s for s in rows if s["sigma_t"] == sigma_t]
+        cells = []
+        for t in tasks:
+            means = {s["label"]: s["task_means"][t] for s in at if t in s["task_means"]}
+            cells.append(f"{max(means.values()) - min(means.values()):.1f} ({len(means)} methods)"
+                         if len(means) > 1 else "—")
+        lines.append([f"σt = {sigma_t:g}", *cells])
+    return lines
+
+
+def publish(args, records: list[dict], selection: list[dict], final: bool) -> None:
+    tasks = [t for t in args.tasks if any(r["task"] == t for r in records)] or args.tasks
+    rows = summary(records, tasks)
+    header = ["method", "params", "epochs", *tasks, "mean", "wall s (median)", "device"]
+    table = [[s["label"], f"{s['params']:,.0f}", "/".join(map(str, s["epochs"])),
+              *(fmt(s["per_task"][t]) for t in tasks),
+              "—" if s["mean"] is None else f"**{s['mean']:.1f}**", f"{s['wall_s']:.0f}", ", ".join(s["devices"])]
+             for s in rows]
+    lr_table = [[s["label"], *(", ".join(f"{lr:g}" for lr in s["lrs"][t]) or "—" for t in tasks)] for s in rows]
+    by = {(s["method"], s["sigma_t"]): s for s in rows}
+    probe, big = by.get(("probe", None)), by.get(("adapter", 4.0))
+    lines = [f"# The structured suite ({'final' if final else 'PARTIAL: rows still to run'})", "",
+             f"{args.backbone} at {args.image_size} px; {len(tasks)} tasks (definitions: `TASKS.md`); 1,000 "
+             "training images, test sets of >= 2,000 images (elpv: 1,624); accuracy in % on the test set, mean ± "
+             "std over seeds (n = seeds where fewer than 3); `mean` = the mean over tasks of the per-task means, "
+             "only for rows with every task. Every trained row through `peft_mimi.train`. Epochs: rows at a "
+             "budget train MiMi's default total at that budget; params = the method's own parameters (head "
+             "excluded).", "", common.table(header, table)]
+    if probe and big and probe["mean"] is not None and big["mean"] is not None:
+        lines += ["", f"Discrimination: σ = 4 adapters {big['mean']:.1f} vs the linear probe {probe['mean']:.1f} "
+                      f"on the mean ({big['mean'] - probe['mean']:+.1f} points; the suite's target is >= 15)."]
+    spread = same_size_spread(rows, tasks)
+    if spread:
+        lines += ["", "Spread between same-size methods (best − worst per-task mean):", "",
+                  common.table(["budget", *tasks], spread)]
+    lines += ["", "Learning rates (chosen on the validation split, seed 0; `lr_selection.md`):", "",
+              common.table(["method", *tasks], lr_table)]
+    if args.notes:
+        lines += ["", args.notes]
+    common.write_results(args.out, "accuracy", {"final": final, "tasks": tasks, "summary": rows, "runs": records},
+                         "\n".join(lines))
+    if selection:
+        sel_header = ["task", "family", "chosen lr", "validation accuracy by lr"]
+        sel_rows = [[t, f, f"{c['lr']:g}", ", ".join(f"{lr:g}: {acc:.1f}" for lr, acc in
+                                                     sorted(c["validation"].items()))]
+                    for (t, f), c in sorted(chosen_lrs(selection).items())]
+        common.write_results(args.out, "lr_selection", {"runs": selection},
+                             "# Learning rates chosen on the validation split (800 train / 200 validation, seed "
+                             "0)\n\n" + common.table(sel_header, sel_rows))
+    plot(rows, tasks, args.out / "accuracy.png", args)
+
+
+def plot(rows: list[dict], tasks: list[str], path: Path, args) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.2 * (len(tasks) + 1), 4.2), sharey=False)
+    for ax, task in zip(axes, [*tasks, "mean"]):
+        shown = [s for s in rows if (s["mean"] is not None if task == "mean" else task in s["task_means"])]
+        values = [s["mean"] if task == "mean" else s["task_means"][task] for s in shown]
+        errors = [0 if task == "mean" else s["task_stds"].get(task, 0) for s in shown]
+        colours = ["tab:red" if s["method"] == "mimi" else "tab:grey" if s["method"] == "probe" else "tab:blue"
+                   for s in shown]
+        ax.barh(range(len(shown)), values, xerr=errors, color=colours)
+        ax.set_yticks(range(len(shown)), [s["label"] for s in shown] if ax is axes[0] else [""] * len(shown),
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("test accuracy %", fontsize=8)
+    fig.suptitle(f"Structured suite, {args.backbone} at {args.image_size} px (bars: mean over seeds, ± std)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--what", choices=("lr", "grid", "publish"), default="grid")
+    parser.add_argument("--backbone", default=BACKBONE)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--tasks", nargs="+", default=list(structured_tasks.TASKS))
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=METHOD_ORDER,
+                        help="adapter4 = vanilla adapters at σ = 4; adapter, mimi, lora at every --budgets")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[64.0, 256.0])
+    parser.add_argument("--adalora-budgets", nargs="+", type=float, default=[256.0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--fixed-epochs", type=int, default=10, help="epochs of the budget-free rows")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="bf16")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-train", type=int, default=None, help="smoke runs only: fewer training images")
+    parser.add_argument("--max-test", type=int, default=None, help="smoke runs only: fewer test images")
+    parser.add_argument("--resume", action="store_true", help="skip the runs already recorded")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[], metavar="JSON",
+                        help="also count the runs recorded in these accuracy.json / lr_selection.json files (parts "
+                             "of the grid run on other machines)")
+    parser.add_argument("--notes", default="", help="a paragraph appended to accuracy.md")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a random ViT, one task, a few images, one seed, every method: a minute")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.backbone, args.image_size, args.tasks, args.seeds = common.SMOKE, None, ["dsprites_location"], [0]
+        args.budgets, args.adalora_budgets, args.fixed_epochs = [16.0], [16.0], 1
+        args.max_train, args.max_test, args.mixed_precision = 64, 48, "no"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    records = merged(load_records(args.out / "accuracy.json")
+                     + [r for p in args.merge if p.name == "accuracy.json" for r in load_records(p)])
+    selection = merged(load_records(args.out / "lr_selection.json")
+                       + [r for p in args.merge if p.name == "lr_selection.json" for r in load_records(p)])
+    if not args.resume and args.what != "publish":
+        records, selection = ([], selection) if args.what == "grid" else (records, [])
+    args.chosen = chosen_lrs(selection)
+    planner = Planner(args)
+    todo = rows_of(args)
+
+    def pending() -> bool:
+        keys = {run_key(r) for r in records}
+        return any((t, row.record_method, row.sigma_t, s, args.image_size, planner.epochs(row), lr_for(args, row, t)[0],
+                    "test") not in keys for s in args.seeds for row in todo for t in args.tasks)
+
+    if args.what == "lr":
+        done = {run_key(r) for r in selection}
+        for row in (r for r in todo if r.method != "probe"):
+            for task in args.tasks:
+                for lr in LR_GRID[row.family]:
+                    key = (task, row.record_method, row.sigma_t, 0, args.image_size, planner.epochs(row), lr,
+                           "validation")
+                    if key in done:
+                        continue
+                    record = train_one(args, planner, row, task, 0, lr, validation=True)
+                    selection.append(record)
+                    print(f"[lr] {task} {row.label} lr={lr:g}: validation {record['accuracy']:.1f} % "
+                          f"({record['wall_s']:.0f} s)", flush=True)
+                    publish(args, records, selection, final=False)
+    elif args.what == "grid":
+        for seed in args.seeds:  # seed 0 of every row first: a slice that is useful on its own
+            for row in todo:
+                for task in args.tasks:
+                    lr, source = lr_for(args, row, task)
+                    key = (task, row.record_method, row.sigma_t, seed, args.image_size, planner.epochs(row), lr, "test")
+                    if key in {run_key(r) for r in records}:
+                        continue
+                    record = train_one(args, planner, row, task, seed, lr, validation=False)
+                    record["lr_source"] = source
+                    records.append(record)
+                    print(f"[grid] {task} seed={seed} {row.label}: {record['accuracy']:.1f} % params="
+                          f"{record['params']:,} epochs={record['epochs']} ({record['wall_s']:.0f} s)", flush=True)
+                    publish(args, records, selection, final=False)
+    publish(args, records, selection, final=not pending())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The structured suite's runner (benchmarks/bench_structured.py) and its Adapter+ baseline, on a tiny random ViT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_images, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import adapter_plus  # noqa: E402
+import bench_structured  # noqa: E402
+
+RECORD_FIELDS = {"task", "method", "sigma_t", "params", "epochs", "seed", "accuracy", "image_size", "device", "lr"}
+
+
+@pytest.mark.slow
+def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEFT_MIMI_CACHE": str(tmp_path / "cache"),
+           "MPLBACKEND": "Agg"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_structured.py"), "--smoke", "--out", str(tmp_path)]
+    subprocess.run([*command, "--what", "grid"], check=True, cwd=ROOT, env=env, capture_output=True, timeout=900)
+    raw = json.loads((tmp_path / "accuracy.json").read_text())
+    runs = raw["runs"]
+    assert {r["method"] for r in runs} == {"probe", "adapter", "mimi", "lora", "adalora", "full"}
+    assert all(RECORD_FIELDS <= r.keys() and 0 <= r["accuracy"] <= 100 for r in runs)
+    assert all(r["task"] == "dsprites_location" and r["seed"] == 0 and r["device"] == "cpu" for r in runs)
+    by = {(r["method"], r["sigma_t"]): r for r in runs}
+    # the large adapters hold more than the budgeted ones; MiMi ends within the budget vanilla adapters define
+    assert by["adapter", 4.0]["params"] > by["adapter", 16.0]["params"] >= by["mimi", 16.0]["params"] > 0
+    assert by["mimi", 16.0]["epochs"] == by["adapter", 16.0]["epochs"] == by["lora", 16.0]["epochs"] > 1
+    assert by["probe", None]["params"] == 0 and by["probe", None]["lr"] is None
+    assert len(by["mimi", 16.0]["rounds"]) > 1 and by["mimi", 16.0]["widths"]
+    assert raw["final"] is True
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "| MiMi σt=16 |" in table and "| linear probe |" in table and "Discrimination:" in table
+
+    # --resume finds every run recorded: nothing is trained again, the records are unchanged
+    done = subprocess.run([*command, "--what", "grid", "--resume"], check=True, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "[grid]" not in done.stdout
+    assert json.loads((tmp_path / "accuracy.json").read_text())["runs"] == runs
+
+
+def test_learning_rate_is_the_best_on_validation_per_task_and_family():
+    selection = [
+        {"task": "a", "method": "adapter", "lr": 1e-3, "accuracy": 50.0},
+        {"task": "a", "method": "adapter", "lr": 3e-3, "accuracy": 60.0},
+        {"task": "a", "method": "mimi", "lr": 1e-3, "accuracy": 70.0},
+        {"task": "a", "method": "mimi", "lr": 3e-3, "accuracy": 70.0},  # a tie: the smaller rate
+        {"task": "b", "method": "adapter", "lr": 1e-3, "accuracy": 80.0},
+        {"task": "b", "method": "adapter", "lr": 3e-3, "accuracy": 40.0},
+    ]
+    chosen = bench_structured.chosen_lrs(selection)
+    assert {key: c["lr"] for key, c in chosen.items()} == {("a", "adapter"): 3e-3, ("a", "mimi"): 1e-3,
+                                                           ("b", "adapter"): 1e-3}
+
+
+def test_table_order_puts_the_references_first_then_each_budget():
+    rows = [{"method": m, "sigma_t": s, "label": f"{m} {s}"} for m, s in
+            [("lora", 64.0), ("mimi", 256.0), ("adapter", 4.0), ("probe", None), ("mimi", 64.0), ("full", None)]]
+    ordered = [(r["method"], r["sigma_t"]) for r in sorted(rows, key=bench_structured.table_order)]
+    assert ordered == [("probe", None), ("adapter", 4.0), ("full", None), ("mimi", 64.0), ("lora", 64.0),
+                       ("mimi", 256.0)]
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_adapter_plus_wraps_each_mlp_output_within_the_budget_and_starts_near_the_backbone(family):
+    model = make_model(family, hidden_size=32, layers=2)
+    images = make_images(2)
+    before = model(pixel_values=images).logits
+    adapter_plus.add_adapter_plus(model, budget=2000, seed=0)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {n: c for n, c in trainable.items() if not n.startswith("classifier")}
+    width = adapter_plus.width_for_budget([32, 32], 2000)
+    assert sum(adapters.values()) == 2 * adapter_plus.params_per_adapter(32, width) <= 2000
+    assert sum(n.endswith(".adapter.scale") for n in adapters) == 2  # one per block, on the MLP only
+    assert all(".attention." not in n for n in adapters)
+    after = model.eval()(pixel_values=images).logits
+    # Houlsby initialisation: small random weights, so the model starts close to (not equal to) the backbone
+    assert 0 < (after - before).abs().max() < 1e-2
+
+
+def test_adapter_plus_drop_path_drops_whole_samples_in_training_only():
+    layer = adapter_plus.AdapterPlus(8, 4, drop_path=0.5)
+    torch.nn.init.ones_(layer.up.weight)
+    y = torch.randn(64, 3, 8)
+    layer.train()
+    torch.manual_seed(0)
+    delta = layer(y) - y
+    dropped = (delta.abs().sum(dim=(1, 2)) == 0)
+    assert 0 < int(dropped.sum()) < 64  # some samples keep no adapter output, the others keep all of it
+    layer.eval()
+    assert ((layer(y) - y).abs().sum(dim=(1, 2)) > 0).all()
