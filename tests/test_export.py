@@ -153,6 +153,23 @@ def test_adapters_active_together_fuse_as_one_wider_adapter():
     assert layer._fused.width == layer.live_width("default") + layer.live_width("other")
 
 
+@pytest.mark.parametrize("first_has_bias", [True, False])
+def test_adapters_with_and_without_biases_fuse_together(first_has_bias):
+    base = make_model("vit")
+    model = get_peft_model(base, MiMiConfig(target_compression=8.0, init_weights=False, adapter_bias=first_has_bias))
+    model.add_adapter("other", MiMiConfig(target_compression=8.0, init_weights=False, adapter_bias=not first_has_bias))
+    with torch.no_grad():  # biases start at zero: give them values that change the output
+        for name, parameter in model.named_parameters():
+            if ".mimi_" in name and name.endswith(".bias"):
+                parameter.normal_()
+    model.base_model.set_adapter(["default", "other"])
+    model.eval()
+    images = make_images(2)
+    expected = logits(model, images)
+    model.base_model.fuse_for_inference()
+    torch.testing.assert_close(logits(model, images), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_plain_module_has_nothing_of_peft_and_leaves_the_peft_model_alone():
     model = adapted_model(num_classes=7)
     images = make_images(3)
