@@ -170,7 +170,7 @@ def check_command(tokens: list[str], run: bool) -> None:
     elif program == "accelerate":
         from accelerate.commands.launch import launch_command_parser
 
-        assert args[:1] == ["launch"] and "-m" in args, f"only `accelerate launch ... -m peft_mimi.cli` is checked: {tokens}"
+        assert args[:1] == ["launch"] and "-m" in args, f"only `accelerate launch -m peft_mimi.cli` is known: {tokens}"
         launch = launch_command_parser().parse_args(args[1:])
         assert launch.module and launch.training_script == "peft_mimi.cli", tokens
         parse_peft_mimi(launch.training_script_args)
@@ -268,12 +268,21 @@ def _default(f: dataclasses.Field) -> str:
     return "required"
 
 
-def _table(fields: list[dataclasses.Field]) -> str:
+def _annotation(cls, name: str) -> str:
+    # the class's own annotation, as written: HfArgumentParser replaces Field.type by the evaluated type in place
+    for klass in cls.__mro__:
+        if name in vars(klass).get("__annotations__", {}):
+            written = vars(klass)["__annotations__"][name]
+            return written if isinstance(written, str) else getattr(written, "__name__", repr(written))
+    return "?"
+
+
+def _table(cls, fields: list[dataclasses.Field]) -> str:
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for f in fields:
         help_text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
         assert help_text, f"field {f.name} has no metadata['help']"
-        kind = str(f.type).replace("typing.", "").replace("|", "\\|")
+        kind = _annotation(cls, f.name).replace("typing.", "").replace("|", "\\|")
         rows.append(f"| `{f.name}` | `{kind}` | {_default(f)} | {help_text} |")
     return "\n".join(rows)
 
@@ -286,8 +295,8 @@ def render_config_reference() -> str:
     from peft_mimi.train import TrainingRecipe
 
     return "\n".join([
-        BEGIN, "", "### `MiMiConfig`", "", _table(_own_fields(MiMiConfig, PeftConfig)), "",
-        "### `TrainingRecipe`", "", _table(_own_fields(TrainingRecipe)), "", END])
+        BEGIN, "", "### `MiMiConfig`", "", _table(MiMiConfig, _own_fields(MiMiConfig, PeftConfig)), "",
+        "### `TrainingRecipe`", "", _table(TrainingRecipe, _own_fields(TrainingRecipe)), "", END])
 
 
 def test_config_reference_matches_the_dataclasses():
