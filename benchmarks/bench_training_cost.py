@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from peft_mimi.train import DEFAULT_HEAD_LR, DEFAULT_LR
+from peft_mimi.recipe import DEFAULT_HEAD_LR, DEFAULT_LR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402

@@ -6,11 +6,11 @@ Fairness rules (so that methods differ only in what they train):
   batch order and augmentation for a given seed, the same number of epochs, AdamW with
   `peft_mimi.train.build_optimizer`'s groups and a warm-up + cosine schedule (the recipe's defaults unless a
   benchmark says otherwise);
-- MiMi's schedule (METHOD.md §4) is that loop cut into rounds of ``epochs_per_round`` epochs with a pruning round
+- MiMi's schedule (docs/method.md §4) is that loop cut into rounds of ``epochs_per_round`` epochs with a pruning round
   between them (the optimizer and its schedule are rebuilt after each pruning, as in the paper's code) and a round
   of training after the last pruning; every other method is one round of the same total epochs.
 - the sanity floors (logistic regression on pixels, a converged linear probe on frozen features) come from
-  `peft_mimi.floors`.
+  `floors.py` beside this file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -34,9 +34,14 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# after the offline switches, which huggingface_hub and datasets read when they are imported
+from peft_mimi.config import TARGET_MODULES_BY_MODEL_TYPE  # noqa: E402
+from peft_mimi.pruning import EPOCHS_PER_SEGMENT  # noqa: E402
+from peft_mimi.recipe import TrainingRecipe  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# the MiMi defaults (transformers 5 names, then 4.x's), shared by LoRA and adapters
-TARGET_MODULES = ["attention.o_proj", "mlp.fc2", "output.dense"]
+# MiMi's default targets of the benchmarks' backbones (ViT, DINOv2 and Swin share them), shared by LoRA and adapters
+TARGET_MODULES = list(TARGET_MODULES_BY_MODEL_TYPE["vit"])
 TINY = "tiny-vit"  # fmnist-vit's exact architecture with random weights: for smoke runs, and for cost measurements
 # (FLOPs, latency, bytes) that do not depend on weight values when the pretrained weights are not there
 SMOKE = "smoke-vit"  # a much smaller random ViT (width 32, depth 2, patch 8) for the --smoke runs CI makes
@@ -122,7 +127,28 @@ class Method:
     lr: float | None = None  # this method's learning rate (default: the benchmark's)
 
 
-FLOORS = ("pixels", "probe")  # kinds measured by peft_mimi.floors, not trained
+FLOORS = ("pixels", "probe")  # kinds measured by floors.py, not trained
+
+
+@dataclass
+class BenchmarkRecipe(TrainingRecipe):
+    """`TrainingRecipe` with a schedule setting only the benchmarks use: ``first_epochs`` before the first cut
+    (`beyond.py`'s ``long_ends`` candidate; ``bench_accuracy.py --mimi-options first_epochs=2 ...``). It is
+    recorded in the run's settings like every recipe field."""
+
+    first_epochs: Optional[int] = field(default=None, metadata={
+        "help": "Epochs trained before the first pruning round (default: epochs_per_round).", "check": "count",
+        "changes_results": True})
+
+    def segment_epochs(self, rounds: int) -> list[int]:
+        """The recipe's segments with ``first_epochs`` in the first one; without ``final_epochs`` the last one still
+        trains the rest of ``EPOCHS_PER_SEGMENT·(R+1)`` epochs (and at least ``epochs_per_round``)."""
+        epochs = super().segment_epochs(rounds)
+        if self.first_epochs and rounds > 0:
+            epochs[0] = self.first_epochs
+            if self.final_epochs is None:
+                epochs[-1] = max(self.epochs_per_round, EPOCHS_PER_SEGMENT * (rounds + 1) - sum(epochs[:-1]))
+        return epochs
 
 
 def paper_schedule(epochs_per_round: int) -> dict:
@@ -240,7 +266,7 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
     files and checkpoints, so an interrupted benchmark resumes inside the run (default: a temporary directory)."""
     import tempfile
 
-    from peft_mimi.train import TrainingRecipe, train
+    from peft_mimi.train import train
 
     data = task_dataset(task)
     model, processor = load_model(backbone, num_labels_of(task))
@@ -254,7 +280,7 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
     # a plain "MiMi" row is the paper's schedule; every other method trains total_epochs in its one round
     schedule = {**paper_schedule(epochs_per_round), "final_epochs": method.final_epochs or epochs_per_round} \
         if mimi else {"epochs_per_round": total_epochs}
-    recipe = TrainingRecipe(**{  # the method's own recipe options (e.g. a MiMi schedule) over the benchmark's
+    recipe = BenchmarkRecipe(**{  # the method's own recipe options (e.g. a MiMi schedule) over the benchmark's
         **schedule, "batch_size": batch_size, "lr": method.lr or lr,
         "head_lr": head_lr, "seed": seed, "image_size": image_size, "max_train_samples": max_train,
         "max_eval_samples": max_test, "mixed_precision": mixed_precision,
@@ -279,8 +305,9 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
 def _floor(method: Method, model: nn.Module, processor: Any, data, *, seed: int, image_size: int | None,
            max_train: int | None, max_test: int | None) -> RunResult:
     """A sanity floor: logistic regression on raw pixels, or a converged linear probe on the frozen features."""
+    from floors import linear_probe, pixel_floor
+
     from peft_mimi.data import balanced_subset, processor_at_size
-    from peft_mimi.floors import linear_probe, pixel_floor
 
     train_split = balanced_subset(data["train"], max_train, seed=seed)
     test_split = balanced_subset(data["test"], max_test, seed=0)

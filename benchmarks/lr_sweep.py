@@ -1,4 +1,4 @@
-"""The learning-rate sweep behind `peft_mimi.train.DEFAULT_LR`: peak AdamW learning rate of the adapters and of
+"""The learning-rate sweep behind `peft_mimi.recipe.DEFAULT_LR`: peak AdamW learning rate of the adapters and of
 the head for MiMi's default short schedule (σ0 = 4 → σt = 64, E = 2 epochs per round, batch 64), on two shipped
 backbones and three tasks, trained through `peft_mimi.train.train` like every other number here.
 

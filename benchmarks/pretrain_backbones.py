@@ -61,7 +61,8 @@ from transformers import (
 )
 
 from peft_mimi.data import ImageTransform, dataset_labels, load_builtin_dataset, make_collate_fn
-from peft_mimi.train import TrainingRecipe, evaluate, train
+from peft_mimi.evaluate import evaluate
+from peft_mimi.train import TrainingRecipe, train
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "peft_mimi" / "backbones" / "weights"
 IMAGE_SIZE = 32

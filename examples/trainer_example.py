@@ -16,7 +16,7 @@ import argparse
 
 import torch
 from peft import get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from peft_mimi import MiMiConfig, MiMiPruningCallback
 from peft_mimi.backbones import load_backbone
@@ -34,6 +34,7 @@ def main() -> None:
 
     data = load_image_dataset(args.data)
     names, id2label, label2id = dataset_labels(data)
+    set_seed(0)  # the new head and W_down start the same in every run (the Trainer seeds only its own steps)
     backbone, processor = load_backbone(args.backbone, num_labels=len(names), id2label=id2label, label2id=label2id)
     model = get_peft_model(backbone, MiMiConfig(target_compression=args.target_compression,
                                                 modules_to_save=["classifier"]))

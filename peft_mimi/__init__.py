@@ -8,9 +8,9 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import register_peft_method
 
 from ._peft_type import PeftType
-from .callback import MiMiPruningCallback, round_aligned_lr_factor, round_aligned_scheduler, rounds_for_cosine_restarts
+from .callback import MiMiPruningCallback
 from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
-from .files import check_adapter_weights, save_adapter
+from .files import save_adapter
 from .layer import Linear, MiMiLayer
 from .model import MiMiModel
 
@@ -35,9 +35,5 @@ __all__ = [
     "MiMiPruningCallback",
     "PeftType",
     "__version__",
-    "check_adapter_weights",
-    "round_aligned_lr_factor",
-    "round_aligned_scheduler",
-    "rounds_for_cosine_restarts",
     "save_adapter",
 ]

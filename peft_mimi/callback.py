@@ -15,7 +15,8 @@ segment so far, and restores that copy when training ends.
 
 The learning rate can follow the rounds too (``MiMiPruningCallback.attach(trainer, restart_lr=True)``): every
 segment gets its own linear warm-up and cosine decay to 0, as each round does in the paper's code and in
-`peft_mimi.train`. `round_aligned_lr_factor` is that schedule as a pure function.
+`peft_mimi.train`. Where the cuts fall, the learning rate and the budget search's choice come from
+`peft_mimi.schedule`, as in `peft_mimi.train`.
 """
 
 from __future__ import annotations
@@ -23,22 +24,19 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
-from bisect import bisect_right
-from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import schedule
 from .model import MiMiModel
-from .pruning import EPOCHS_PER_SEGMENT, budget_search
 
 SEARCH_FILE = "mimi_budget_search.safetensors"  # the budget search's state, in each Trainer checkpoint
 
 
-def mimi_tuner(model) -> MiMiModel:
+def _mimi_tuner(model) -> MiMiModel:
     """The `MiMiModel` inside a PEFT model (or the tuner itself); raises TypeError for anything else."""
     tuner = getattr(model, "base_model", None)
     if isinstance(model, MiMiModel):
@@ -99,13 +97,16 @@ class MiMiPruningCallback(TrainerCallback):
         self.validation_metric = validation_metric
         self.prune_steps: list[int] = []
         self._pending_logs: dict[str, float] = {}
-        # budget search: live parameters and validation accuracy of every segment so far, the chosen segment and a
-        # copy of its adapter state (trainable tensors and neuron masks), the step whose evaluation ends a segment
-        self.search_sizes: list[int] = []
-        self.search_accuracies: list[float] = []
-        self.chosen_round: int | None = None
+        # budget search: the segments' sizes and accuracies and the choice, a copy of the chosen segment's adapter
+        # state (trainable tensors and neuron masks), the step whose evaluation ends a segment
+        self.search: schedule.BudgetSearch | None = None
         self._chosen_state: dict[str, torch.Tensor] | None = None
         self._segment_end: int | None = None
+
+    @property
+    def chosen_round(self) -> int | None:
+        """Budget search: the round whose adapter is kept so far (None: no search, or no segment evaluated yet)."""
+        return self.search.chosen if self.search is not None else None
 
     @classmethod
     def attach(
@@ -114,9 +115,10 @@ class MiMiPruningCallback(TrainerCallback):
         """Create the callback (``kwargs``: those of the constructor) and put it first in ``trainer``'s callbacks,
         so that its round metrics reach every reporting integration. Returns the callback.
 
-        ``restart_lr=True`` also replaces the Trainer's ``lr_scheduler_type`` by `round_aligned_scheduler`: a
-        warm-up of ``warmup_ratio`` of each segment's steps (default: ``args.warmup_steps``, which must then be a
-        ratio in [0, 1)) and a cosine decay to 0, restarted exactly at every prune step of :meth:`plan`.
+        ``restart_lr=True`` also replaces the Trainer's ``lr_scheduler_type`` by the round-aligned schedule of
+        `peft_mimi.schedule.lr_factor`: a warm-up of ``warmup_ratio`` of each segment's steps (default:
+        ``args.warmup_steps``, which must then be a ratio in [0, 1)) and a cosine decay to 0, restarted exactly at
+        every prune step of :meth:`plan`.
 
         Why here: the schedule needs ``max_steps``, which the Trainer computes only inside ``train()`` (so
         ``Trainer(optimizers=(optimizer, scheduler))`` cannot know it), and the Trainer builds its scheduler
@@ -125,7 +127,7 @@ class MiMiPruningCallback(TrainerCallback):
         so it works with any Trainer (``Seq2SeqTrainer``, your own subclass) and with ``resume_from_checkpoint``,
         which restores the scheduler's position after ``create_scheduler`` has built it.
         """
-        tuner = mimi_tuner(trainer.model)
+        tuner = _mimi_tuner(trainer.model)
         if _tolerance(tuner, kwargs.get("adapter_name")) is not None and trainer.eval_dataset is None:
             raise ValueError(
                 "MiMiConfig.budget_tolerance chooses among the rounds on validation accuracy, but this Trainer has no "
@@ -150,7 +152,7 @@ class MiMiPruningCallback(TrainerCallback):
                         f"warmup_steps={warmup_ratio} (a number of steps). Give warmup_steps as a ratio in [0, 1) "
                         "(e.g. 0.1), or pass warmup_ratio= to attach()."
                     )
-            _check_warmup_ratio(warmup_ratio)
+            schedule.check_warmup_ratio(warmup_ratio)
         callback = cls(**kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
         if restart_lr:
@@ -164,53 +166,40 @@ class MiMiPruningCallback(TrainerCallback):
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """``Trainer.create_scheduler`` for ``restart_lr=True``: same contract, the round-aligned schedule."""
         if trainer.lr_scheduler is None:
-            planned = mimi_tuner(trainer.model).planned_rounds(self.adapter_name)
-            prune_steps = self.plan(num_training_steps, _num_train_epochs(trainer, num_training_steps), planned)
-            trainer.lr_scheduler = round_aligned_scheduler(optimizer or trainer.optimizer, prune_steps,
-                                                           num_training_steps, warmup_ratio)
+            planned = _mimi_tuner(trainer.model).planned_rounds(self.adapter_name)
+            cuts = self.plan(num_training_steps, _num_train_epochs(trainer, num_training_steps), planned)
+            boundaries = schedule.lr_boundaries(cuts, num_training_steps, restart_lr=True)
+            trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or trainer.optimizer,
+                functools.partial(schedule.lr_factor, boundaries=boundaries, warmup_ratio=warmup_ratio))
             # as Trainer.create_scheduler does, so that a later train() builds a schedule for its own max_steps
             trainer._created_lr_scheduler = True
         return trainer.lr_scheduler
 
     def plan(self, max_steps: int, num_train_epochs: float, planned_rounds: int) -> list[int]:
-        """Global steps after which a pruning round runs (pure: used by ``on_train_begin`` and tests)."""
-        if planned_rounds == 0:
-            return []
-        steps_per_epoch = max_steps / max(num_train_epochs, 1e-9)
-        if self.steps_per_round is not None:
-            segment = self.steps_per_round
-        elif self.epochs_per_round is not None:
-            segment = max(1, round(self.epochs_per_round * steps_per_epoch))
-        else:  # one epoch per cut, or less in a run shorter than the paper's 2·(R+1) epochs; the rest at the end
-            segment = min(max(1, round(steps_per_epoch)), max_steps // (EPOCHS_PER_SEGMENT * (planned_rounds + 1)))
-        steps = [segment * (r + 1) for r in range(planned_rounds)]
-        if segment < 1 or steps[-1] >= max_steps:
-            raise ValueError(
-                f"MiMi needs {planned_rounds} pruning rounds and training after the last one, but the Trainer plans "
-                f"only {max_steps} steps for segments of {segment} steps. Train longer (num_train_epochs / "
-                f"max_steps >= {segment * (planned_rounds + 1) if segment else planned_rounds + 1}), shorten the "
-                "segments, or choose a budget that needs fewer rounds."
-            )
-        return steps
+        """Global steps after which a pruning round runs (`peft_mimi.schedule.cut_steps` with this callback's
+        segment length)."""
+        return schedule.cut_steps(max_steps, num_train_epochs, planned_rounds, epochs_per_round=self.epochs_per_round,
+                                  steps_per_round=self.steps_per_round)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        **kwargs):
-        tuner = mimi_tuner(model)
+        tuner = _mimi_tuner(model)
         planned = tuner.planned_rounds(self.adapter_name)
         self.prune_steps = self.plan(state.max_steps, state.num_train_epochs, planned)
         # resume_from_checkpoint: the Trainer has loaded the masked adapter; realign the round counter with it
         config = tuner.peft_config[tuner._adapter(self.adapter_name)]
         config.rounds_done = sum(step <= state.global_step for step in self.prune_steps)
-        self.search_sizes, self.search_accuracies, self.chosen_round, self._chosen_state = [], [], None, None
-        self._segment_end = None
-        if _tolerance(tuner, self.adapter_name) is not None and state.global_step >= min(self.prune_steps,
-                                                                                          default=state.max_steps):
+        tolerance = _tolerance(tuner, self.adapter_name)
+        self.search = schedule.BudgetSearch(tolerance) if tolerance is not None else None
+        self._chosen_state, self._segment_end = None, None
+        if self.search is not None and state.global_step >= min(self.prune_steps, default=state.max_steps):
             self._load_search(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                     **kwargs):
-        tuner = mimi_tuner(model)
-        if _tolerance(tuner, self.adapter_name) is not None:
+        tuner = _mimi_tuner(model)
+        if self.search is not None:
             if state.global_step in self.prune_steps or state.global_step == state.max_steps:
                 self._segment_end = state.global_step  # on_evaluate records the segment, then prunes
                 control.should_evaluate = True
@@ -224,7 +213,7 @@ class MiMiPruningCallback(TrainerCallback):
         if self._segment_end != state.global_step:  # an evaluation of the Trainer's own schedule
             return control
         self._segment_end = None
-        tuner = mimi_tuner(model)
+        tuner = _mimi_tuner(model)
         accuracy = (metrics or {}).get(self.validation_metric)
         if accuracy is None:
             raise ValueError(
@@ -233,15 +222,12 @@ class MiMiPruningCallback(TrainerCallback):
                 "compute_metrics that returns {'accuracy': ...} (a fraction), or name the metric with "
                 "MiMiPruningCallback(validation_metric=...)."
             )
-        self.search_sizes.append(tuner.live_params(self.adapter_name))
-        self.search_accuracies.append(float(accuracy))
-        chosen = budget_search(self.search_sizes, self.search_accuracies, _tolerance(tuner, self.adapter_name))
-        if chosen == len(self.search_sizes) - 1:  # the choice only stays or moves to the newest segment
+        if self.search.record(tuner.live_params(self.adapter_name), accuracy):
             self._chosen_state = {name: tensor.detach().clone() for name, tensor in _adapter_state(model).items()}
-        self.chosen_round = chosen
         if state.global_step in self.prune_steps:
             self._prune(tuner, control)
-        self._pending_logs.update({"mimi/validation_accuracy": float(accuracy), "mimi/chosen_round": chosen})
+        self._pending_logs.update({"mimi/validation_accuracy": float(accuracy),
+                                   "mimi/chosen_round": self.search.chosen})
         return control
 
     def _prune(self, tuner: MiMiModel, control: TrainerControl) -> None:
@@ -268,12 +254,12 @@ class MiMiPruningCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Budget search: its state goes into the checkpoint the Trainer has just written."""
         directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if self.search_sizes and state.is_world_process_zero and os.path.isdir(directory):
+        if self.search is not None and self.search.sizes and state.is_world_process_zero and os.path.isdir(directory):
             save_file({name: tensor.contiguous() for name, tensor in self._chosen_state.items()},
                       os.path.join(directory, SEARCH_FILE),
-                      metadata={"sizes": ",".join(map(str, self.search_sizes)),
-                                "accuracies": ",".join(map(repr, self.search_accuracies)),
-                                "chosen_round": str(self.chosen_round)})
+                      metadata={"sizes": ",".join(map(str, self.search.sizes)),
+                                "accuracies": ",".join(map(repr, self.search.accuracies)),
+                                "chosen_round": str(self.search.chosen)})
         return control
 
     def _load_search(self, directory: str) -> None:
@@ -287,14 +273,14 @@ class MiMiPruningCallback(TrainerCallback):
             )
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata()
-        self.search_sizes = [int(v) for v in metadata["sizes"].split(",")]
-        self.search_accuracies = [float(v) for v in metadata["accuracies"].split(",")]
-        self.chosen_round = int(metadata["chosen_round"])
+        self.search.sizes = [int(v) for v in metadata["sizes"].split(",")]
+        self.search.accuracies = [float(v) for v in metadata["accuracies"].split(",")]
+        self.search.chosen = int(metadata["chosen_round"])
         self._chosen_state = load_file(path)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                      **kwargs):
-        tuner = mimi_tuner(model)
+        tuner = _mimi_tuner(model)
         if self._chosen_state is not None:  # budget search: back to the chosen segment's adapter, then compact
             own = _adapter_state(model)
             with torch.no_grad():
@@ -303,7 +289,7 @@ class MiMiPruningCallback(TrainerCallback):
             adapter = tuner._adapter(self.adapter_name)
             for _, layer in tuner._layers(adapter):
                 layer.refresh_mask_state(adapter)
-            tuner.peft_config[adapter].rounds_done = self.chosen_round
+            tuner.peft_config[adapter].rounds_done = self.search.chosen
         tuner.compact(self.adapter_name)
         return control
 
@@ -333,69 +319,4 @@ def _num_train_epochs(trainer: Trainer, max_steps: int) -> float:
     return math.ceil(max_steps / steps_per_epoch)
 
 
-def round_aligned_lr_factor(step: int, boundaries: Sequence[int], warmup_ratio: float) -> float:
-    """The learning rate at optimizer step ``step`` (0-based) as a fraction of the peak learning rate.
-
-    ``boundaries = (0, p1, ..., pR, max_steps)`` split training into the segments ``[0, p1), ..., [pR, max_steps)``
-    (``p1..pR``: the prune steps). In a segment of ``L`` steps the factor rises linearly from 0 over its first
-    ``floor(warmup_ratio * L)`` steps, reaches 1, then follows a cosine down to 0 at the segment's end: exactly
-    ``transformers.get_cosine_schedule_with_warmup`` over that segment, as `peft_mimi.train` uses each round.
-    Steps at or past ``max_steps`` give 0. Pure; `round_aligned_scheduler` checks the arguments.
-    """
-    segment = min(max(bisect_right(boundaries, step) - 1, 0), len(boundaries) - 2)
-    start, end = boundaries[segment], boundaries[segment + 1]
-    length, k = end - start, step - start
-    warmup = math.floor(warmup_ratio * length)
-    if k < warmup:
-        return k / warmup
-    progress = min((k - warmup) / max(1, length - warmup), 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def round_aligned_scheduler(
-    optimizer: torch.optim.Optimizer, prune_steps: Sequence[int], max_steps: int, warmup_ratio: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A `LambdaLR` over ``max_steps`` optimizer steps that restarts (warm-up, then cosine) at every step of
-    ``prune_steps`` (`MiMiPruningCallback.plan`), following `round_aligned_lr_factor`. Its state_dict holds only
-    its position, so checkpoints and ``resume_from_checkpoint`` work as with the Trainer's own schedules."""
-    boundaries = (0, *prune_steps, max_steps)
-    if any(b <= a for a, b in zip(boundaries, boundaries[1:])):
-        raise ValueError(
-            f"prune_steps must be increasing steps strictly between 0 and max_steps={max_steps}, got "
-            f"{list(prune_steps)}. Use MiMiPruningCallback.plan(...) to compute them."
-        )
-    _check_warmup_ratio(warmup_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(round_aligned_lr_factor, boundaries=boundaries, warmup_ratio=warmup_ratio)
-    )
-
-
-def _check_warmup_ratio(warmup_ratio: float) -> None:
-    if not 0 <= warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio is a fraction of each round's steps in [0, 1), got {warmup_ratio!r}.")
-
-
-def rounds_for_cosine_restarts(model) -> int:
-    """``num_cycles`` for ``lr_scheduler_type="cosine_with_restarts"``: the number of training segments, ``R + 1``.
-
-    Deprecated: transformers spreads those cycles over the steps after a single warm-up, so with any warm-up,
-    with ``epochs_per_round`` / ``steps_per_round``, or when ``max_steps`` is not a multiple of ``R + 1``, its
-    restarts miss the prune steps. Use ``MiMiPruningCallback.attach(trainer, restart_lr=True)`` instead.
-    """
-    warnings.warn(
-        "rounds_for_cosine_restarts is deprecated: cosine_with_restarts does not restart exactly at the pruning "
-        "rounds. Use MiMiPruningCallback.attach(trainer, restart_lr=True), which restarts at every round with its "
-        "own warm-up.",
-        FutureWarning,
-        stacklevel=2,
-    )
-    return mimi_tuner(model).planned_rounds() + 1
-
-
-__all__ = [
-    "MiMiPruningCallback",
-    "mimi_tuner",
-    "round_aligned_lr_factor",
-    "round_aligned_scheduler",
-    "rounds_for_cosine_restarts",
-]
+__all__ = ["MiMiPruningCallback"]

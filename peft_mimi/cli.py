@@ -20,18 +20,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_type_hints
 
 from .card import saved_round
 from .config import ACTIVATIONS, MiMiConfig
 from .pruning import SCORES, SELECTIONS, adapter_params
-from .train import TrainingRecipe
+from .recipe import TrainingRecipe, mimi_setting_fields
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
-# MiMi's method fields as CLI options: the fields, defaults and help texts are MiMiConfig's own
-_MIMI_FIELDS = ("target_compression", "target_params", "init_compression", "prune_ratio", "selection", "score",
-                "activation", "adapter_bias", "init_weights", "reconstruct", "budget_tolerance")
+# the allowed values of MiMiConfig's fields that take one of a few names
 _CHOICES = {"selection": SELECTIONS, "score": SCORES, "activation": ACTIVATIONS}
 
 
@@ -49,32 +47,30 @@ class RunArguments:
         "help": "upload the adapter to this Hub model repository (uses your saved Hub login)", "metavar": "REPO"})
 
 
-def _mimi_options() -> type:
-    """A dataclass of MiMiConfig's method fields (same names, types, defaults and help), for the parser."""
-    fields = {f.name: f for f in dataclasses.fields(MiMiConfig)}
+def _options(name: str, owner: type, fields: Sequence[dataclasses.Field]) -> type:
+    """A dataclass of ``owner``'s ``fields`` (same names, types, defaults and help texts) for the parser, with only
+    the metadata argparse takes, and the choices of `_CHOICES`."""
+    hints = get_type_hints(owner)
     made = []
-    for name in _MIMI_FIELDS:
-        metadata = dict(fields[name].metadata)
-        if name in _CHOICES:
-            metadata["choices"] = list(_CHOICES[name])
-        made.append((name, fields[name].type, field(default=fields[name].default, metadata=metadata)))
-    options = dataclasses.make_dataclass("MiMiOptions", made)
+    for f in fields:
+        metadata = {key: f.metadata[key] for key in ("help", "metavar") if key in f.metadata}
+        if f.name in _CHOICES:
+            metadata["choices"] = list(_CHOICES[f.name])
+        made.append((f.name, hints[f.name], field(default=f.default, metadata=metadata)))
+    options = dataclasses.make_dataclass(name, made)
     options.__module__ = __name__
     return options
 
 
 def train_parser():
-    """The parser of ``peft-mimi train``: :class:`RunArguments`, MiMiConfig's method fields and
-    :class:`~peft_mimi.train.TrainingRecipe`, each option declared once, in its dataclass."""
-    from typing import get_type_hints
-
+    """The parser of ``peft-mimi train``: :class:`RunArguments`, MiMiConfig's method fields
+    (`peft_mimi.recipe.mimi_setting_fields`) and every field of :class:`~peft_mimi.recipe.TrainingRecipe`, each
+    option declared once, in its dataclass."""
     from transformers import HfArgumentParser
 
-    options = _mimi_options()
-    options.__annotations__ = {n: get_type_hints(MiMiConfig)[n] for n in _MIMI_FIELDS}
-    for f in dataclasses.fields(options):
-        f.type = options.__annotations__[f.name]
-    return HfArgumentParser((RunArguments, options, TrainingRecipe), prog="peft-mimi train",
+    mimi = _options("MiMiOptions", MiMiConfig, mimi_setting_fields())
+    recipe = _options("RecipeOptions", TrainingRecipe, dataclasses.fields(TrainingRecipe))
+    return HfArgumentParser((RunArguments, mimi, recipe), prog="peft-mimi train",
                             description="Run MiMi's schedule: train, prune, ..., train; save the adapter. Give at "
                                         "most one budget: --target-compression (default 32) or --target-params.")
 
@@ -142,8 +138,9 @@ def _exit_code(command: str, run: Callable[[], int]) -> int:
 def _train(argv: list[str]) -> int:
     from .train import train
 
-    run, options, recipe = train_parser().parse_args_into_dataclasses(args=argv)
-    mimi = MiMiConfig(**dataclasses.asdict(options))
+    run, mimi_options, recipe_options = train_parser().parse_args_into_dataclasses(args=argv)
+    mimi = MiMiConfig(**dataclasses.asdict(mimi_options))
+    recipe = TrainingRecipe(**dataclasses.asdict(recipe_options))
     result = train(run.model, run.data, run.output_dir, recipe, mimi=mimi, resume=run.resume,
                    push_to_hub=run.push_to_hub)
     from accelerate import PartialState
@@ -160,7 +157,7 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_adapter
+    from .evaluate import evaluate_adapter
 
     accuracy = evaluate_adapter(args.adapter_dir, args.data, model=args.model, batch_size=args.batch_size,
                                 max_eval_samples=args.max_eval_samples)
@@ -172,7 +169,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .train import RUN_FILE, load_adapter
+    from .evaluate import load_adapter
+    from .serving import RUN_FILE
 
     model, _ = load_adapter(args.adapter_dir, model=args.model)
     tuner = model.base_model
@@ -202,8 +200,8 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from .data import ImageTransform
+    from .evaluate import load_adapter
     from .export import export_compiled, export_onnx, export_program
-    from .train import load_adapter
 
     writers = {".onnx": export_onnx, ".pt2": export_compiled if args.compiled else export_program}
     if args.output.suffix not in writers:

@@ -21,12 +21,16 @@ from safetensors.torch import load_file
 from test_train import Interrupt, failing_data_after
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+import peft_mimi.run as run_module
 import peft_mimi.train as train_module
 from peft_mimi import MiMiConfig, MiMiPruningCallback
+from peft_mimi.checkpoint import latest_checkpoint
 from peft_mimi.cli import main as cli_main
 from peft_mimi.data import ImageTransform, load_builtin_dataset, load_image_dataset, make_collate_fn
+from peft_mimi.evaluate import evaluate_adapter, load_adapter
 from peft_mimi.pruning import budget_search
-from peft_mimi.train import TrainingRecipe, latest_checkpoint, load_adapter, split_validation, train
+from peft_mimi.run import split_validation
+from peft_mimi.train import TrainingRecipe, train
 
 # d = 32, σ0 = 4, σt = 32: widths 8 -> 1, 2048 -> 256 adapter parameters in R = 3 rounds. 96 training images,
 # 10 % held out for validation; 6 batches of 16 per epoch, so 6 optimizer steps per round.
@@ -131,7 +135,7 @@ def test_a_search_never_validates_on_test_images(backbone, tmp_path, monkeypatch
         split: digits[split].add_column("row", [f"{split}-{i}" for i in range(len(digits[split]))])
         for split in ("train", "test")})
     seen = {"trained": set(), "validated": set()}
-    real_evaluate, real_loader = train_module.evaluate, train_module._Run.epoch_loader
+    real_evaluate, real_loader = train_module.evaluate, run_module.Run.epoch_loader
 
     def evaluate(model, loader, accelerator, **kwargs):
         rows = set(loader.dataset["row"]) if hasattr(loader.dataset, "column_names") else set()
@@ -144,7 +148,7 @@ def test_a_search_never_validates_on_test_images(backbone, tmp_path, monkeypatch
         return real_loader(self, round_, epoch)
 
     monkeypatch.setattr(train_module, "evaluate", evaluate)
-    monkeypatch.setattr(train_module._Run, "epoch_loader", epoch_loader)
+    monkeypatch.setattr(run_module.Run, "epoch_loader", epoch_loader)
     result = train(backbone, data, tmp_path / "out", RECIPE, mimi=MiMiConfig(target_compression=32.0,
                                                                               budget_tolerance=0.5))
     assert len(seen["validated"]) == math.ceil(0.1 * 96) and not seen["validated"] & seen["trained"]
@@ -194,7 +198,7 @@ def test_the_search_prunes_to_the_floor_and_saves_the_chosen_round(searched):
     assert searched.widths == chosen["widths"] and sum(chosen["widths"].values()) > sum(history[3]["widths"].values())
     assert searched.live_params == chosen["live_params"] == searched.model.base_model.live_params()
     assert searched.accuracy == chosen["accuracy"] and searched.validation_accuracy == 0.6
-    assert train_module.evaluate_adapter(searched.adapter_dir, "digits", max_eval_samples=48) == chosen["accuracy"]
+    assert evaluate_adapter(searched.adapter_dir, "digits", max_eval_samples=48) == chosen["accuracy"]
     metrics = [json.loads(line) for line in (searched.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics == history
 
@@ -224,7 +228,7 @@ def test_resume_in_the_middle_of_the_search_ends_like_an_uninterrupted_run(searc
     out = tmp_path / "out"
     scripted_validation(monkeypatch)
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "make_collate_fn", failing_data_after(18, "kill"))
+        patch.setattr(run_module, "make_collate_fn", failing_data_after(18, "kill"))
         with pytest.raises(Interrupt):
             train(backbone, "digits", out, RECIPE, mimi=SEARCH)
     checkpoint = latest_checkpoint(out)
@@ -315,7 +319,7 @@ def test_the_trainer_callback_searches_on_the_trainers_evaluation(tmp_path):
 
     assert callback.prune_steps == [4, 8, 12]  # 8 epochs of 4 steps, R = 3: a cut every epoch, then the rest
     assert trainer.state.global_step == 32  # every segment trained, down to the floor
-    assert callback.search_accuracies == [0.5, 0.6, 0.3, 0.585] and callback.chosen_round == 1
+    assert callback.search.accuracies == [0.5, 0.6, 0.3, 0.585] and callback.chosen_round == 1
     tuner = model.base_model
     parameters, widths = copies[1]
     assert tuner.adapter_widths() == widths and tuner.peft_config["default"].rounds_done == 1
@@ -363,7 +367,7 @@ def test_the_trainer_search_resumes_from_a_checkpoint(tmp_path):
     trainer = trainer_with_search(resumed, tmp_path / "run", _ScriptedAccuracy(resumed))
     callback = MiMiPruningCallback.attach(trainer)
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-20"))
-    assert callback.search_accuracies == [0.5, 0.6, 0.3, 0.585] and callback.chosen_round == 1
+    assert callback.search.accuracies == [0.5, 0.6, 0.3, 0.585] and callback.chosen_round == 1
     assert resumed.base_model.adapter_widths() == reference.base_model.adapter_widths()
     assert resumed.base_model.peft_config["default"].rounds_done == 1
 

@@ -6,16 +6,11 @@ import pytest
 import torch
 from conftest import make_model
 from peft import PeftModel, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from peft_mimi import (
-    MiMiConfig,
-    MiMiPruningCallback,
-    round_aligned_lr_factor,
-    round_aligned_scheduler,
-    rounds_for_cosine_restarts,
-)
+from peft_mimi import MiMiConfig, MiMiPruningCallback
 from peft_mimi.data import ImageTransform, load_builtin_dataset, make_collate_fn
+from peft_mimi.schedule import lr_factor
 
 pytest.importorskip("sklearn")
 
@@ -128,38 +123,6 @@ def test_schedule_lands_on_the_budget_trains_after_the_last_round_and_reloads(di
     assert loaded.base_model.adapter_widths() == tuner.adapter_widths()
 
 
-def test_round_aligned_lr_restarts_with_a_warm_up_at_every_prune_step():
-    boundaries = (0, 16, 32, 48)  # prune steps 16 and 32 of 48: three segments of 16 steps
-    factors = [round_aligned_lr_factor(step, boundaries, warmup_ratio=0.25) for step in range(48)]
-    assert restarts(factors) == [0, 16, 32]
-    for start in (16, 32):
-        assert factors[start] == 0.0  # the warm-up starts again from 0 right after the pruning
-        assert 0 < factors[start - 1] < 0.05  # the cosine had (nearly) reached 0
-        assert factors[start + 4] == 1.0  # the peak after a warm-up of 25 % of the segment's 16 steps
-    for start in (0, 16, 32):
-        warm_up, decay = factors[start:start + 5], factors[start + 4:start + 16]
-        assert warm_up == sorted(warm_up) and decay == sorted(decay, reverse=True)
-    # each segment is exactly transformers' cosine schedule with warm-up, as peft_mimi.train uses every round
-    one_round = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1.0), 4, 16).lr_lambdas[0]
-    assert factors == pytest.approx([one_round(k) for k in range(16)] * 3)
-    # segments of different lengths get warm-ups of their own length; without warm-up a restart is the peak
-    assert [round_aligned_lr_factor(s, (0, 10, 30), 0.2) for s in (10, 13, 14)] == [0.0, 0.75, 1.0]
-    assert round_aligned_lr_factor(10, (0, 10, 30), 0.0) == 1.0
-    assert round_aligned_lr_factor(30, (0, 10, 30), 0.0) == 0.0  # past max_steps
-
-
-def test_round_aligned_scheduler_explains_bad_arguments():
-    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1.0)
-    scheduler = round_aligned_scheduler(optimizer, [4, 8], max_steps=12, warmup_ratio=0.5)
-    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
-    with pytest.raises(ValueError, match="MiMiPruningCallback.plan"):
-        round_aligned_scheduler(optimizer, [8, 4], max_steps=12, warmup_ratio=0.1)
-    with pytest.raises(ValueError, match="MiMiPruningCallback.plan"):
-        round_aligned_scheduler(optimizer, [4, 12], max_steps=12, warmup_ratio=0.1)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        round_aligned_scheduler(optimizer, [4, 8], max_steps=12, warmup_ratio=1.0)
-
-
 def test_trainer_learning_rate_restarts_exactly_at_every_round(digits, tmp_path):
     train, _ = digits
     model = mimi_model()
@@ -177,7 +140,7 @@ def test_trainer_learning_rate_restarts_exactly_at_every_round(digits, tmp_path)
         assert rates[start] == 0.0
         assert max(rates[start:end]) == pytest.approx(5e-3)  # the peak after each segment's warm-up
     boundaries = (0, *callback.prune_steps, max_steps)
-    assert rates == pytest.approx([5e-3 * round_aligned_lr_factor(s, boundaries, 0.25) for s in range(max_steps)])
+    assert rates == pytest.approx([5e-3 * lr_factor(s, boundaries, 0.25) for s in range(max_steps)])
     assert model.base_model.live_params() <= model.base_model.budget()
 
 
@@ -207,11 +170,6 @@ def test_attach_explains_a_schedule_it_cannot_build(digits, tmp_path):
                       optimizers=(optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer)))
     with pytest.raises(ValueError, match="already has one"):
         MiMiPruningCallback.attach(trainer, restart_lr=True)
-
-
-def test_cosine_with_restarts_helper_still_counts_segments_but_is_deprecated():
-    with pytest.warns(FutureWarning, match="restart_lr=True"):
-        assert rounds_for_cosine_restarts(mimi_model()) == 3  # R + 1 segments for R = 2 rounds
 
 
 def test_gradient_accumulation_and_segments_in_epochs(digits, tmp_path):
@@ -286,36 +244,3 @@ def test_too_short_training_is_explained(digits, tmp_path):
         MiMiPruningCallback(steps_per_round=10).plan(max_steps=20, num_train_epochs=1, planned_rounds=2)
     with pytest.raises(ValueError, match="not both"):
         MiMiPruningCallback(steps_per_round=10, epochs_per_round=1)
-
-
-@pytest.mark.parametrize("score", ["mimi", "gradient"])
-def test_reconstruct_refits_the_kept_neurons_at_the_trainers_cuts_too(digits, tmp_path, monkeypatch, score):
-    """MiMiConfig(reconstruct=True) under the HF Trainer with a plain cosine schedule: the statistics gathered in
-    the Trainer's training steps reach every cut, so each cut refits the kept neurons (as with peft_mimi.train);
-    also with the gradient score, whose per-neuron gradient sums are gathered in the same steps."""
-    from peft_mimi.card import model_card
-    from peft_mimi.layer import MiMiLayer
-
-    refits = []
-    original = MiMiLayer.reconstruct_cut
-
-    def recording(layer, adapter_name, keep_live):
-        refits.append(original(layer, adapter_name, keep_live))
-        return refits[-1]
-
-    monkeypatch.setattr(MiMiLayer, "reconstruct_cut", recording)
-    final = {}
-    for reconstruct in (False, True):
-        torch.manual_seed(0)
-        model = mimi_model(reconstruct=reconstruct, score=score, init_weights=False)
-        trainer = trainer_for(model, digits[0], tmp_path / str(reconstruct), num_train_epochs=3)
-        MiMiPruningCallback.attach(trainer)
-        trainer.train()
-        assert model.base_model.live_params() <= model.base_model.budget()
-        final[reconstruct] = {n: p.detach().clone() for n, p in model.named_parameters() if ".mimi_up" in n}
-        if not reconstruct:
-            assert refits == [], "the paper's plain removal refits nothing"
-    layers = len(list(model.base_model._layers("default")))
-    assert len(refits) == 2 * layers and any(refits), refits  # every layer at both cuts; the cut ones refitted
-    assert any(not torch.equal(final[False][n], final[True][n]) for n in final[True] if n in final[False])
-    assert f"score `{score}`, kept neurons refitted at each cut (`reconstruct`)" in model_card(model)

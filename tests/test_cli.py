@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import peft_mimi.run as run_module
 import peft_mimi.train as train_module
-from peft_mimi.cli import main
+from peft_mimi import MiMiConfig
+from peft_mimi.cli import main, train_parser
+from peft_mimi.recipe import TrainingRecipe, mimi_setting_fields
 
 TINY = ["--data", "digits", "--target-compression", "16", "--epochs-per-round", "1", "--batch-size", "16",
         "--max-train-samples", "64", "--max-eval-samples", "32", "--lr", "3e-3", "--checkpoint-every-steps", "2"]
@@ -57,7 +61,7 @@ def test_train_refuses_to_overwrite_a_run(backbone, tmp_path, capsys):
 
 
 def test_nan_loss_exits_with_1_and_says_where(backbone, tmp_path, capsys, monkeypatch):
-    real = train_module.make_collate_fn
+    real = run_module.make_collate_fn
 
     def nan_images(transform, num_labels=None):
         collate = real(transform, num_labels)
@@ -65,7 +69,7 @@ def test_nan_loss_exits_with_1_and_says_where(backbone, tmp_path, capsys, monkey
                                                                                     float("nan"))}
                 ) if transform.train else collate
 
-    monkeypatch.setattr(train_module, "make_collate_fn", nan_images)
+    monkeypatch.setattr(run_module, "make_collate_fn", nan_images)
     assert exit_code(["train", "--model", backbone, "--output-dir", str(tmp_path), *TINY]) == 1
     assert "training loss became nan in round 0, epoch 0, batch 0" in capsys.readouterr().err
 
@@ -103,7 +107,7 @@ def test_missing_inputs_exit_with_2(tmp_path, capsys):
 
 
 def test_method_options_come_from_mimi_config(backbone, tmp_path, monkeypatch):
-    """activation, adapter_bias, init_weights and reconstruct reach the adapter from the command line."""
+    """activation, adapter_bias and init_weights reach the adapter from the command line."""
     seen = {}
     real = train_module.train
 
@@ -113,17 +117,35 @@ def test_method_options_come_from_mimi_config(backbone, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "train", spy)
     argv = ["train", "--model", backbone, "--output-dir", str(tmp_path / "o"), *TINY, "--activation", "relu",
-            "--adapter-bias", "--no-init-weights", "--reconstruct", "--head-lr", "0.01"]
+            "--adapter-bias", "--no-init-weights", "--head-lr", "0.01"]
     assert main(argv) == 0
     mimi = seen["mimi"]
-    assert (mimi.activation, mimi.adapter_bias, mimi.init_weights, mimi.reconstruct) == ("relu", True, False, True)
+    assert (mimi.activation, mimi.adapter_bias, mimi.init_weights) == ("relu", True, False)
     assert seen["recipe"].head_lr == 0.01 and seen["recipe"].lr == 3e-3
     config = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
-    assert (config["activation"], config["adapter_bias"], config["init_weights"], config["reconstruct"]) == (
-        "relu", True, False, True)
+    assert (config["activation"], config["adapter_bias"], config["init_weights"]) == ("relu", True, False)
 
 
 def test_the_console_script_is_installed():
     script = Path(sys.executable).parent / "peft-mimi"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "{train,eval,info,export}" in done.stdout
+
+
+def test_the_train_options_are_the_fields_of_the_recipe_and_of_the_methods_config():
+    """Every option of ``peft-mimi train`` comes from a dataclass field, with its default and help text: adding a
+    field to TrainingRecipe or MiMiConfig adds the option, nothing else to edit."""
+    options = {}
+    for action in train_parser()._actions:  # the first action of each name (a --no_<flag> follows its flag)
+        options.setdefault(action.dest, action)
+    del options["help"]
+    recipe = {f.name: f for f in dataclasses.fields(TrainingRecipe)}
+    method = {f.name: f for f in mimi_setting_fields()}
+    assert set(options) == {"model", "data", "output_dir", "resume", "push_to_hub"} | set(recipe) | set(method)
+    for name, f in {**recipe, **method}.items():
+        assert options[name].default == f.default and options[name].help.startswith(f.metadata["help"]), name
+    # the method's settings, not PEFT's module lists, the recorded state or the recipe's own seed
+    assert {"init_compression", "target_compression", "target_params", "prune_ratio", "selection", "score",
+            "budget_tolerance"} <= set(method)
+    assert not {"target_modules", "modules_to_save", "adapter_widths", "rounds_done", "seed"} & set(method)
+    assert set(method) <= {f.name for f in dataclasses.fields(MiMiConfig)}

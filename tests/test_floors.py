@@ -1,6 +1,9 @@
-"""Sanity floors (peft_mimi.floors): logistic regression on raw pixels and on a frozen backbone's features."""
+"""Sanity floors (benchmarks/floors.py): logistic regression on raw pixels and on a frozen backbone's features."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +11,9 @@ from threadpoolctl import threadpool_limits
 
 from peft_mimi.backbones import load_backbone
 from peft_mimi.data import load_image_dataset
-from peft_mimi.floors import linear_probe, logistic_probe, pixel_floor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from floors import linear_probe, logistic_probe, pixel_floor  # noqa: E402 (benchmarks/ is not a package)
 
 
 @pytest.fixture(autouse=True)

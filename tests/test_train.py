@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,13 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
+import peft_mimi.run as run_module
 import peft_mimi.train as train_module
 from peft_mimi import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig
 from peft_mimi.card import is_hub_model_id, model_card
-from peft_mimi.train import TrainingRecipe, latest_checkpoint, load_adapter, train
+from peft_mimi.checkpoint import OutputDirectoryBusy, RunLock, latest_checkpoint
+from peft_mimi.evaluate import evaluate_adapter, load_adapter
+from peft_mimi.train import TrainingRecipe, train
 
 # 96 training images in batches of 16: 6 optimizer steps per epoch. d = 32, σ0 = 4, σt = 16: widths 8 -> 2,
 # 2048 -> 512 adapter parameters in R = 2 rounds, so 3 rounds of training, one epoch each (final_epochs=1: the
@@ -61,7 +65,7 @@ def run(backbone, tmp_path_factory):
     """One uninterrupted run, pushed to a stand-in Hub."""
     HubRecorder.calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "HfApi", HubRecorder)
+        patch.setattr(run_module, "HfApi", HubRecorder)
         patch.setenv("HF_TOKEN", SECRET_TOKEN)  # must never be written anywhere
         result = train(backbone, output_dir=tmp_path_factory.mktemp("run") / "out", push_to_hub="me/tiny-mimi",
                        **SETTINGS)
@@ -75,7 +79,7 @@ class Interrupt(Exception):
 def failing_data_after(batches: int, failure: str):
     """A `make_collate_fn` whose training batches, from number `batches` on, raise (`failure="kill"`) or hold NaN
     pixels (`failure="nan"`)."""
-    real = train_module.make_collate_fn
+    real = run_module.make_collate_fn
     count = {"n": 0}
 
     def make_collate_fn(transform, num_labels=None):
@@ -132,7 +136,7 @@ def test_the_saved_adapter_reloads_with_identical_predictions(run):
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=images).logits, run.model(pixel_values=images).logits)
-    accuracy = train_module.evaluate_adapter(run.adapter_dir, "digits", max_eval_samples=48)
+    accuracy = evaluate_adapter(run.adapter_dir, "digits", max_eval_samples=48)
     assert accuracy == run.accuracy
 
 
@@ -174,17 +178,16 @@ def test_a_run_is_not_overwritten_without_resume(run):
 def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(run, backbone, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:  # killed in round 1, after the checkpoint at optimizer step 8
-        patch.setattr(train_module, "make_collate_fn", failing_data_after(11, "kill"))
+        patch.setattr(run_module, "make_collate_fn", failing_data_after(11, "kill"))
         with pytest.raises(Interrupt):
             train(backbone, output_dir=out, **SETTINGS)
     state_file = latest_checkpoint(out) / "state.json"
     state = json.loads(state_file.read_text())
     assert (state["position"]["round"], state["position"]["global_step"], state["position"]["batch"]) == (1, 8, 2)
-    # as written before TrainingRecipe.restart_lr existed: such a checkpoint restarted the schedule every round
+    # a checkpoint of the previous format counted the scheduler's steps per round: refused, not misread
     saved = state_file.read_text()
-    del state["settings"]["recipe"]["restart_lr"]
-    state_file.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"recipe.restart_lr: True in the checkpoint, False now"):
+    state_file.write_text(json.dumps({**state, "format": 2}))
+    with pytest.raises(ValueError, match=r"not a checkpoint this version of peft_mimi can read"):
         train(backbone, output_dir=out, resume=True, **SETTINGS)
     state_file.write_text(saved)
 
@@ -200,12 +203,12 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(run, backbon
 
 
 def test_resume_keeps_the_round_statistics_of_data_aware_scores(backbone, tmp_path, monkeypatch):
-    """With a score gathered from training (taylor) and the least-squares refit at each cut, the statistics of the
-    interrupted round are in the checkpoint: the resumed run cuts exactly as an uninterrupted one."""
-    settings = {**SETTINGS, "mimi": MiMiConfig(target_compression=16.0, score="taylor", reconstruct=True)}
+    """With a score gathered from training (the gradient score), the statistics of the interrupted round are in the
+    checkpoint: the resumed run cuts exactly as an uninterrupted one."""
+    settings = {**SETTINGS, "mimi": MiMiConfig(target_compression=16.0, score="gradient")}
     whole = train(backbone, output_dir=tmp_path / "whole", **settings)
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "make_collate_fn", failing_data_after(11, "kill"))
+        patch.setattr(run_module, "make_collate_fn", failing_data_after(11, "kill"))
         with pytest.raises(Interrupt):
             train(backbone, output_dir=tmp_path / "out", **settings)
     assert (latest_checkpoint(tmp_path / "out") / "round_statistics.safetensors").is_file()
@@ -217,7 +220,7 @@ def test_resume_keeps_the_round_statistics_of_data_aware_scores(backbone, tmp_pa
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(backbone, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(train_module, "make_collate_fn", failing_data_after(7, "nan"))
+    monkeypatch.setattr(run_module, "make_collate_fn", failing_data_after(7, "nan"))
     with pytest.raises(FloatingPointError, match=r"loss became nan in round 1.*ckpt-00002"):
         train(backbone, output_dir=out, **SETTINGS)
     checkpoint = latest_checkpoint(out)
@@ -267,20 +270,15 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         TrainingRecipe(epochs_per_round=0)
     with pytest.raises(ValueError, match="warmup_ratio"):
         TrainingRecipe(warmup_ratio=1.5)
-    with pytest.raises(ValueError, match=r"first_epochs must be an int >= 1 \(or None\), got 0"):
-        TrainingRecipe(first_epochs=0)
+    with pytest.raises(ValueError, match=r"final_epochs must be an int >= 1 \(or None\), got 0"):
+        TrainingRecipe(final_epochs=0)
+    with pytest.raises(ValueError, match="head_lr must be a number > 0"):
+        TrainingRecipe(head_lr=0.0)
     with pytest.raises(ValueError, match="needs its image processor"):
         train(make_model("vit", num_labels=10), "digits", tmp_path)
     with pytest.raises(ValueError, match="head classifies 3 classes but the dataset has 10"):
         train(make_model("vit", num_labels=3), "digits", tmp_path, processor=object())
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # nothing written but the run's lock
-
-
-def test_the_first_and_last_segments_can_be_longer_than_the_rounds_between():
-    recipe = TrainingRecipe(first_epochs=2, epochs_per_round=1, final_epochs=5)
-    assert [recipe.epochs_in_round(r, 4) for r in range(5)] == [2, 1, 1, 1, 5]
-    assert recipe.epochs_in_round(0, 0) == 5  # without pruning rounds the only segment is the last one
-    assert [TrainingRecipe(epochs_per_round=3).epochs_in_round(r, 2) for r in range(3)] == [3, 3, 3]
 
 
 def test_the_default_schedule_spends_the_papers_epochs_on_the_final_widths():
@@ -291,7 +289,7 @@ def test_the_default_schedule_spends_the_papers_epochs_on_the_final_widths():
     assert default.segment_epochs(4) == [1, 1, 1, 1, 6]  # σt = 64 from σ0 = 4: 10 epochs, 6 at the final widths
     assert default.segment_epochs(7) == [1] * 7 + [9]  # σt = 256: 16 epochs, 9 at the final widths
     assert TrainingRecipe(epochs_per_round=2, restart_lr=True).segment_epochs(4) == [2] * 5  # the paper's
-    assert TrainingRecipe(first_epochs=3).segment_epochs(4) == [3, 1, 1, 1, 4]  # still 10 in all
+    assert TrainingRecipe(final_epochs=3).segment_epochs(4) == [1, 1, 1, 1, 3]
     assert TrainingRecipe(epochs_per_round=4).segment_epochs(2) == [4, 4, 4]  # never shorter than a round
     assert default.segment_epochs(0) == [1] and TrainingRecipe(epochs_per_round=3).segment_epochs(0) == [3]
 
@@ -312,14 +310,14 @@ def test_a_live_run_owns_its_output_directory_and_a_killed_one_does_not(backbone
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from peft_mimi.train import _RunLock
-        with _RunLock(Path({str(out)!r}), True):
+        from peft_mimi.checkpoint import RunLock
+        with RunLock(Path({str(out)!r}), True):
             print("locked", flush=True)
             time.sleep(120)
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(train_module.OutputDirectoryBusy, match=rf"{out} is being written by a live run \(pid "
+        with pytest.raises(OutputDirectoryBusy, match=rf"{out} is being written by a live run \(pid "
                                                                    rf"{holder.pid} "):
             train(backbone, output_dir=out, **SETTINGS)
     finally:
@@ -329,17 +327,39 @@ def test_a_live_run_owns_its_output_directory_and_a_killed_one_does_not(backbone
     assert result.rounds == 2
 
 
+def test_only_the_global_main_process_locks_the_output_directory(tmp_path, monkeypatch):
+    """Multi-node training on a shared filesystem: the first process of the second node (its local main process,
+    not the run's) must not take the run's lock, which the run's main process on the first node holds; on a single
+    node a second run on the directory is still refused."""
+    out = tmp_path / "out"
+
+    class FakeAccelerator:  # what accelerate reports on the first process of node 2
+        is_main_process, is_local_main_process = False, True
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(train_module, "Accelerator", FakeAccelerator)
+    monkeypatch.setattr(train_module, "_train", lambda *args: "trained")
+    with RunLock(out, True):  # held by the run's main process, on node 1
+        assert train("a-backbone", "digits", out) == "trained"
+        FakeAccelerator.is_main_process = True  # a second run's main process
+        with pytest.raises(OutputDirectoryBusy, match="being written by a live run"):
+            train("a-backbone", "digits", out)
+
+
 def test_a_second_run_on_a_live_directory_is_refused_and_the_first_finishes_unharmed(backbone, tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
+        import peft_mimi.run as r
         import peft_mimi.train as t
         from peft_mimi import MiMiConfig
-        real = t.make_collate_fn
+        real = r.make_collate_fn
         def slow(transform, num_labels=None):  # a slow data pipeline: the run stays live for a few seconds
             collate = real(transform, num_labels)
             return (lambda examples: (time.sleep(0.3), collate(examples))[1]) if transform.train else collate
-        t.make_collate_fn = slow
+        r.make_collate_fn = slow
         t.train({backbone!r}, "digits", {str(out)!r}, t.TrainingRecipe(**{dataclasses.asdict(RECIPE)!r}),
                 mimi=MiMiConfig(target_compression=16.0))
     """)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -349,7 +369,7 @@ def test_a_second_run_on_a_live_directory_is_refused_and_the_first_finishes_unha
                 break
             assert first.poll() is None, first.stderr.read()[-2000:]
             time.sleep(0.1)
-        with pytest.raises(train_module.OutputDirectoryBusy, match="being written by a live run"):
+        with pytest.raises(OutputDirectoryBusy, match="being written by a live run"):
             train(backbone, output_dir=out, resume=True, **SETTINGS)
         assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     finally:
@@ -410,8 +430,7 @@ def test_the_head_can_have_its_own_learning_rate(backbone):
 
     base, _ = load_backbone(backbone, num_labels=10)
     model = get_peft_model(base, MiMiConfig(target_compression=16.0, modules_to_save=["classifier"]))
-    optimizer, _ = build_optimizer(model, lr=1e-3, head_lr=1e-2, weight_decay=0.05, warmup_ratio=0.0,
-                                   num_training_steps=10)
+    optimizer = build_optimizer(model, lr=1e-3, head_lr=1e-2, weight_decay=0.05)
     rates = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -428,15 +447,15 @@ def test_the_schedule_restarts_at_every_round_or_runs_once_across_the_cuts(backb
     rates, real = [], train_module.build_optimizer
 
     def recording(*args, **kwargs):
-        optimizer, scheduler = real(*args, **kwargs)
-        step = scheduler.step
+        optimizer = real(*args, **kwargs)
+        step = optimizer.step
 
-        def step_and_record():
-            rates.append(scheduler.get_last_lr()[0])  # the rate the optimizer step just used
-            step()
+        def step_and_record(self, *step_args, **step_kwargs):
+            rates.append(self.param_groups[0]["lr"])  # the rate this optimizer step uses
+            return step(*step_args, **step_kwargs)
 
-        scheduler.step = step_and_record
-        return optimizer, scheduler
+        optimizer.step = types.MethodType(step_and_record, optimizer)
+        return optimizer
 
     monkeypatch.setattr(train_module, "build_optimizer", recording)
     recipe = dataclasses.replace(RECIPE, checkpoint_every_steps=None, restart_lr=restart_lr)

@@ -1,4 +1,4 @@
-"""Sanity floors for accuracy tables: what a setting must beat before its number means anything.
+"""Sanity floors for the benchmarks' accuracy tables: what a setting must beat before its number means anything.
 
 A fine-tuned classifier that scores below a linear model on raw pixels, or below a linear probe on the frozen
 backbone it started from, is under-trained (or broken), whatever its parameter budget. Two floors, both
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageTransform
-from .train import _forward_kwargs, _head_modules
+from peft_mimi.data import ImageTransform
+from peft_mimi.evaluate import forward_kwargs as model_forward_kwargs
+from peft_mimi.run import head_modules
 
 __all__ = ["DEFAULT_CS", "linear_probe", "logistic_probe", "pixel_floor"]
 
@@ -201,9 +202,9 @@ def linear_probe(
     """
     start = time.perf_counter()
     labels = _labels(train), _labels(test)
-    head = getattr(model, _head_modules(model)[0])
+    head = getattr(model, head_modules(model)[0])
     transform = ImageTransform.from_processor(processor, train=False)
-    kwargs = dict(_forward_kwargs(model, transform) if forward_kwargs is None else forward_kwargs)
+    kwargs = dict(model_forward_kwargs(model, transform) if forward_kwargs is None else forward_kwargs)
     was_training = model.training
     model.eval()
     try:
