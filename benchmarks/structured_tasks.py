@@ -922,10 +922,16 @@ def write_samples(name: str, out_dir: Path, rows: int = 4, cols: int = 8) -> Pat
         ax.axis("off")
     fig.suptitle(f"{name}: {task.description}", fontsize=8)
     fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    grid = Image.open(buffer).convert("RGB")
+    channels = np.asarray(grid)
+    if (channels == channels[..., :1]).all():  # grey tasks: one channel, a third of the bytes
+        grid = grid.convert("L")
+    grid.save(path, optimize=True)
     return path
 
 
