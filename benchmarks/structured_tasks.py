@@ -32,6 +32,7 @@ import argparse
 import io
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,9 +44,9 @@ import numpy as np
 from PIL import Image
 
 # the generated data; bump when any generator or the split sizes change (it names the cache folders)
-VERSION = 2
+VERSION = 3
 TRAIN_SEED = 1000  # the 1,000 training images (800 train + 200 validation)
-TEST_SEED = 2000  # the test images: a different seed, so no test scene repeats a training one by construction
+TEST_SEED = 2000  # the test images: another seed than the training images'
 TRAIN_SIZE = 1000
 VALIDATION_SIZE = 200  # the last 200 of the 1,000
 TEST_SIZE = 2000
@@ -362,11 +363,6 @@ class Light:
     intensity: float
 
 
-def _unit(v: Sequence[float]) -> np.ndarray:
-    v = np.asarray(v, dtype=float)
-    return v / np.linalg.norm(v)
-
-
 def _direction(azimuth_deg: float, elevation_deg: float) -> np.ndarray:
     a, e = math.radians(azimuth_deg), math.radians(elevation_deg)
     return np.array([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])
@@ -448,7 +444,7 @@ CLEVR_CAMERA = np.array([7.48, -6.51, 5.34])  # CLEVR's camera position, jittere
 CLEVR_FOV = 42.0
 CLEVR_AREA = 3.0  # objects' centres in [-3, 3]^2, as CLEVR
 CLEVR_GAP = 0.25  # the least gap between two objects' footprints, as CLEVR's min_dist
-CLEVR_MIN_PIXELS = 20  # each object shows at least this many pixels (CLEVR: 200 of 480 x 320) and none is cut
+CLEVR_MIN_PIXELS = 20  # each object shows at least this many pixels (CLEVR: 200 of 480 x 320)
 CLEVR_GROUND = np.array([0.52, 0.52, 0.5])
 CLEVR_SKY = np.array([0.6, 0.6, 0.62])
 
@@ -484,6 +480,8 @@ class ClevrObject:
 
 @dataclass(frozen=True)
 class ClevrScene:
+    """A scene: its objects, the camera and the key light."""
+
     objects: tuple[ClevrObject, ...]
     camera: Camera
     light: Light
@@ -507,8 +505,11 @@ def sample_clevr_scene(rng: np.random.Generator) -> ClevrScene:
     """3-10 objects placed without overlap (footprints at least :data:`CLEVR_GAP` apart), a jittered camera aimed
     at the origin and a jittered key light. Visibility is not checked here (see :func:`draw_clevr`)."""
     objects: list[ClevrObject] = []
-    count = int(rng.integers(3, 11))
+    count, attempts = int(rng.integers(3, 11)), 0
     while len(objects) < count:
+        attempts += 1
+        if attempts > 200:  # crowded: start the placement again, as CLEVR does
+            objects, attempts = [], 0
         obj = ClevrObject(
             shape=CLEVR_SHAPES[rng.integers(len(CLEVR_SHAPES))],
             material=CLEVR_MATERIALS[rng.integers(len(CLEVR_MATERIALS))],
@@ -877,7 +878,10 @@ def load_pool(pool: str) -> datasets.DatasetDict:
     data = _elpv_pool() if pool == "elpv" else generate_pool(pool)
     temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
     data.save_to_disk(str(temporary))
-    temporary.replace(path)  # another process may have finished first: both wrote the same data
+    try:
+        temporary.rename(path)
+    except OSError:  # another process saved the same pool first: keep its copy
+        shutil.rmtree(temporary)
     return datasets.load_from_disk(str(path))
 
 

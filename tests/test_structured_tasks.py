@@ -254,6 +254,18 @@ def test_a_new_version_regenerates(tiny_splits, monkeypatch):
     assert len(st.load_task("dsprites_location")["train"]) == 12
 
 
+def test_a_pool_saved_meanwhile_by_another_process_is_kept(tiny_splits, monkeypatch):
+    generate = st.generate_pool
+
+    def generate_while_another_process_saves(pool):
+        generate(pool).save_to_disk(str(st.cache_root() / f"{pool}-v{st.VERSION}"))  # it finished first
+        return generate(pool)
+
+    monkeypatch.setattr(st, "generate_pool", generate_while_another_process_saves)
+    assert len(st.load_task("dsprites_location")["train"]) == 10
+    assert [p.name for p in (tiny_splits / "structured").iterdir()] == [f"dsprites-v{st.VERSION}"]
+
+
 def test_unknown_task_names_the_choices():
     with pytest.raises(KeyError, match="dsprites_location"):
         st.load_task("dsprites")
