@@ -15,6 +15,14 @@ from conftest import require_fashion_mnist
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_drawn(path: Path) -> None:
+    """``path`` is a PNG that decodes to a picture with something drawn on it, not a blank or tiny canvas."""
+    from matplotlib import image
+
+    pixels = image.imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) >= 200 and pixels[..., :3].std() > 0.02, path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "extra", "outputs"),
@@ -28,12 +36,54 @@ def test_benchmark_smoke_mode_writes_its_results(script, extra, outputs, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path), *extra],
                    check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
-    for name in outputs:
-        assert (tmp_path / name).stat().st_size > 0, name
     raw = json.loads((tmp_path / outputs[1]).read_text())
-    assert raw, "empty results"
+    assert raw["config"]["smoke"] is True
+    table = (tmp_path / outputs[0]).read_text()
+    if script == "bench_storage.py":
+        (result,) = raw["results"].values()
+        variants = {v["label"]: v for v in result["variants"]}
+        assert set(variants) == {
+            "MiMi σt=16 compacted", "MiMi σt=64 compacted", "MiMi σt=64 masked (compact=False)",
+            "Adapters σ=4 (vanilla)", "Adapters σ=64 (vanilla)", "LoRA r=2 (≈B(σt=16))", "LoRA r=1 (≈B(σt=64))",
+            "Linear probe (head)", "BitFit (biases + head)", "Full fine-tuning (whole model)"}
+        stored = {label: v["fp32"]["stored_values"] for label, v in variants.items()}
+        head = stored["Linear probe (head)"]
+        # pruned to the budget, MiMi stores what vanilla adapters of the final width store; masked, what σ = 4 stores
+        assert head < stored["MiMi σt=64 compacted"] == stored["Adapters σ=64 (vanilla)"]
+        assert stored["MiMi σt=64 compacted"] < stored["MiMi σt=16 compacted"]
+        assert stored["MiMi σt=64 masked (compact=False)"] > stored["Adapters σ=4 (vanilla)"]
+        assert stored["Full fine-tuning (whole model)"] == result["backbone_params"] + head
+        for label in ("MiMi σt=16 compacted", "MiMi σt=64 compacted"):  # float tensors only: 4 and 2 bytes a value
+            assert variants[label]["fp32"]["tensor_bytes"] == 4 * stored[label] == 2 * variants[label]["bf16"][
+                "tensor_bytes"]
+            assert f"| {label} | {stored[label]:,} |" in table
+    if script == "bench_training_cost.py":
+        runs = {label: rows[0] for label, rows in raw["runs"].items()}
+        mimi = next(row for label, row in runs.items() if label.startswith("MiMi"))
+        vanilla = runs["Adapters σ=16"]
+        assert raw["epochs"] == (raw["rounds"] + 1) * raw["config"]["epochs_per_round"] == sum(
+            segment["epochs"] for segment in mimi["segments"])
+        sizes = [segment["live_params"] for segment in mimi["segments"]]
+        assert sizes == sorted(sizes, reverse=True) and len(sizes) == raw["rounds"] + 1
+        assert sizes[0] == runs["Adapters σ=4"]["method_params"] and mimi["method_params"] == sizes[-1]
+        assert 0 < mimi["method_params"] <= vanilla["method_params"], "MiMi ends within the budget of σt = 16"
+        assert all(0 <= row["accuracy"] <= 1 and row["wall_s"] > 0 for row in runs.values())
+        assert raw["mimi_over_vanilla"] == pytest.approx(mimi["wall_s"] / vanilla["wall_s"], rel=0.05)
+        for label, row in runs.items():
+            assert f"| {label} | {row['method_params']:,} | {raw['epochs']} |" in table
     if script == "bench_inference.py":  # each variant also timed alone with its reference; the package as deployed
         (variants,) = [r["variants"] for r in raw["results"].values()]
+        mimi = {k: v for k, v in variants.items() if k.startswith("MiMi σt=64 (")}
+        backbone, wide = variants["backbone (no adapter)"], variants["Adapters σ=4, vanilla (not timed)"]
+        assert backbone["adapter_params"] == 0 and len({v["adapter_params"] for v in mimi.values()}) == 1
+        assert 0 < next(iter(mimi.values()))["adapter_params"] < wide["adapter_params"]
+        # counted FLOPs: pruned adapters cost a little, masked ones what the wide adapters cost, merged LoRA nothing
+        pruned = mimi["MiMi σt=64 (3/4 adapters), default"]["gflops"]
+        assert backbone["gflops"] < pruned < variants["MiMi σt=64 masked, not shrunk (not timed)"]["gflops"] == \
+            wide["gflops"]
+        assert variants["LoRA r=1 merged"]["gflops"] == backbone["gflops"]
+        assert all(t > 0 for v in variants.values() for times in v.get("latency_s", {}).values() for t in times)
+        assert f"| backbone (no adapter) | 0 | {backbone['gflops']:.4f} | +0.00% |" in table
         assert all(v["pair_ratio"].keys() == {"1", "4"} for k, v in variants.items() if k.startswith("MiMi")
                    and "latency_s" in v)
         (compiled,) = [v for k, v in variants.items() if k.startswith("MiMi") and "export_compiled" in k]
@@ -86,7 +136,13 @@ def test_accuracy_benchmark_smoke_runs_every_part_and_the_summary_pairs_seeds(tm
     sweep = json.loads((out / "sweep.json").read_text())["rows"]
     for row in (r for r in sweep if r["method"]["kind"] == "mimi"):  # each setting has a same-epochs vanilla run
         assert any(v["method"]["kind"] == "adapter" and v["epochs"] == row["epochs"] for v in sweep), row["label"]
-    assert (out / "allocation.json").is_file() and (out / "accuracy.png").is_file()
+    assert_drawn(out / "accuracy.png")
+    for run in json.loads((out / "allocation.json").read_text())["runs"]:  # the per-layer widths MiMi ended with
+        assert run["widths"].keys() == run["initial_widths"].keys()
+        assert all(0 <= width <= run["initial_widths"][module] for module, width in run["widths"].items())
+        assert run["adapters_alive"] == sum(width > 0 for width in run["widths"].values()) > 0
+        assert 0 <= run["accuracy"] <= 1
+        assert_drawn(out / run["plot"])
 
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--results", str(tmp_path)],
                    check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
@@ -146,10 +202,10 @@ def test_training_subsets_keep_every_class_even_when_the_split_is_sorted_by_clas
 
 def test_plots_are_drawn_from_the_committed_results(tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_results.py"), "--out", str(tmp_path)],
-                          check=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_results.py"), "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     for name in ("ablation", "sweep", "inference", "storage", "training_cost"):
-        assert (tmp_path / f"{name}.png").stat().st_size > 10_000, done.stdout
+        assert_drawn(tmp_path / f"{name}.png")
 
 
 @pytest.mark.slow
