@@ -363,6 +363,59 @@ def test_neuron_scores_are_local_and_change_nothing_while_pruning_sums_the_gradi
         torch.testing.assert_close(got, 2 * accumulated[name] / (2 * layer.feature_size))
 
 
+TWO_PROCESSES = """
+import datetime, json, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from conftest import make_images, make_model
+from peft import get_peft_model
+from peft_mimi import MiMiConfig
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, score="gradient", init_weights=False))
+model.train()
+model(pixel_values=make_images(seed=rank + 1), labels=torch.tensor([0, 1, 2, 0])).loss.backward()  # own batch
+tuner = model.base_model
+if rank == 1:
+    tuner.neuron_scores()  # one process alone
+dist.barrier()
+grads = {name: layer.gradient_scores("default").tolist() for name, layer in tuner._layers("default")}
+budget, final = tuner.budget(), tuner.num_rounds() == 1
+widths = tuner.prune_round()  # every process together
+print(json.dumps({"grads": grads, "budget": budget, "final": final, "widths": widths}))
+"""
+
+
+def test_two_processes_prune_together_on_their_summed_gradients_and_may_score_alone(tmp_path):
+    import socket
+    from pathlib import Path
+
+    from peft_mimi.pruning import select_neurons
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(TWO_PROCESSES)
+    tests = str(Path(__file__).parent)
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(port), tests], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = []
+    for process in ranks:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    first, second = results
+    assert first["widths"] == second["widths"], "every process ends with the same widths"
+    assert first["grads"] != second["grads"], "each process saw its own batch"
+    names = list(first["widths"])
+    summed = [(torch.tensor(first["grads"][n]) + torch.tensor(second["grads"][n])) / (2 * 32) for n in names]
+    keep = select_neurons(summed, [32] * len(names), ratio=0.5, budget=first["budget"], final=first["final"])
+    assert dict(zip(names, (int(k.sum()) for k in keep))) == first["widths"]
+
+
 def test_several_adapters_load_switch_and_delete(tmp_path):
     x = make_images()
     trained = {}
