@@ -249,6 +249,14 @@ def test_relative_links_point_at_files_that_exist(page):
     assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
 
 
+def test_every_results_file_is_in_the_index():
+    results = ROOT / "benchmarks" / "results"
+    index = (results / "README.md").read_text()
+    entries = [p for p in [*results.iterdir(), *(results / "archive").iterdir()] if p.name != "README.md"]
+    missing = [str(p.relative_to(results)) for p in entries if p.name.split(".")[0] not in index]
+    assert not missing, f"benchmarks/results/README.md does not list {missing}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The config reference
 
