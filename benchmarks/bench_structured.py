@@ -42,12 +42,12 @@ OUT = common.RESULTS_DIR / "structured"
 BACKBONE = "dinov2-s14"
 # the learning-rate grid of each method family (chosen per task on the validation split, seed 0); the first value
 # listed in DEFAULT_LR is used where no selection is recorded
-LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "lora": [1e-3, 3e-3, 1e-2],
-           "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
-DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
-METHOD_ORDER = ("probe", "adapter4", "mimi", "adapter", "lora", "adalora", "full")
+LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_plus": [1e-3, 3e-3, 1e-2],
+           "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
+DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
+METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "adapter", "adapter_plus", "lora", "adalora")
 LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi", "adapter": "vanilla adapters",
-          "lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
+          "adapter_plus": "Adapter+", "lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +125,8 @@ class Planner:
         if row.method == "mimi":  # the product's default: σ0 = 4, one epoch per cut, the rest at the final widths
             return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
                           recipe_options={"epochs_per_round": 1, "final_epochs": None, "restart_lr": False})
+        if row.method == "adapter_plus":
+            return Method("adapter_plus", row.label, target_compression=row.sigma_t)
         budget = common.adapter_budget(self.model(), row.sigma_t)
         rank = common.lora_rank_for_budget(self.model(), budget)
         return Method(row.method, row.label, lora_rank=rank)

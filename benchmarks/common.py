@@ -111,8 +111,8 @@ def num_labels_of(task: str) -> int:
 # ---------------------------------------------------------------------------------------------- methods
 @dataclass
 class Method:
-    """A fine-tuning method at a budget: ``kind`` in mimi | adapter | widths | lora | adalora | linear | bitfit |
-    full.
+    """A fine-tuning method at a budget: ``kind`` in mimi | adapter | widths | adapter_plus | lora | adalora |
+    linear | bitfit | full (``adapter_plus``: Adapter+, `adapter_plus.py`, at the budget of ``target_compression``).
     ``lora_rank`` is LoRA's rank, and AdaLoRA's target average rank (it starts at 4x that rank and prunes)."""
 
     kind: str
@@ -170,6 +170,10 @@ def build(method: Method, model: nn.Module, seed: int, total_steps: int | None =
                             target_compression=method.target_compression or method.init_compression,
                             modules_to_save=["classifier"], seed=seed, **method.mimi_options)
         return get_peft_model(model, config)
+    if method.kind == "adapter_plus":
+        from adapter_plus import add_adapter_plus
+
+        return add_adapter_plus(model, adapter_budget(model, method.target_compression), seed)
     if method.kind == "widths":  # MiMi's final allocation trained from scratch: a budget it already meets
         from peft_mimi.pruning import adapter_params
 

@@ -29,13 +29,15 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     subprocess.run([*command, "--what", "grid"], check=True, cwd=ROOT, env=env, capture_output=True, timeout=900)
     raw = json.loads((tmp_path / "accuracy.json").read_text())
     runs = raw["runs"]
-    assert {r["method"] for r in runs} == {"probe", "adapter", "mimi", "lora", "adalora", "full"}
+    assert {r["method"] for r in runs} == {"probe", "adapter", "mimi", "adapter_plus", "lora", "adalora", "full"}
     assert all(RECORD_FIELDS <= r.keys() and 0 <= r["accuracy"] <= 100 for r in runs)
     assert all(r["task"] == "dsprites_location" and r["seed"] == 0 and r["device"] == "cpu" for r in runs)
     by = {(r["method"], r["sigma_t"]): r for r in runs}
     # the large adapters hold more than the budgeted ones; MiMi ends within the budget vanilla adapters define
     assert by["adapter", 4.0]["params"] > by["adapter", 16.0]["params"] >= by["mimi", 16.0]["params"] > 0
     assert by["mimi", 16.0]["epochs"] == by["adapter", 16.0]["epochs"] == by["lora", 16.0]["epochs"] > 1
+    budget = by["adapter", 16.0]["params"]  # Adapter+ at the same budget: the width whose count is closest to it
+    assert abs(by["adapter_plus", 16.0]["params"] - budget) <= 0.1 * budget
     assert by["probe", None]["params"] == 0 and by["probe", None]["lr"] is None
     assert len(by["mimi", 16.0]["rounds"]) > 1 and by["mimi", 16.0]["widths"]
     assert raw["final"] is True
