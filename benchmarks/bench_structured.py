@@ -4,7 +4,9 @@
 Protocol (as VTAB-1k): 1,000 training images per task, a test set of >= 2,000 images from another seed (elpv: a
 fixed stratified split); the learning rate of each method family chosen per task on an 800 / 200 split of the
 training images (seed 0, ``--what lr``), then every method trained on all 1,000 with that rate and tested
-(``--what grid``). Every trained row runs through `peft_mimi.train.train` (``common.run``), as a user's run does.
+(``--what grid``) for every seed, but the linear probe: one converged fit per task on frozen features (the first
+seed; another would only reshuffle the cross-validation folds that choose C). Every trained row runs through
+`peft_mimi.train.train` (``common.run``), as a user's run does.
 Epochs: the rows at a budget σt train MiMi's default total, ``2·(R+1)`` epochs for its R pruning rounds (10 at
 σt = 64, 14 at σt = 256 on DINOv2-S), so that MiMi, vanilla adapters, Adapter+ and LoRA at one budget see the same
 epochs; the budget-free rows (σ = 4 adapters, full fine-tuning) train ``--fixed-epochs``.
@@ -377,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     def pending() -> bool:
         keys = {run_key(r) for r in records}
         return any((t, row.record_method, row.sigma_t, s, args.image_size, planner.epochs(row), lr_for(args, row, t)[0],
-                    "test") not in keys for s in args.seeds for row in todo for t in args.tasks)
+                    "test") not in keys for s in args.seeds for row in todo for t in args.tasks
+                   if s == args.seeds[0] or row.method != "probe")
 
     if args.what == "lr":
         done = {run_key(r) for r in selection}
@@ -395,7 +398,9 @@ def main(argv: list[str] | None = None) -> None:
                     publish(args, records, selection, final=False)
     elif args.what == "grid":
         for seed in args.seeds:  # seed 0 of every row first: a slice that is useful on its own
-            for row in todo:
+            # the probe is one fit per task: frozen features and a convex fit (a seed would only reshuffle the
+            # folds that choose C)
+            for row in (r for r in todo if seed == args.seeds[0] or r.method != "probe"):
                 for task in args.tasks:
                     lr, source = lr_for(args, row, task)
                     key = (task, row.record_method, row.sigma_t, seed, args.image_size, planner.epochs(row), lr, "test")
