@@ -200,9 +200,9 @@ class MiMiConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """PEFT's loader, with a message naming the file when ``adapter_config.json`` cannot be a MiMi config. A local
-        directory it was read from is remembered (``_source_directory``, not saved) so that ``MiMiModel`` checks the
-        weights file there before it builds anything (see `peft_mimi.files.check_adapter_weights`)."""
+        """PEFT's loader, with a message naming the file when ``adapter_config.json`` cannot be a MiMi config. Where
+        it was read from is remembered (``_source_directory``, not saved) so that ``MiMiModel`` checks the weights
+        file of a local adapter before it builds anything (see `peft_mimi.files.check_adapter_weights`)."""
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
@@ -212,7 +212,7 @@ class MiMiConfig(PeftConfig):
                 f"({type(err).__name__}: {str(err)[:200]}). The file is damaged or was not written by peft_mimi: "
                 "save the adapter again with save_pretrained."
             ) from None
-        config._source_directory = directory if os.path.isdir(directory) else None
+        config._source_directory = directory  # a local directory, or a Hub id's path on the Hub
         return config
 
     @classmethod

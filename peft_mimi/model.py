@@ -11,6 +11,7 @@ saved with, so that adapters for tasks with different numbers of classes can sha
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -59,7 +60,7 @@ class MiMiModel(BaseTuner):
         directory = getattr(config, "_source_directory", None)  # set by MiMiConfig.from_pretrained
         # a saved adapter (PeftModel.from_pretrained, load_adapter): its weights file is checked, and its widths
         # against this model, before PEFT allocates anything at the recorded widths or reads a tensor
-        weights = check_adapter_weights(directory) if directory is not None else None
+        weights = check_adapter_weights(directory) if directory is not None and os.path.isdir(directory) else None
         if weights is not None:
             check_adapter_fits_model(model, config, weights)
         try:
