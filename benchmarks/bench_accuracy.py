@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from peft_mimi.train import DEFAULT_HEAD_LR, DEFAULT_LR
+from peft_mimi.recipe import DEFAULT_HEAD_LR, DEFAULT_LR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -435,10 +435,9 @@ def parse_option(item: str) -> tuple[str, object]:
     """``FIELD=VALUE`` of --mimi-options, checked against `MiMiConfig` and `TrainingRecipe`: true/false, numbers,
     else the string."""
     from peft_mimi import MiMiConfig
-    from peft_mimi.train import TrainingRecipe
 
     name, sep, text = item.partition("=")
-    if not sep or name not in {**MiMiConfig.__dataclass_fields__, **TrainingRecipe.__dataclass_fields__}:
+    if not sep or name not in {**MiMiConfig.__dataclass_fields__, **common.BenchmarkRecipe.__dataclass_fields__}:
         raise SystemExit(f"--mimi-options {item!r}: expected FIELD=VALUE with a MiMiConfig or TrainingRecipe "
                          "field, e.g. score=gradient or restart_lr=false")
     lowered = text.lower()

@@ -349,7 +349,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     from peft import get_peft_model
 
     from peft_mimi import MiMiConfig, MiMiPruningCallback
-    from peft_mimi.train import TrainingRecipe, train
+    from peft_mimi.train import train
 
     data = common.task_dataset(task)
     name, _, size = backbone.partition("@")  # "dinov2-s14@56": that backbone trained and evaluated at 56 px
@@ -402,7 +402,8 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
         trained = NeuronDropout(peft_model, cand.neuron_drop)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        result = train(trained, data, Path(scratch) / "run", TrainingRecipe(**recipe), processor=processor)
+        result = train(trained, data, Path(scratch) / "run", common.BenchmarkRecipe(**recipe),
+                       processor=processor)
     wall = time.perf_counter() - start
     epochs = result.history[-1]["epoch"]
     if epochs != total:

@@ -36,8 +36,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # after the offline switches, which huggingface_hub and datasets read when they are imported
 from peft_mimi.config import TARGET_MODULES_BY_MODEL_TYPE  # noqa: E402
-from peft_mimi.pruning import EPOCHS_PER_SEGMENT  # noqa: E402
 from peft_mimi.recipe import TrainingRecipe  # noqa: E402
+from peft_mimi.schedule import EPOCHS_PER_SEGMENT  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # MiMi's default targets of the benchmarks' backbones (ViT, DINOv2 and Swin share them), shared by LoRA and adapters

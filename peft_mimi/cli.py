@@ -182,7 +182,7 @@ def _info(args: argparse.Namespace) -> int:
         rows.append(f"{name:<{name_width}}  {dims[name]:>6}  {width:>6}  "
                     f"{adapter_params(dims[name], width, config.adapter_bias):>10,}")
     rows.append(f"{'total':<{name_width}}  {'':>6}  {sum(widths.values()):>6}  {tuner.live_params():>10,}")
-    target = (f"target_compression {config.target_compression:g}" if config.target_compression is not None
+    target = (f"target_compression {config.effective_target_compression:g}" if config.target_params is None
               else f"target_params {config.target_params:,}")
     print(f"MiMi adapter {args.adapter_dir} on {args.model or config.base_model_name_or_path}")
     print("\n".join(rows))

@@ -15,12 +15,6 @@ from collections.abc import Sequence
 
 import torch
 
-# The length of a MiMi run unless told otherwise: this many epochs per segment, 2·(R+1) in all (the paper's E = 2).
-# By default the R cuts take one epoch each and the final widths train the remaining R + 2 epochs (peft_mimi.train,
-# and MiMiPruningCallback over the Trainer's steps), which beat the paper's even split on DINOv2-S
-# (benchmarks/results/dinov2-s14-long-last-one-schedule*/).
-EPOCHS_PER_SEGMENT = 2
-
 # the paper's score (eq. 3) and the scores of its ablations
 SCORES = ("mimi", "l1", "down_l1", "gradient", "random")
 SELECTIONS = ("global", "local")

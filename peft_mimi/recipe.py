@@ -13,7 +13,7 @@ from peft.config import PeftConfig
 
 from . import schedule
 from .config import MiMiConfig
-from .pruning import EPOCHS_PER_SEGMENT
+from .schedule import EPOCHS_PER_SEGMENT
 
 # Chosen by benchmarks/lr_sweep.py (results/lr_sweep.md and results/lr_sweep_dinov2/lr_sweep.md): the peak AdamW
 # learning rate for short schedules (2 epochs per round). On the Fashion-MNIST backbones 1e-2 is best, but it

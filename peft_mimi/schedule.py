@@ -16,9 +16,15 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .pruning import EPOCHS_PER_SEGMENT, budget_search
+from .pruning import budget_search
 
-__all__ = ["BudgetSearch", "cut_steps", "lr_boundaries", "lr_factor", "segment_epochs"]
+__all__ = ["EPOCHS_PER_SEGMENT", "BudgetSearch", "cut_steps", "lr_boundaries", "lr_factor", "segment_epochs"]
+
+# The length of a MiMi run unless told otherwise: this many epochs per segment, 2·(R+1) in all (the paper's E = 2).
+# By default the R cuts take one epoch each and the final widths train the remaining R + 2 epochs (peft_mimi.train,
+# and MiMiPruningCallback over the Trainer's steps), which beat the paper's even split on DINOv2-S
+# (benchmarks/results/dinov2-s14-long-last-one-schedule*/).
+EPOCHS_PER_SEGMENT = 2
 
 
 def segment_epochs(rounds: int, epochs_per_round: int = 1, final_epochs: int | None = None) -> list[int]:

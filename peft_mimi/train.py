@@ -56,10 +56,7 @@ from . import schedule
 from .card import saved_round
 from .config import MiMiConfig
 from .evaluate import evaluate
-from .evaluate import load_adapter as load_adapter  # moved; bench_accuracy.py and test_export.py import it here
 from .progress import Progress, quiet_library_bars
-from .recipe import DEFAULT_HEAD_LR as DEFAULT_HEAD_LR  # moved, as load_adapter
-from .recipe import DEFAULT_LR as DEFAULT_LR  # moved, as load_adapter
 from .recipe import TrainingRecipe
 
 __all__ = ["TrainResult", "TrainingRecipe", "build_optimizer", "train"]

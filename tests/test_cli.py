@@ -149,3 +149,14 @@ def test_the_train_options_are_the_fields_of_the_recipe_and_of_the_methods_confi
             "budget_tolerance"} <= set(method)
     assert not {"target_modules", "modules_to_save", "adapter_widths", "rounds_done", "seed"} & set(method)
     assert set(method) <= {f.name for f in dataclasses.fields(MiMiConfig)}
+
+
+def test_info_names_the_default_budget_of_an_adapter_saved_with_the_default_config(backbone, tmp_path, capsys):
+    from peft import get_peft_model
+    from transformers import AutoModelForImageClassification
+
+    model = get_peft_model(AutoModelForImageClassification.from_pretrained(backbone),
+                           MiMiConfig(modules_to_save=["classifier"]))  # no budget given: σt = 32
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["info", str(tmp_path / "adapter"), "--model", backbone]) == 0
+    assert "(target_compression 32); rounds done: 0" in capsys.readouterr().out

@@ -285,7 +285,7 @@ def test_cli_exports_a_saved_adapter_to_onnx_a_program_and_a_compiled_package(ba
     import onnxruntime
 
     from peft_mimi.cli import main
-    from peft_mimi.train import load_adapter
+    from peft_mimi.evaluate import load_adapter
 
     base = make_model("vit", num_labels=10)
     model = get_peft_model(base, MiMiConfig(target_compression=8.0, init_weights=False,
