@@ -47,9 +47,12 @@ BACKBONE = "dinov2-s14"
 LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_plus": [1e-3, 3e-3, 1e-2],
            "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
 DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
-METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "adapter", "adapter_plus", "lora", "adalora")
+METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_widths", "adapter", "adapter_plus", "lora", "adalora")
 LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi", "adapter": "vanilla adapters",
-          "adapter_plus": "Adapter+", "lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
+          "mimi_widths": "MiMi's widths from scratch", "adapter_plus": "Adapter+", "lora": "LoRA",
+          "adalora": "AdaLoRA", "full": "full fine-tuning"}
+# rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31)
+OPTIONAL_METHODS = ("mimi_widths",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +64,8 @@ class Row:
     sigma_t: float | None
 
     @property
-    def family(self) -> str:
-        return "adapter" if self.method == "adapter4" else self.method
+    def family(self) -> str:  # whose learning rate the row trains with
+        return "adapter" if self.method in ("adapter4", "mimi_widths") else self.method
 
     @property
     def record_method(self) -> str:  # the `method` field of accuracy.json's records
@@ -115,7 +118,8 @@ class Planner:
             return self.args.fixed_epochs
         return 2 * (self.rounds(row.sigma_t) + 1)  # MiMi's default total at this budget
 
-    def method(self, row: Row) -> Method:
+    def method(self, row: Row, widths: dict[str, int] | None = None) -> Method:
+        """``widths``: for ``mimi_widths``, the final widths of the MiMi run (same task, seed and budget)."""
         if row.method == "probe":
             return Method("probe", row.label)
         if row.method == "full":
@@ -129,6 +133,8 @@ class Planner:
                           recipe_options={"epochs_per_round": 1, "final_epochs": None, "restart_lr": False})
         if row.method == "adapter_plus":
             return Method("adapter_plus", row.label, target_compression=row.sigma_t)
+        if row.method == "mimi_widths":  # "allocation only": MiMi's final widths, trained from scratch
+            return Method("widths", row.label, widths=widths)
         budget = common.adapter_budget(self.model(), row.sigma_t)
         rank = common.lora_rank_for_budget(self.model(), budget)
         return Method(row.method, row.label, lora_rank=rank)
@@ -139,9 +145,10 @@ def run_key(record: dict) -> tuple:
             record["epochs"], record["lr"], record.get("split", "test"))
 
 
-def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float | None, validation: bool) -> dict:
+def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float | None, validation: bool,
+              widths: dict[str, int] | None = None) -> dict:
     """Train (or fit) ``row`` on ``task`` and return its record."""
-    method = planner.method(row)
+    method = planner.method(row, widths)
     epochs = planner.epochs(row)
     data_task = f"{task}:val" if validation else task
     started = time.time()
@@ -337,8 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default=BACKBONE)
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--tasks", nargs="+", default=list(structured_tasks.TASKS))
-    parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=METHOD_ORDER,
-                        help="adapter4 = vanilla adapters at σ = 4; adapter, mimi, lora at every --budgets")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER,
+                        default=[m for m in METHOD_ORDER if m not in OPTIONAL_METHODS],
+                        help="adapter4 = vanilla adapters at σ = 4; the others at every --budgets (adalora at "
+                             "--adalora-budgets); mimi_widths (not run by default) = MiMi's final widths of the "
+                             "same seed trained from scratch")
     parser.add_argument("--budgets", nargs="+", type=float, default=[64.0, 256.0])
     parser.add_argument("--adalora-budgets", nargs="+", type=float, default=[256.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -384,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.what == "lr":
         done = {run_key(r) for r in selection}
-        for row in (r for r in todo if r.method != "probe"):
+        for row in (r for r in todo if r.method not in ("probe", "mimi_widths")):  # mimi_widths: adapters' rate
             for task in args.tasks:
                 for lr in LR_GRID[row.family]:
                     key = (task, row.record_method, row.sigma_t, 0, args.image_size, planner.epochs(row), lr,
@@ -406,7 +416,16 @@ def main(argv: list[str] | None = None) -> None:
                     key = (task, row.record_method, row.sigma_t, seed, args.image_size, planner.epochs(row), lr, "test")
                     if key in {run_key(r) for r in records}:
                         continue
-                    record = train_one(args, planner, row, task, seed, lr, validation=False)
+                    widths = None
+                    if row.method == "mimi_widths":
+                        widths = next((r["widths"] for r in records if (r["task"], r["method"], r["sigma_t"],
+                                       r["seed"], r["image_size"]) == (task, "mimi", row.sigma_t, seed,
+                                                                       args.image_size)), None)
+                        if widths is None:
+                            print(f"[grid] {task} seed={seed} {row.label}: skipped, MiMi's run of this seed and "
+                                  "budget is not recorded yet", flush=True)
+                            continue
+                    record = train_one(args, planner, row, task, seed, lr, validation=False, widths=widths)
                     record["lr_source"] = source
                     records.append(record)
                     print(f"[grid] {task} seed={seed} {row.label}: {record['accuracy']:.1f} % params="

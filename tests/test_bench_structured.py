@@ -50,6 +50,14 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     assert "[grid]" not in done.stdout
     assert json.loads((tmp_path / "accuracy.json").read_text())["runs"] == runs
 
+    # the decomposition's "allocation only" row: the MiMi run's final widths trained from scratch
+    subprocess.run([*command, "--what", "grid", "--resume", "--methods", "mimi_widths"], check=True, cwd=ROOT,
+                   env=env, capture_output=True, timeout=300)
+    (widths,) = [r for r in json.loads((tmp_path / "accuracy.json").read_text())["runs"]
+                 if r["method"] == "mimi_widths"]
+    assert widths["widths"] == by["mimi", 16.0]["widths"] and widths["params"] == by["mimi", 16.0]["params"]
+    assert widths["epochs"] == by["mimi", 16.0]["epochs"] and len(widths["rounds"]) == 1  # no pruning round
+
 
 def test_learning_rate_is_the_best_on_validation_per_task_and_family():
     selection = [
