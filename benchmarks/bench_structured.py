@@ -267,9 +267,18 @@ def same_size_spread(rows: list[dict], tasks: list[str]) -> list[list[Any]]:
     return lines
 
 
+def at_chosen_rates(args, records: list[dict]) -> list[dict]:
+    """The records the table shows: where a learning rate was selected for the row's task and family, only the
+    runs at that rate (runs at a family's default rate, trained before the selection, stay in the json)."""
+    def family(r: dict) -> str:
+        return "adapter" if r["method"] == "mimi_widths" else r["method"]
+    return [r for r in records if r["method"] == "probe" or (r["task"], family(r)) not in args.chosen
+            or r["lr"] == args.chosen[r["task"], family(r)]["lr"]]
+
+
 def publish(args, records: list[dict], selection: list[dict], final: bool) -> None:
     tasks = [t for t in args.tasks if any(r["task"] == t for r in records)] or args.tasks
-    rows = summary(records, tasks)
+    rows = summary(at_chosen_rates(args, records), tasks)
     header = ["method", "params", "epochs", *tasks, "mean", "wall s (median)", "device"]
     table = [[s["label"], f"{s['params']:,.0f}", "/".join(map(str, s["epochs"])),
               *(fmt(s["per_task"][t]) for t in tasks),
@@ -352,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[64.0, 256.0])
     parser.add_argument("--adalora-budgets", nargs="+", type=float, default=[256.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="--what lr: these rates instead of each family's grid (LR_GRID)")
     parser.add_argument("--fixed-epochs", type=int, default=10, help="epochs of the budget-free rows")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="bf16")
@@ -396,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         done = {run_key(r) for r in selection}
         for row in (r for r in todo if r.method not in ("probe", "mimi_widths")):  # mimi_widths: adapters' rate
             for task in args.tasks:
-                for lr in LR_GRID[row.family]:
+                for lr in args.lrs or LR_GRID[row.family]:
                     key = (task, row.record_method, row.sigma_t, 0, args.image_size, planner.epochs(row), lr,
                            "validation")
                     if key in done:
@@ -406,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"[lr] {task} {row.label} lr={lr:g}: validation {record['accuracy']:.1f} % "
                           f"({record['wall_s']:.0f} s)", flush=True)
                     publish(args, records, selection, final=False)
+        args.chosen = chosen_lrs(selection)
     elif args.what == "grid":
         for seed in args.seeds:  # seed 0 of every row first: a slice that is useful on its own
             # the probe is one fit per task: frozen features and a convex fit (a seed would only reshuffle the

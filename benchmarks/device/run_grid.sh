@@ -16,6 +16,8 @@
 #   NUM_WORKERS [0] DataLoader workers per process (15 processes already fill 16 cores); THREADS [cores /
 #             processes] torch CPU threads per process; SNAPSHOT_S [120] how often the merged table is refreshed
 #             in $OUT while the runs go on (what comes back should the call be stopped at its limit)
+#   STEPS [lr grid] the bench_structured.py --what steps each process runs, in order ("grid": the rows at the
+#             learning rates already selected, else at each family's default)
 #   SMOKE=1   pass --smoke (a random ViT, few images, one task: the local check of this script)
 #   PYTHON [python3]  SITE [/tmp/site] wheels installed here  STASH [/tmp/peft_mimi_dev] part 1 kept here
 #   CACHE [/tmp/peft_mimi_cache] the PEFT_MIMI_CACHE of the runs  RESULTS [/tmp/peft_mimi_grid] per-process outputs
@@ -31,6 +33,7 @@ RESULTS=${RESULTS:-/tmp/peft_mimi_grid}
 TASKS=${TASKS:-dsprites_location dsprites_orientation clevr_distance norb_azimuth norb_elevation}
 METHOD_GROUPS=${METHOD_GROUPS:-probe,adapter4,full,adapter mimi,adapter_plus lora,adalora}
 NUM_WORKERS=${NUM_WORKERS:-0}
+STEPS=${STEPS:-lr grid}
 SNAPSHOT_S=${SNAPSHOT_S:-120}
 read -r -a TASK_LIST <<<"$TASKS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -163,7 +166,7 @@ worker() {  # $1 task, $2 comma-separated methods, $3 deadline (epoch seconds): 
                 --out "$out" --merge benchmarks/results/structured/accuracy.json
                 benchmarks/results/structured/lr_selection.json)
     [[ -n ${SMOKE:-} ]] && args+=(--smoke)
-    for what in lr grid; do
+    for what in $STEPS; do
         left=$((deadline - $(date +%s)))
         if ((left < 10)); then
             echo "no time left for --what $what"
