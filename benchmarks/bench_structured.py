@@ -214,11 +214,12 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def fmt(values: list[float]) -> str:
+def fmt(values: list[float], one_fit: bool = False) -> str:
+    """``mean ± std`` over seeds; ``(n=k)`` below 3 seeds, unless the row is ``one_fit`` (the probe)."""
     if not values:
         return "—"
     mean, std = mean_std(values)
-    return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "") + ("" if len(values) >= 3 else
+    return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "") + ("" if len(values) >= 3 or one_fit else
                                                                          f" (n={len(values)})")
 
 
@@ -240,6 +241,8 @@ def summary(records: list[dict], tasks: list[str]) -> list[dict]:
             "params": statistics.median(r["params"] for r in rs), "epochs": sorted({r["epochs"] for r in rs}),
             "wall_s": statistics.median(r["wall_s"] for r in rs), "devices": sorted({r["device"] for r in rs}),
             "lrs": {t: sorted({r["lr"] for r in rs if r["task"] == t and r["lr"] is not None}) for t in tasks},
+            "default_lr": {t: any(r.get("lr_source", "").startswith("default") for r in rs if r["task"] == t)
+                           for t in tasks},
             "seeds": sorted({r["seed"] for r in rs}),
         })
     return sorted(out, key=table_order)
@@ -281,10 +284,11 @@ def publish(args, records: list[dict], selection: list[dict], final: bool) -> No
     rows = summary(at_chosen_rates(args, records), tasks)
     header = ["method", "params", "epochs", *tasks, "mean", "wall s (median)", "device"]
     table = [[s["label"], f"{s['params']:,.0f}", "/".join(map(str, s["epochs"])),
-              *(fmt(s["per_task"][t]) for t in tasks),
+              *(fmt(s["per_task"][t], one_fit=s["method"] == "probe") for t in tasks),
               "—" if s["mean"] is None else f"**{s['mean']:.1f}**", f"{s['wall_s']:.0f}", ", ".join(s["devices"])]
              for s in rows]
-    lr_table = [[s["label"], *(", ".join(f"{lr:g}" for lr in s["lrs"][t]) or "—" for t in tasks)] for s in rows]
+    lr_table = [[s["label"], *((", ".join(f"{lr:g}" for lr in s["lrs"][t]) + ("*" if s["default_lr"][t] else ""))
+                               or "—" for t in tasks)] for s in rows]
     by = {(s["method"], s["sigma_t"]): s for s in rows}
     probe, big = by.get(("probe", None)), by.get(("adapter", 4.0))
     lines = [f"# The structured suite ({'final' if final else 'PARTIAL: rows still to run'})", "",
@@ -294,14 +298,17 @@ def publish(args, records: list[dict], selection: list[dict], final: bool) -> No
              "only for rows with every task. Every trained row through `peft_mimi.train`. Epochs: rows at a "
              "budget train MiMi's default total at that budget; params = the method's own parameters (head "
              "excluded).", "", common.table(header, table)]
-    if probe and big and probe["mean"] is not None and big["mean"] is not None:
-        lines += ["", f"Discrimination: σ = 4 adapters {big['mean']:.1f} vs the linear probe {probe['mean']:.1f} "
-                      f"on the mean ({big['mean'] - probe['mean']:+.1f} points; the suite's target is >= 15)."]
+    both = [t for t in tasks if probe and big and t in probe["task_means"] and t in big["task_means"]]
+    if both:
+        gap = statistics.fmean(big["task_means"][t] - probe["task_means"][t] for t in both)
+        lines += ["", f"Discrimination: σ = 4 adapters {gap:+.1f} points over the linear probe on the mean of "
+                      f"{len(both)} task(s) ({', '.join(both)}); the suite's target is >= 15."]
     spread = same_size_spread(rows, tasks)
     if spread:
         lines += ["", "Spread between same-size methods (best − worst per-task mean):", "",
                   common.table(["budget", *tasks], spread)]
-    lines += ["", "Learning rates (chosen on the validation split, seed 0; `lr_selection.md`):", "",
+    lines += ["", "Learning rates (chosen on the validation split, seed 0, `lr_selection.md`; * = the family's "
+                  "default, no selection recorded for that task):", "",
               common.table(["method", *tasks], lr_table)]
     if args.notes:
         lines += ["", args.notes]
@@ -319,6 +326,7 @@ def publish(args, records: list[dict], selection: list[dict], final: bool) -> No
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path, args) -> None:
+    """One panel per task with more than one row, and one for the mean over the tasks that every row has."""
     try:
         import matplotlib
 
@@ -326,18 +334,28 @@ def plot(rows: list[dict], tasks: list[str], path: Path, args) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.2 * (len(tasks) + 1), 4.2), sharey=False)
-    for ax, task in zip(axes, [*tasks, "mean"]):
-        shown = [s for s in rows if (s["mean"] is not None if task == "mean" else task in s["task_means"])]
-        values = [s["mean"] if task == "mean" else s["task_means"][task] for s in shown]
-        errors = [0 if task == "mean" else s["task_stds"].get(task, 0) for s in shown]
+    shown_tasks = [t for t in tasks if sum(t in s["task_means"] for s in rows) > 1]
+    common_tasks = [t for t in shown_tasks if all(t in s["task_means"] for s in rows)]
+    panels = [*shown_tasks, *(["mean"] if common_tasks else [])]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4.2), squeeze=False)
+    labels = [s["label"] for s in rows]
+    for ax, panel in zip(axes[0], panels):
+        if panel == "mean":
+            values = [statistics.fmean(s["task_means"][t] for t in common_tasks) for s in rows]
+            errors = [0.0] * len(rows)
+            title = f"mean of {len(common_tasks)} tasks"
+        else:
+            values = [s["task_means"].get(panel, 0.0) for s in rows]
+            errors = [s["task_stds"].get(panel, 0.0) for s in rows]
+            title = panel
         colours = ["tab:red" if s["method"] == "mimi" else "tab:grey" if s["method"] == "probe" else "tab:blue"
-                   for s in shown]
-        ax.barh(range(len(shown)), values, xerr=errors, color=colours)
-        ax.set_yticks(range(len(shown)), [s["label"] for s in shown] if ax is axes[0] else [""] * len(shown),
-                      fontsize=7)
+                   for s in rows]
+        ax.barh(range(len(rows)), values, xerr=errors, color=colours)
+        ax.set_yticks(range(len(rows)), labels if ax is axes[0][0] else [""] * len(rows), fontsize=7)
         ax.invert_yaxis()
-        ax.set_title(task, fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("test accuracy %", fontsize=8)
     fig.suptitle(f"Structured suite, {args.backbone} at {args.image_size} px (bars: mean over seeds, ± std)",
                  fontsize=10)
