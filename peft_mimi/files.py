@@ -15,10 +15,13 @@ against the model it is loaded into, before injection.
 from __future__ import annotations
 
 import copy
+import ctypes
+import errno
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -303,12 +306,33 @@ def _carry_over(old: Path, new: Path) -> None:
 
 
 # How a directory is replaced. POSIX renames a directory atomically but cannot rename one onto a non-empty
-# directory, nor swap two (Linux's renameat2(RENAME_EXCHANGE) is not in Python's standard library); a symlink that is
-# swapped instead would turn the user's directory into a link, which copies and Hub uploads treat differently. So
-# the old directory is renamed aside (`_aside`), the complete new one renamed in, and the aside copy deleted. At
-# every instant the target holds the complete old or the complete new directory, except between the two renames,
-# when it is absent and the complete old one sits under the aside name; the next `publish_directory` or
-# `save_adapter` (or `recover_directory`) on that target puts it back or, once the new one is in, deletes it.
+# directory; Linux can swap two in one step (renameat2 with RENAME_EXCHANGE, called through libc since Python's
+# standard library lacks it), and then the target always holds the complete old or the complete new directory.
+# Elsewhere (another system, a filesystem that refuses the swap) the old directory is renamed aside (`_aside`), the
+# complete new one renamed in, and the aside copy deleted: the target is absent only between the two renames, while
+# the complete old one sits under the aside name, and the next `publish_directory` or `save_adapter` (or
+# `recover_directory`) on that target puts it back or, once the new one is in, deletes it. (A symlink swapped
+# instead would turn the user's directory into a link, which copies and Hub uploads treat differently.)
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing directories in one atomic step (Linux); False where this system or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, musl < 1.2.?)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(first), None, os.fspath(second))
+
 def _aside(target: Path) -> Path:
     return target.with_name(f".old-{target.name}")
 
@@ -330,11 +354,15 @@ def recover_directory(target: str | os.PathLike) -> None:
 
 def publish_directory(staging: Path, target: Path) -> None:
     """Replace ``target`` by the complete directory ``staging`` (a sibling: same filesystem), fsynced first: a
-    reader finds the complete old directory or the complete new one, never a mix (see the comment above for the
-    instant between the two renames and how a crash there is recovered)."""
+    reader finds the complete old directory or the complete new one, never a mix, and on Linux never nothing (see
+    the comment above for the other systems' instant between two renames, and how a crash there is recovered)."""
     staging, target = Path(staging), Path(target)
     recover_directory(target)
     fsync_tree(staging)
+    if target.exists() and _exchange(staging, target):
+        fsync_dir(target.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # it holds the old directory now
+        return
     aside = _aside(target)
     if target.exists():
         os.replace(target, aside)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -194,6 +195,28 @@ def _adapter_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_on_linux_a_save_swaps_the_directories_in_one_step_so_the_target_is_never_absent(tmp_path, monkeypatch):
+    from peft_mimi import save_adapter
+
+    target = tmp_path / "adapter"
+    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, init_weights=False))
+    save_adapter(model, target)
+    model.base_model.prune_round()
+    inode = target.stat().st_ino
+
+    def replace(src, dst):  # the two-rename fallback would pass through a moment without the target
+        raise AssertionError(f"renamed {src} -> {dst}")
+
+    monkeypatch.setattr(os, "replace", replace)
+    save_adapter(model, target)
+    monkeypatch.undo()
+    assert target.stat().st_ino != inode  # the new directory, swapped in
+    assert PeftModel.from_pretrained(make_model("vit"), target).base_model.adapter_widths() == \
+        model.base_model.adapter_widths()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # the old one and the staging are gone
+
+
 @pytest.mark.parametrize("crash_at", ["old aside", "new in", "aside deleted"])
 def test_a_save_that_crashes_at_any_step_leaves_a_complete_adapter_and_the_next_call_recovers(
     tmp_path, monkeypatch, crash_at
@@ -222,6 +245,7 @@ def test_a_save_that_crashes_at_any_step_leaves_a_complete_adapter_and_the_next_
             raise Crash
         real_rmtree(path, *args, **kwargs)
 
+    monkeypatch.setattr("peft_mimi.files._exchange", lambda first, second: False)  # a system without the swap
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr("shutil.rmtree", rmtree)
     with pytest.raises(Crash):
