@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import transformers
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 
@@ -48,7 +49,8 @@ def main() -> None:
         weight_decay=0.05,
         max_grad_norm=5.0,  # the paper's gradient clipping
         lr_scheduler_type="cosine",  # one warm-up + cosine over the whole run, continued across the cuts
-        warmup_steps=0.1,  # a ratio: 10 % of the run
+        # a ratio: 10 % of the run (transformers 5 takes it as warmup_steps=0.1, 4.x only as warmup_ratio=0.1)
+        **{"warmup_steps" if int(transformers.__version__.split(".")[0]) >= 5 else "warmup_ratio": 0.1},
         logging_steps=10,
         save_strategy="no",
         report_to=[],

@@ -180,17 +180,27 @@ def load_backbone(
 
 
 class _HeadReportFilter(logging.Filter):
-    """Drops transformers' report of weights not loaded from the checkpoint (5.x: the "LOAD REPORT" table; 4.x: "Some
-    weights ... newly initialized") when every weight it names belongs to the classification head."""
+    """Drops transformers' report of weights not loaded from the checkpoint when every weight it names belongs to the
+    classification head. One filter serves one load. 5.x reports in one "LOAD REPORT" table; 4.x in up to three
+    messages, in this order: "Some weights of the model checkpoint ... were not used", "Some weights ... newly
+    initialized: [...]" (missing) and "... newly initialized because the shapes did not match" (the head). Once one of
+    them names a weight outside the head, the rest of that load's report is shown too, so the report stays whole."""
 
     _WEIGHT = re.compile(r"[\w.]+\.(?:weight|bias)\b")
+    _REPORT_MARKS = ("LOAD REPORT", "newly initialized", "were not used when initializing")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._whole = False  # a report of this load named a weight outside the head: show all of it
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "LOAD REPORT" not in message and "newly initialized" not in message:
+        if not any(mark in message for mark in self._REPORT_MARKS):
             return True
         names = self._WEIGHT.findall(message)
-        return not names or not all(name.startswith(_HEAD_PREFIXES) for name in names)
+        if not names or not all(name.startswith(_HEAD_PREFIXES) for name in names):
+            self._whole = True
+        return self._whole
 
 
 @contextmanager
