@@ -150,7 +150,7 @@ class MiMiPruningCallback(TrainerCallback):
                     raise ValueError(
                         f"restart_lr=True warms up for a fraction of each round's steps, but TrainingArguments has "
                         f"warmup_steps={warmup_ratio} (a number of steps). Give warmup_steps as a ratio in [0, 1) "
-                        "(e.g. 0.1), or pass warmup_ratio= to attach()."
+                        "(e.g. 0.1; transformers 4.x: warmup_ratio=0.1), or pass warmup_ratio= to attach()."
                     )
             schedule.check_warmup_ratio(warmup_ratio)
         callback = cls(**kwargs)
