@@ -6,7 +6,10 @@ fixed stratified split); the learning rate of each method family chosen per task
 training images (seed 0, ``--what lr``), then every method trained on all 1,000 with that rate and tested
 (``--what grid``) for every seed, but the linear probe: one converged fit per task on frozen features (the first
 seed; another would only reshuffle the cross-validation folds that choose C). Every trained row runs through
-`peft_mimi.train.train` (``common.run``), as a user's run does.
+`peft_mimi.train.train` (``common.run``), as a user's run does, without data augmentation (VTAB-1k's protocol: a
+random crop moves the object a location label describes and changes the size a distance label is read from, a
+flip mirrors positions, orientations and azimuths; ``--augmentation crop+flip`` reproduces the first sitting, which
+trained with the product's default crops and flips).
 Epochs: the rows at a budget σt train MiMi's default total, ``2·(R+1)`` epochs for its R pruning rounds (10 at
 σt = 64, 14 at σt = 256 on DINOv2-S), so that MiMi, vanilla adapters, Adapter+ and LoRA at one budget see the same
 epochs; the budget-free rows (σ = 4 adapters, full fine-tuning) train ``--fixed-epochs``.
@@ -18,7 +21,7 @@ epochs; the budget-free rows (σ = 4 adapters, full fine-tuning) train ``--fixed
 Results: ``<out>/accuracy.json`` (``runs``: one record per trained or fitted run) with ``accuracy.md`` and
 ``accuracy.png``; ``<out>/lr_selection.json`` / ``.md`` (the validation runs). Each record says on which device it ran.
 An interrupted grid continues with ``--resume``: a run counts as done when a record with the same task, method,
-budget, seed, image size, epochs and learning rate exists (in ``<out>`` or in ``--merge`` files from other
+budget, seed, image size, epochs, learning rate and augmentation exists (in ``<out>`` or in ``--merge`` files from other
 machines).
 """
 
@@ -140,9 +143,15 @@ class Planner:
         return Method(row.method, row.label, lora_rank=rank)
 
 
+def augmentation(record: dict) -> str:
+    """``"none"`` or ``"crop+flip"``: the first sitting's records predate the field and trained with crops and flips
+    (the product's defaults); the probe never augments."""
+    return record.get("augmentation", "none" if record["method"] == "probe" else "crop+flip")
+
+
 def run_key(record: dict) -> tuple:
     return (record["task"], record["method"], record["sigma_t"], record["seed"], record["image_size"],
-            record["epochs"], record["lr"], record.get("split", "test"))
+            record["epochs"], record["lr"], record.get("split", "test"), augmentation(record))
 
 
 def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float | None, validation: bool,
@@ -155,13 +164,15 @@ def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float 
     result = common.run(method, args.backbone, data_task, seed=seed, epochs_per_round=1,
                         total_epochs=epochs or None, lr=lr or DEFAULT_LR["adapter"], batch_size=args.batch_size,
                         image_size=args.image_size, max_train=args.max_train, max_test=args.max_test,
-                        mixed_precision=args.mixed_precision, num_workers=args.num_workers)
+                        mixed_precision=args.mixed_precision, num_workers=args.num_workers,
+                        augment=args.augmentation != "none")
     record = {
         "task": task, "method": row.record_method, "label": row.label, "sigma_t": row.sigma_t,
         "params": result.method_params, "head_params": result.head_params, "epochs": epochs, "seed": seed,
         "accuracy": round(100 * result.accuracy, 2), "image_size": args.image_size, "device": common.device_name(),
         "lr": lr, "split": "validation" if validation else "test", "backbone": args.backbone,
-        "mixed_precision": args.mixed_precision, "wall_s": round(time.time() - started, 1),
+        "mixed_precision": args.mixed_precision, "augmentation": "none" if row.method == "probe" else args.augmentation,
+        "wall_s": round(time.time() - started, 1),
         "train_s": round(result.wall_s, 1), "rounds": result.segments, "widths": result.widths,
         "n_train": len(common.task_dataset(data_task)["train"]) if args.max_train is None else args.max_train,
         "n_test": len(common.task_dataset(data_task)["test"]) if args.max_test is None else args.max_test,
@@ -280,8 +291,9 @@ def at_chosen_rates(args, records: list[dict]) -> list[dict]:
 
 
 def publish(args, records: list[dict], selection: list[dict], final: bool) -> None:
-    tasks = [t for t in args.tasks if any(r["task"] == t for r in records)] or args.tasks
-    rows = summary(at_chosen_rates(args, records), tasks)
+    shown = [r for r in records if augmentation(r) in ("none" if r["method"] == "probe" else args.augmentation,)]
+    tasks = [t for t in args.tasks if any(r["task"] == t for r in shown)] or args.tasks
+    rows = summary(at_chosen_rates(args, shown), tasks)
     header = ["method", "params", "epochs", *tasks, "mean", "wall s (median)", "device"]
     table = [[s["label"], f"{s['params']:,.0f}", "/".join(map(str, s["epochs"])),
               *(fmt(s["per_task"][t], one_fit=s["method"] == "probe") for t in tasks),
@@ -295,7 +307,9 @@ def publish(args, records: list[dict], selection: list[dict], final: bool) -> No
              f"{args.backbone} at {args.image_size} px; {len(tasks)} tasks (definitions: `TASKS.md`); 1,000 "
              "training images, test sets of >= 2,000 images (elpv: 1,624); accuracy in % on the test set, mean ± "
              "std over seeds (n = seeds where fewer than 3); `mean` = the mean over tasks of the per-task means, "
-             "only for rows with every task. Every trained row through `peft_mimi.train`. Epochs: rows at a "
+             "only for rows with every task. Every trained row through `peft_mimi.train`, "
+             f"{'without data augmentation' if args.augmentation == 'none' else 'with random crops and flips'}. "
+             "Epochs: rows at a "
              "budget train MiMi's default total at that budget; params = the method's own parameters (head "
              "excluded).", "", common.table(header, table)]
     both = [t for t in tasks if probe and big and t in probe["task_means"] and t in big["task_means"]]
@@ -318,7 +332,8 @@ def publish(args, records: list[dict], selection: list[dict], final: bool) -> No
         sel_header = ["task", "family", "chosen lr", "validation accuracy by lr"]
         sel_rows = [[t, f, f"{c['lr']:g}", ", ".join(f"{lr:g}: {acc:.1f}" for lr, acc in
                                                      sorted(c["validation"].items()))]
-                    for (t, f), c in sorted(chosen_lrs(selection).items())]
+                    for (t, f), c in sorted(chosen_lrs([r for r in selection
+                                                        if augmentation(r) == args.augmentation]).items())]
         common.write_results(args.out, "lr_selection", {"runs": selection},
                              "# Learning rates chosen on the validation split (800 train / 200 validation, seed "
                              "0)\n\n" + common.table(sel_header, sel_rows))
@@ -382,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lrs", nargs="+", type=float, default=None,
                         help="--what lr: these rates instead of each family's grid (LR_GRID)")
     parser.add_argument("--fixed-epochs", type=int, default=10, help="epochs of the budget-free rows")
+    parser.add_argument("--augmentation", choices=("none", "crop+flip"), default="none",
+                        help="none: VTAB-1k's protocol; crop+flip: the product's default augmentation (the first "
+                             "sitting's runs, whose crops and flips change these tasks' labels)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="bf16")
     parser.add_argument("--num-workers", type=int, default=0)
@@ -411,14 +429,17 @@ def main(argv: list[str] | None = None) -> None:
                        + [r for p in args.merge if p.name == "lr_selection.json" for r in load_records(p)])
     if not args.resume and args.what != "publish":
         records, selection = ([], selection) if args.what == "grid" else (records, [])
-    args.chosen = chosen_lrs(selection)
+    args.chosen = chosen_lrs([r for r in selection if augmentation(r) == args.augmentation])
     planner = Planner(args)
+
+    def augmentation_of(row: Row) -> str:
+        return "none" if row.method == "probe" else args.augmentation
     todo = rows_of(args)
 
     def pending() -> bool:
         keys = {run_key(r) for r in records}
         return any((t, row.record_method, row.sigma_t, s, args.image_size, planner.epochs(row), lr_for(args, row, t)[0],
-                    "test") not in keys for s in args.seeds for row in todo for t in args.tasks
+                    "test", augmentation_of(row)) not in keys for s in args.seeds for row in todo for t in args.tasks
                    if s == args.seeds[0] or row.method != "probe")
 
     if args.what == "lr":
@@ -427,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
             for task in args.tasks:
                 for lr in args.lrs or LR_GRID[row.family]:
                     key = (task, row.record_method, row.sigma_t, 0, args.image_size, planner.epochs(row), lr,
-                           "validation")
+                           "validation", augmentation_of(row))
                     if key in done:
                         continue
                     record = train_one(args, planner, row, task, 0, lr, validation=True)
@@ -435,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"[lr] {task} {row.label} lr={lr:g}: validation {record['accuracy']:.1f} % "
                           f"({record['wall_s']:.0f} s)", flush=True)
                     publish(args, records, selection, final=False)
-        args.chosen = chosen_lrs(selection)
+        args.chosen = chosen_lrs([r for r in selection if augmentation(r) == args.augmentation])
     elif args.what == "grid":
         for seed in args.seeds:  # seed 0 of every row first: a slice that is useful on its own
             # the probe is one fit per task: frozen features and a convex fit (a seed would only reshuffle the
@@ -443,14 +464,16 @@ def main(argv: list[str] | None = None) -> None:
             for row in (r for r in todo if seed == args.seeds[0] or r.method != "probe"):
                 for task in args.tasks:
                     lr, source = lr_for(args, row, task)
-                    key = (task, row.record_method, row.sigma_t, seed, args.image_size, planner.epochs(row), lr, "test")
+                    key = (task, row.record_method, row.sigma_t, seed, args.image_size, planner.epochs(row), lr, "test",
+                           augmentation_of(row))
                     if key in {run_key(r) for r in records}:
                         continue
                     widths = None
                     if row.method == "mimi_widths":
                         widths = next((r["widths"] for r in records if (r["task"], r["method"], r["sigma_t"],
-                                       r["seed"], r["image_size"]) == (task, "mimi", row.sigma_t, seed,
-                                                                       args.image_size)), None)
+                                       r["seed"], r["image_size"], augmentation(r)) == (
+                                           task, "mimi", row.sigma_t, seed, args.image_size, args.augmentation)),
+                                      None)
                         if widths is None:
                             print(f"[grid] {task} seed={seed} {row.label}: skipped, MiMi's run of this seed and "
                                   "budget is not recorded yet", flush=True)

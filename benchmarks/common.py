@@ -261,13 +261,16 @@ class RunResult:
 def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round: int, total_epochs: int | None,
         lr: float, batch_size: int, image_size: int | None = None, max_train: int | None = None,
         max_test: int | None = None, run_dir: Path | None = None, mixed_precision: str | None = None,
-        checkpoint_every_steps: int | None = None, head_lr: float | None = None, num_workers: int = 0) -> RunResult:
+        checkpoint_every_steps: int | None = None, head_lr: float | None = None, num_workers: int = 0,
+        augment: bool = True) -> RunResult:
     """Train ``method`` on built-in ``task`` with `peft_mimi.train.train` and return test accuracy, counts and
     timings. MiMi trains ``(R+1)·epochs_per_round`` epochs (R = planned rounds), by default on the paper's schedule
     (the same epochs in every segment, the learning rate restarted at every cut; the product's default schedule is
     ``recipe_options`` ``epochs_per_round=1, final_epochs=R+2, restart_lr=False``); every other method trains
     ``total_epochs`` (pass MiMi's total for matched-epoch comparisons) in one round. ``run_dir`` keeps the run's
-    files and checkpoints, so an interrupted benchmark resumes inside the run (default: a temporary directory)."""
+    files and checkpoints, so an interrupted benchmark resumes inside the run (default: a temporary directory).
+    ``augment=False`` trains without random crops and flips (VTAB-1k's protocol: the structured suite's labels are
+    positions, orientations and distances, which crops and flips change)."""
     import tempfile
 
     from peft_mimi.train import train
@@ -288,7 +291,8 @@ def run(method: Method, backbone: str, task: str, *, seed: int, epochs_per_round
         **schedule, "batch_size": batch_size, "lr": method.lr or lr,
         "head_lr": head_lr, "seed": seed, "image_size": image_size, "max_train_samples": max_train,
         "max_eval_samples": max_test, "mixed_precision": mixed_precision,
-        "checkpoint_every_steps": checkpoint_every_steps, "num_workers": num_workers, **method.recipe_options})
+        "checkpoint_every_steps": checkpoint_every_steps, "num_workers": num_workers,
+        **({} if augment else {"flip": False, "random_crop": False}), **method.recipe_options})
     if mimi and total_epochs is not None:  # refused before any training, from the schedule the recipe plans
         planned = sum(recipe.segment_epochs(model.base_model.planned_rounds()))
         if planned != total_epochs:

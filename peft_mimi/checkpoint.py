@@ -134,6 +134,10 @@ def find_run(output_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+# Settings added since this checkpoint format, with the value every checkpoint made before them was trained with.
+_ADDED_SETTINGS = {"recipe.random_crop": True}
+
+
 def read_position(checkpoint: Path, settings: dict[str, Any], accelerator: Accelerator) -> Position:
     """The position saved in ``checkpoint``, after checking that it was made with ``settings`` and as many
     processes; raises ValueError naming what differs."""
@@ -141,7 +145,7 @@ def read_position(checkpoint: Path, settings: dict[str, Any], accelerator: Accel
     if not state or state.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint} is not a checkpoint this version of peft_mimi can read (state.json missing "
                          "or of another format). Start a new run in a new output directory.")
-    saved = _flatten(state["settings"])
+    saved = {**_ADDED_SETTINGS, **_flatten(state["settings"])}
     now = _flatten(json.loads(json.dumps(settings)))
     different = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if different:

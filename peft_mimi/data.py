@@ -569,12 +569,13 @@ class ImageTransform:
     Every image is converted to RGB (greyscale replicated; RGBA/LA/transparent-palette images composited onto
     black; 16-bit greyscale scaled from 0..65535) and to [0, 1]. In training mode it then takes a random
     resized crop (area fraction in ``scale``, aspect ratio 3/4..4/3, as torchvision's RandomResizedCrop) to
-    ``image_size`` and, if ``flip``, a horizontal flip with probability 1/2. In eval mode it resizes the image
-    as ``eval_resize`` says: an int matches the shorter side to it (aspect ratio kept), ``(height, width)``
-    resizes to exactly that, None (the default) resizes straight to ``image_size``; then it centre-crops to
-    ``image_size`` (zero-padding a side that is too short, as transformers does). Resizing is ``interpolation``
-    (``"bilinear"`` or ``"bicubic"``) with antialiasing, clamped to [0, 1]. Finally ``(x - mean) / std`` per
-    channel. :meth:`from_processor` sets all of this from a transformers image processor.
+    ``image_size`` (with ``crop=False``: the eval geometry below instead, for labels that depend on where an
+    object is or how large it looks) and, if ``flip``, a horizontal flip with probability 1/2. In eval mode it
+    resizes the image as ``eval_resize`` says: an int matches the shorter side to it (aspect ratio kept),
+    ``(height, width)`` resizes to exactly that, None (the default) resizes straight to ``image_size``; then it
+    centre-crops to ``image_size`` (zero-padding a side that is too short, as transformers does). Resizing is
+    ``interpolation`` (``"bilinear"`` or ``"bicubic"``) with antialiasing, clamped to [0, 1]. Finally
+    ``(x - mean) / std`` per channel. :meth:`from_processor` sets all of this from a transformers image processor.
 
     Randomness comes from a ``torch.Generator`` seeded with ``seed``, or from torch's global generator when
     ``seed`` is None (which DataLoader workers reseed per worker; a seeded transform copied into several
@@ -591,6 +592,7 @@ class ImageTransform:
         scale: tuple[float, float] = (0.8, 1.0),
         seed: int | None = None,
         *,
+        crop: bool = True,
         eval_resize: int | tuple[int, int] | None = None,
         interpolation: str = "bilinear",
     ) -> None:
@@ -612,6 +614,7 @@ class ImageTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.train = train
         self.flip = flip
+        self.crop = crop
         self.scale = (float(scale[0]), float(scale[1]))
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.eval_resize = eval_resize if isinstance(eval_resize, int) or eval_resize is None else tuple(eval_resize)
@@ -626,14 +629,16 @@ class ImageTransform:
         *,
         scale: tuple[float, float] = (0.8, 1.0),
         seed: int | None = None,
+        crop: bool = True,
     ) -> ImageTransform:
         """The transform matching a transformers image processor (ViT, BiT/DINOv2, ...).
 
         Eval mode reproduces the processor's geometry: its resize (short side to ``size["shortest_edge"]``, or
         straight to ``size["height"], size["width"]``), then its centre crop to ``crop_size`` when
         ``do_center_crop``; with its ``resample`` (bilinear or bicubic), ``image_mean`` and ``image_std``. Train
-        mode takes random resized crops to the same final size. A processor that keeps the aspect ratio without
-        cropping gets a centre crop to a square of its short side, so that images can be batched.
+        mode takes random resized crops to the same final size (``crop=False``: the eval geometry). A processor
+        that keeps the aspect ratio without cropping gets a centre crop to a square of its short side, so that
+        images can be batched.
         """
         name = type(image_processor).__name__
         if getattr(image_processor, "do_normalize", True):
@@ -652,7 +657,7 @@ class ImageTransform:
                              "bilinear and bicubic: set image_processor.resample to PIL.Image.Resampling.BILINEAR "
                              "or BICUBIC")
         resize, final, _ = _processor_geometry(image_processor)
-        return cls(final, mean, std, train=train, flip=flip, scale=scale, seed=seed, eval_resize=resize,
+        return cls(final, mean, std, train=train, flip=flip, scale=scale, seed=seed, crop=crop, eval_resize=resize,
                    interpolation=_INTERPOLATIONS[resample])
 
     def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -663,13 +668,11 @@ class ImageTransform:
 
     def _one(self, item: ImageInput, index: int) -> torch.Tensor:
         pixels = _to_rgb_tensor(_open_image(item, index), index)
-        if self.train:
+        if self.train and self.crop:
             top, left, height, width = random_resized_crop_box(
                 pixels.shape[1], pixels.shape[2], self.scale, generator=self.generator
             )
             pixels = self._resize(pixels[:, top : top + height, left : left + width], self.image_size)
-            if self.flip and torch.rand(1, generator=self.generator).item() < 0.5:
-                pixels = pixels.flip(-1)
         else:
             height, width = pixels.shape[1:]
             if self.eval_resize is None:
@@ -679,6 +682,8 @@ class ImageTransform:
             else:
                 resized = self.eval_resize
             pixels = _centre_crop(self._resize(pixels, resized), self.image_size)
+        if self.train and self.flip and torch.rand(1, generator=self.generator).item() < 0.5:
+            pixels = pixels.flip(-1)
         return (pixels - self.mean) / self.std
 
     def _resize(self, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -689,7 +694,7 @@ class ImageTransform:
         return resized.clamp_(0.0, 1.0)  # bicubic overshoots; the processors' uint8 output is clipped too
 
     def __repr__(self) -> str:
-        mode = f"train, flip={self.flip}, scale={self.scale}" if self.train else "eval"
+        mode = f"train, flip={self.flip}, {f'scale={self.scale}' if self.crop else 'no crop'}" if self.train else "eval"
         return (f"ImageTransform(image_size={self.image_size}, mean={self.mean.flatten().tolist()}, "
                 f"std={self.std.flatten().tolist()}, eval_resize={self.eval_resize}, "
                 f"interpolation={self.interpolation!r}, {mode})")

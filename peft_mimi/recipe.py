@@ -68,6 +68,10 @@ class TrainingRecipe:
                                                "and crop keep the image processor's ratio.", check="count")
     flip: Optional[bool] = _setting(None, "Random horizontal flips in training (default: unless the built-in "
                                           "dataset forbids them).")
+    random_crop: bool = _setting(True, "Random resized crops in training (0.8 to 1 of the area, aspect ratio 3/4 to "
+                                       "4/3). Turn them off, and flip too, when the label depends on where an object "
+                                       "is, how large it looks or which way it faces (VTAB-1k's structured tasks "
+                                       "train on the evaluation transform's images).")
     max_train_samples: Optional[int] = _setting(None, "Train on a class-balanced random subset of this many "
                                                       "images.", check="count")
     max_eval_samples: Optional[int] = _setting(None, "Evaluate on a class-balanced subset of this many images.",

@@ -119,7 +119,8 @@ def load_run(model: str | nn.Module, data: str | datasets.DatasetDict, recipe: T
         for row in position.history:
             search.record(row["live_params"], row["validation_accuracy"])
     flip = recipe.flip if recipe.flip is not None else getattr(BUILTIN_DATASETS.get(data_name), "flip_ok", True)
-    augment = ImageTransform.from_processor(processor, train=True, flip=flip, seed=recipe.seed)
+    augment = ImageTransform.from_processor(processor, train=True, flip=flip, crop=recipe.random_crop,
+                                            seed=recipe.seed)
     eval_transform = ImageTransform.from_processor(processor, train=False)
 
     def eval_loader(split: Any) -> DataLoader:

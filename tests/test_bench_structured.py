@@ -32,6 +32,7 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     assert {r["method"] for r in runs} == {"probe", "adapter", "mimi", "adapter_plus", "lora", "adalora", "full"}
     assert all(RECORD_FIELDS <= r.keys() and 0 <= r["accuracy"] <= 100 for r in runs)
     assert all(r["task"] == "dsprites_location" and r["seed"] == 0 and r["device"] == "cpu" for r in runs)
+    assert {r["augmentation"] for r in runs} == {"none"}  # VTAB-1k's protocol: no crops, no flips
     by = {(r["method"], r["sigma_t"]): r for r in runs}
     # the large adapters hold more than the budgeted ones; MiMi ends within the budget vanilla adapters define
     assert by["adapter", 4.0]["params"] > by["adapter", 16.0]["params"] >= by["mimi", 16.0]["params"] > 0
@@ -57,6 +58,17 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
                  if r["method"] == "mimi_widths"]
     assert widths["widths"] == by["mimi", 16.0]["widths"] and widths["params"] == by["mimi", 16.0]["params"]
     assert widths["epochs"] == by["mimi", 16.0]["epochs"] and len(widths["rounds"]) == 1  # no pruning round
+
+
+def test_runs_trained_with_crops_and_flips_are_other_runs_than_those_without():
+    # the first sitting's records predate the field: trained with the product's crops and flips, which change a
+    # position or orientation label, so they never stand in for a run of the protocol (the probe never augments)
+    old = {"task": "a", "method": "adapter", "sigma_t": 4.0, "seed": 0, "image_size": 112, "epochs": 10, "lr": 3e-3}
+    new = {**old, "augmentation": "none"}
+    assert bench_structured.augmentation(old) == "crop+flip" and bench_structured.augmentation(new) == "none"
+    assert bench_structured.run_key(old) != bench_structured.run_key(new)
+    assert len(bench_structured.merged([old, new, dict(new)])) == 2
+    assert bench_structured.augmentation({**old, "method": "probe"}) == "none"
 
 
 def test_learning_rate_is_the_best_on_validation_per_task_and_family():

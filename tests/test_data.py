@@ -403,6 +403,21 @@ def test_train_transform_flips_about_half_the_time_and_crops_nothing_at_full_sca
     assert all(torch.equal(no_flip([image])[0], plain) for _ in range(10))
 
 
+def test_train_transform_without_crops_keeps_the_eval_geometry():
+    # a position label (VTAB's dSprites location) survives only if the object stays where it is: crop=False trains
+    # on the eval transform's pixels, mirrored half the time unless flip=False
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    plain = ImageTransform(16, MEAN, STD, train=False, eval_resize=20)([image])[0]
+    still = ImageTransform(16, MEAN, STD, train=True, flip=False, crop=False, seed=0, eval_resize=20)
+    assert all(torch.equal(still([image])[0], plain) for _ in range(5))
+    mirrored = ImageTransform(16, MEAN, STD, train=True, crop=False, seed=0, eval_resize=20)
+    outcomes = [0 if torch.equal(p, plain) else 1 if torch.equal(p, plain.flip(-1)) else 2
+                for p in (mirrored([image])[0] for _ in range(30))]
+    assert 2 not in outcomes and 0 < sum(outcomes) < 30
+    cropped = ImageTransform(16, MEAN, STD, train=True, flip=False, seed=0, eval_resize=20)
+    assert not all(torch.equal(cropped([image])[0], plain) for _ in range(5))
+
+
 @settings(max_examples=100, deadline=None)
 @given(height=st.integers(1, 300), width=st.integers(1, 300), low=st.floats(0.05, 1.0),
        seed=st.integers(0, 1000))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -263,6 +264,22 @@ def test_resuming_with_other_settings_is_refused(run):
     with pytest.raises(ValueError, match=r"other settings \(recipe.lr: 0.003 in the checkpoint, 0.001 now\)"):
         train(run.model.peft_config["default"].base_model_name_or_path, output_dir=run.output_dir, resume=True,
               **settings)
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_that_settings_old_behaviour(run, tmp_path):
+    # checkpoints made before TrainingRecipe.random_crop existed trained with crops: they resume with it on (the
+    # default) and are refused with it off
+    out = shutil.copytree(run.output_dir, tmp_path / "out")
+    ckpt = latest_checkpoint(out)
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["settings"]["recipe"]["random_crop"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    model_name = run.model.peft_config["default"].base_model_name_or_path
+    no_crop = {**SETTINGS, "recipe": dataclasses.replace(RECIPE, random_crop=False)}
+    with pytest.raises(ValueError, match=r"recipe.random_crop: True in the checkpoint, False now"):
+        train(model_name, output_dir=out, resume=True, **no_crop)
+    resumed = train(model_name, output_dir=out, resume=True, **SETTINGS)
+    assert resumed.widths == run.widths
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
