@@ -31,7 +31,9 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 CHOSEN_FILE = "chosen.safetensors"  # budget search: the trainable tensors of the round it keeps so far
-_CHECKPOINT_FORMAT = 3  # 3: the scheduler counts the steps of the whole run (2: of each round with restart_lr)
+# 4: a checkpoint at a round boundary holds the next round's optimizer (the moments carried across the cut);
+# 3: the scheduler counts the steps of the whole run (2: of each round with restart_lr)
+_CHECKPOINT_FORMAT = 4
 _TRAINABLE_FILE = "trainable.safetensors"
 _STATISTICS_FILE = "round_statistics.safetensors"
 
@@ -134,10 +136,6 @@ def find_run(output_dir: Path, resume: bool) -> Path | None:
     return None
 
 
-# Settings added since this checkpoint format, with the value every checkpoint made before them was trained with.
-_ADDED_SETTINGS = {"recipe.random_crop": True}
-
-
 def read_position(checkpoint: Path, settings: dict[str, Any], accelerator: Accelerator) -> Position:
     """The position saved in ``checkpoint``, after checking that it was made with ``settings`` and as many
     processes; raises ValueError naming what differs."""
@@ -145,7 +143,7 @@ def read_position(checkpoint: Path, settings: dict[str, Any], accelerator: Accel
     if not state or state.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint} is not a checkpoint this version of peft_mimi can read (state.json missing "
                          "or of another format). Start a new run in a new output directory.")
-    saved = {**_ADDED_SETTINGS, **_flatten(state["settings"])}
+    saved = _flatten(state["settings"])
     now = _flatten(json.loads(json.dumps(settings)))
     different = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if different:
@@ -165,8 +163,8 @@ def save_checkpoint(
     """Write checkpoint ``ckpt-<serial>`` atomically (temporary directory, fsync, rename), then delete older
     ones. Every process saves its own RNG state; the main process writes the rest: the trainable tensors, the
     adapters' widths (in ``state.json``), optimizer and scheduler, and the budget search's chosen adapter
-    (``chosen_state``; its widths and round are in the history). At a round boundary there is no ``optimizer``
-    or ``scheduler`` to save: the next round builds new ones for the pruned adapters."""
+    (``chosen_state``; its widths and round are in the history). At a round boundary ``optimizer`` and
+    ``scheduler`` are the next round's, for the pruned adapters; after the last round there are none."""
     pos.serial += 1
     root = output_dir / CHECKPOINT_DIR
     tmp, final = root / f".tmp-ckpt-{pos.serial:05d}", root / f"ckpt-{pos.serial:05d}"
@@ -254,7 +252,7 @@ def load_chosen_state(checkpoint: Path | None) -> dict[str, torch.Tensor] | None
 
 
 def load_optimizer_state(checkpoint: Path, optimizer, scheduler) -> None:
-    if not (checkpoint / "optimizer.pt").is_file():  # a round-boundary checkpoint: the round starts afresh
+    if not (checkpoint / "optimizer.pt").is_file():  # the run's last checkpoint: nothing left to train
         return
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))

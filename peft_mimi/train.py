@@ -12,7 +12,7 @@ section 4) with `accelerate`, and the same loop, without pruning rounds, for any
 
 For every round ``r = 0..R`` it trains the epochs `peft_mimi.schedule` plans, measures test accuracy and, except
 after the last round, runs one pruning round that physically shrinks the adapters (so the next round is cheaper)
-and rebuilds the optimizer; the learning rate follows the schedule's warm-up + cosine over the whole run (or
+and continues with an optimizer for the shrunk adapters that keeps AdamW's moments of the surviving neurons; the learning rate follows the schedule's warm-up + cosine over the whole run (or
 restarted at every cut). It runs unchanged on one CPU or under ``accelerate launch`` (every process applies rank 0's
 pruning decision; only the main process writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/``
 and every benchmark train through it. The other modules of a run: `peft_mimi.recipe` (the settings),
@@ -141,12 +141,18 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
                         enabled=accelerator.is_local_main_process, desc="MiMi" if tuner else "train")
     adaptive_lora = getattr(getattr(peft_model, "base_model", None), "update_and_allocate", None)  # AdaLoRA
 
-    while not pos.finished:  # round r trains at the widths left by r pruning rounds, with a new optimizer
+    def round_optimizer(carried: dict[str, dict] | None = None):
+        """The optimizer and schedule of round ``pos.round``, with the state ``carried`` across the last cut."""
         optimizer = build_optimizer(peft_model, lr=recipe.lr, head_lr=recipe.head_lr, weight_decay=recipe.weight_decay)
+        if carried:
+            _install_state(optimizer, peft_model, carried)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor, last_epoch=starts[pos.round] - 1)
-        model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
-        if checkpoint is not None:  # the first round of a resumed run continues the saved optimizer and schedule
-            ckpt.load_optimizer_state(checkpoint, optimizer, scheduler)
+        return accelerator.prepare(peft_model, optimizer, scheduler)
+
+    model, optimizer, scheduler = round_optimizer()
+    if checkpoint is not None:  # a resumed run continues the saved optimizer and schedule
+        ckpt.load_optimizer_state(checkpoint, optimizer, scheduler)
+    while not pos.finished:  # round r trains at the widths left by r pruning rounds
         started = time.perf_counter() - pos.seconds
         for epoch in range(pos.epoch, epochs[pos.round]):
             loader = accelerator.prepare(run.epoch_loader(pos.round, epoch))
@@ -191,14 +197,17 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
             row["chosen_round"] = run.search.chosen
         if accelerator.is_local_main_process:
             progress.write(_round_line(row, pos.total_rounds, tuner))
+        carried = None
         if pos.round < pos.total_rounds:  # prune: the next round trains a smaller model
             peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-            tuner.prune_round(compact=True)
+            carried = _cut(peft_model, tuner, optimizer)
             accelerator.free_memory()
         pos.end_round()
+        if not pos.finished:  # the next round's optimizer: AdamW's moments of the surviving neurons carried over
+            model, optimizer, scheduler = round_optimizer(carried)
         run_files.write_metrics(accelerator, output_dir, pos.history)
-        ckpt.save_checkpoint(accelerator, output_dir, peft_model, tuner, None, None, pos, run.settings,
-                             run.chosen_state)  # at a round boundary: the next round builds a new optimizer
+        ckpt.save_checkpoint(accelerator, output_dir, peft_model, tuner, None if pos.finished else optimizer,
+                             None if pos.finished else scheduler, pos, run.settings, run.chosen_state)
     progress.close()
 
     peft_model = accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
@@ -214,6 +223,44 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
         hub_url=hub_url, model=peft_model.eval(), validation_accuracy=saved["validation_accuracy"],
         chosen_round=saved.get("chosen_round"),
     )
+
+
+def _cut(peft_model: nn.Module, tuner, optimizer) -> dict[str, dict]:
+    """One pruning round that physically shrinks the adapters; returns the optimizer's per-parameter state by
+    parameter name, cut like the parameters (rows of ``mimi_down``, columns of ``mimi_up``), so the next round's
+    optimizer continues with the moments the surviving neurons had (a fresh AdamW would take a step of the full
+    learning rate on every weight, head included, and undo part of what was learned; the Trainer's callback masks
+    neurons and keeps its optimizer, so it continues the same way)."""
+    names = {p: name for name, p in peft_model.named_parameters()}
+    state = getattr(optimizer, "optimizer", optimizer).state  # accelerate's wrapper holds torch's optimizer
+    before = {names[p]: s for p, s in state.items() if p in names}
+    tuner.prune_round(compact=False)  # masks only: which neurons survive is still visible
+    adapter = tuner.active_adapters[0]
+    kept: dict[str, tuple[int, torch.Tensor]] = {}
+    for _, layer in tuner._layers(adapter):
+        if layer.physical_width(adapter) == 0:
+            continue
+        keep = layer.mimi_mask[adapter].nonzero().flatten()
+        down, up = layer.mimi_down[adapter], layer.mimi_up[adapter]
+        kept[names[down.weight]], kept[names[up.weight]] = (0, keep), (1, keep)
+        if down.bias is not None:
+            kept[names[down.bias]] = (0, keep)
+    tuner.compact()
+    return {name: {key: value.index_select(kept[name][0], kept[name][1].to(value.device))
+                   if name in kept and torch.is_tensor(value) and value.ndim > 0 else value
+                   for key, value in s.items()}
+            for name, s in before.items()}
+
+
+def _install_state(optimizer: torch.optim.Optimizer, model: nn.Module, carried: dict[str, dict]) -> None:
+    """Give ``optimizer``'s parameters the state ``carried`` names for them (parameters of removed adapters are
+    gone; parameters without a carried state start afresh)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and name in carried:
+            moments = carried[name]
+            if any(torch.is_tensor(v) and v.ndim > 0 and v.shape != p.shape for v in moments.values()):
+                raise RuntimeError(f"the optimizer state carried for {name} does not fit its shape {tuple(p.shape)}")
+            optimizer.state[p] = moments
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, head_lr: float | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -250,8 +249,9 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(run, backbone
     root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".tmp-ckpt-00003", "ckpt-00002"]
     assert latest_checkpoint(out).name == "ckpt-00002"
-    # the end of round 0, after its pruning: the next round starts with a new optimizer, so none is saved
-    assert {p.name for p in (root / "ckpt-00002").iterdir()} == {"state.json", "rng-0.pt", "trainable.safetensors"}
+    # the end of round 0, after its pruning: the next round's optimizer, with the surviving neurons' moments
+    assert {p.name for p in (root / "ckpt-00002").iterdir()} == {"state.json", "rng-0.pt", "trainable.safetensors",
+                                                                 "optimizer.pt", "scheduler.pt"}
 
     resumed = train(backbone, output_dir=out, resume=True, **SETTINGS)
     assert resumed.widths == run.widths and len(resumed.history) == 3
@@ -266,20 +266,40 @@ def test_resuming_with_other_settings_is_refused(run):
               **settings)
 
 
-def test_a_checkpoint_older_than_a_setting_resumes_with_that_settings_old_behaviour(run, tmp_path):
-    # checkpoints made before TrainingRecipe.random_crop existed trained with crops: they resume with it on (the
-    # default) and are refused with it off
-    out = shutil.copytree(run.output_dir, tmp_path / "out")
-    ckpt = latest_checkpoint(out)
-    state = json.loads((ckpt / "state.json").read_text())
-    del state["settings"]["recipe"]["random_crop"]
-    (ckpt / "state.json").write_text(json.dumps(state))
-    model_name = run.model.peft_config["default"].base_model_name_or_path
-    no_crop = {**SETTINGS, "recipe": dataclasses.replace(RECIPE, random_crop=False)}
-    with pytest.raises(ValueError, match=r"recipe.random_crop: True in the checkpoint, False now"):
-        train(model_name, output_dir=out, resume=True, **no_crop)
-    resumed = train(model_name, output_dir=out, resume=True, **SETTINGS)
-    assert resumed.widths == run.widths
+def test_a_cut_carries_adamws_moments_of_the_surviving_neurons_into_the_next_rounds_optimizer():
+    # a fresh AdamW after a cut would step every weight by the full learning rate; the loop keeps the moments the
+    # surviving neurons had (the Trainer's callback masks and keeps its optimizer, so it does the same)
+    model = get_peft_model(make_model(), MiMiConfig(init_compression=2.0, target_compression=8.0,
+                                                    modules_to_save=["classifier"]))
+    tuner = model.base_model
+    optimizer = train_module.build_optimizer(model, lr=1e-2, weight_decay=0.05)
+    for _ in range(3):
+        model(pixel_values=torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    names = dict(model.named_parameters())
+    before = {n: ({k: v.clone() for k, v in optimizer.state[p].items()}, p.detach().clone()) for n, p in names.items()
+              if p in optimizer.state}
+
+    carried = train_module._cut(model, tuner, optimizer)
+    fresh = train_module.build_optimizer(model, lr=1e-2, weight_decay=0.05)
+    train_module._install_state(fresh, model, carried)
+
+    checked = 0
+    for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        state, (old_state, old_value) = fresh.state[p], before[name]
+        assert torch.equal(state["step"], old_state["step"])
+        if "mimi_down" in name and name.endswith("weight"):  # rows are neurons: each surviving row keeps its moments
+            rows = [next(i for i in range(len(old_value)) if torch.equal(old_value[i], row)) for row in p.detach()]
+            assert len(rows) < len(old_value)  # the cut removed some
+            assert torch.equal(state["exp_avg"], old_state["exp_avg"][rows])
+            assert torch.equal(state["exp_avg_sq"], old_state["exp_avg_sq"][rows])
+            checked += 1
+        elif "classifier" in name:  # the head is not cut: its moments are kept whole
+            assert torch.equal(state["exp_avg_sq"], old_state["exp_avg_sq"])
+        else:
+            assert state["exp_avg"].shape == p.shape
+    assert checked == sum(w > 0 for w in tuner.adapter_widths().values()) > 0
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
