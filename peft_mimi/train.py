@@ -12,9 +12,10 @@ section 4) with `accelerate`, and the same loop, without pruning rounds, for any
 
 For every round ``r = 0..R`` it trains the epochs `peft_mimi.schedule` plans, measures test accuracy and, except
 after the last round, runs one pruning round that physically shrinks the adapters (so the next round is cheaper)
-and continues with an optimizer for the shrunk adapters that keeps AdamW's moments of the surviving neurons; the learning rate follows the schedule's warm-up + cosine over the whole run (or
-restarted at every cut). It runs unchanged on one CPU or under ``accelerate launch`` (every process applies rank 0's
-pruning decision; only the main process writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/``
+and continues with an optimizer for the shrunk adapters that keeps AdamW's moments of the surviving neurons; the
+learning rate follows the schedule's warm-up + cosine over the whole run (or restarted at every cut). It runs
+unchanged on one CPU or under ``accelerate launch`` (every process applies rank 0's pruning decision; only the main
+process writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/``
 and every benchmark train through it. The other modules of a run: `peft_mimi.recipe` (the settings),
 `peft_mimi.schedule` (when), `peft_mimi.run` (model, data and output files), `peft_mimi.checkpoint` (resume and the
 output directory's lock), `peft_mimi.evaluate` (accuracy, a saved adapter loaded back).
