@@ -312,11 +312,12 @@ def publish(args, records: list[dict], selection: list[dict], final: bool) -> No
              "Epochs: rows at a "
              "budget train MiMi's default total at that budget; params = the method's own parameters (head "
              "excluded).", "", common.table(header, table)]
-    both = [t for t in tasks if probe and big and t in probe["task_means"] and t in big["task_means"]]
+    both = [t for t in tasks if probe and big and t in probe["task_means"] and t in big["task_means"]
+            and structured_tasks.TASKS[t].generator is not None]  # the target is on the generated tasks
     if both:
         gap = statistics.fmean(big["task_means"][t] - probe["task_means"][t] for t in both)
         lines += ["", f"Discrimination: σ = 4 adapters {gap:+.1f} points over the linear probe on the mean of "
-                      f"{len(both)} task(s) ({', '.join(both)}); the suite's target is >= 15."]
+                      f"{len(both)} generated task(s) ({', '.join(both)}); the suite's target is >= 15."]
     spread = same_size_spread(rows, tasks)
     if spread:
         lines += ["", "Spread between same-size methods (best − worst per-task mean):", "",
