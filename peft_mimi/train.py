@@ -200,7 +200,7 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
             progress.write(_round_line(row, pos.total_rounds, tuner))
         carried = None
         if pos.round < pos.total_rounds:  # prune: the next round trains a smaller model
-            peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            peft_model = _unprepared(accelerator, model)
             carried = _cut(peft_model, tuner, optimizer)
             accelerator.free_memory()
         pos.end_round()
@@ -211,7 +211,7 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
                              None if pos.finished else scheduler, pos, run.settings, run.chosen_state)
     progress.close()
 
-    peft_model = accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
+    peft_model = _unprepared(accelerator, peft_model)
     saved = saved_round(pos.history)
     if run.search is not None:  # the smallest adapter within tolerance: its widths, rounds and weights
         ckpt.set_trainable(peft_model, tuner, saved["widths"], saved["round"], run.chosen_state, "the budget search")
@@ -224,6 +224,16 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
         hub_url=hub_url, model=peft_model.eval(), validation_accuracy=saved["validation_accuracy"],
         chosen_round=saved.get("chosen_round"),
     )
+
+
+def _unprepared(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """``model`` without what ``accelerator.prepare`` added (the mixed-precision forward, a DDP wrapper), so that
+    preparing it again adds them again: accelerate returns a model it has already prepared unchanged, which after a
+    cut would train the remaining rounds without mixed precision (and a model returned by `train` and trained
+    again the same way)."""
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    model.__dict__.pop("_is_accelerate_prepared", None)
+    return model
 
 
 def _cut(peft_model: nn.Module, tuner, optimizer) -> dict[str, dict]:

@@ -475,6 +475,47 @@ def test_the_head_can_have_its_own_learning_rate(backbone):
 
 
 
+def test_mixed_precision_holds_in_every_round_and_when_a_trained_model_trains_again(backbone, tmp_path, request):
+    """mixed_precision='bf16' runs the forward passes of every round under autocast, those after each cut too (the
+    shrunk model is prepared again for its round's optimizer), and a model that `train` returned trains under it
+    again."""
+    from accelerate.state import AcceleratorState
+    from peft import LoraConfig
+    from transformers import AutoImageProcessor
+
+    from peft_mimi.backbones import load_backbone
+    from peft_mimi.data import load_image_dataset
+
+    data = load_image_dataset("digits")
+    processor = AutoImageProcessor.from_pretrained(backbone)
+    recipe = dataclasses.replace(RECIPE, mixed_precision="bf16", checkpoint_every_steps=None)
+    rounds: list[tuple[int, torch.dtype]] = []  # (rounds done when the forward ran, dtype of a frozen Linear's output)
+
+    def record(model):
+        query = next(m for name, m in model.named_modules() if name.endswith(("q_proj", "attention.query")))
+        config = model.peft_config["default"]
+        query.register_forward_hook(lambda module, args, out: rounds.append(
+            (getattr(config, "rounds_done", 0), out.dtype)))
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # this process's other tests set up accelerate in fp32
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    base, _ = load_backbone(backbone, num_labels=10)
+    model = get_peft_model(base, MiMiConfig(target_compression=16.0, modules_to_save=["classifier"]))
+    record(model)
+    assert train(model, data, tmp_path / "mimi", recipe, processor=processor).rounds == 2
+    assert {r for r, _ in rounds} == {0, 1, 2}
+    assert {dtype for _, dtype in rounds} == {torch.bfloat16}, rounds
+
+    base, _ = load_backbone(backbone, num_labels=10)
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=TARGET_MODULES_BY_MODEL_TYPE["vit"],
+                                           modules_to_save=["classifier"]))
+    trained = train(lora, data, tmp_path / "lora-1", recipe, processor=processor).model
+    rounds.clear()
+    record(trained)
+    train(trained, data, tmp_path / "lora-2", recipe, processor=processor)
+    assert rounds and {dtype for _, dtype in rounds} == {torch.bfloat16}, rounds
+
+
 @pytest.mark.parametrize("restart_lr", [True, False])
 def test_the_schedule_restarts_at_every_round_or_runs_once_across_the_cuts(backbone, tmp_path, monkeypatch,
                                                                             restart_lr):
