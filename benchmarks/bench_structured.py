@@ -50,12 +50,16 @@ BACKBONE = "dinov2-s14"
 LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_plus": [1e-3, 3e-3, 1e-2],
            "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
 DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
-METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_widths", "adapter", "adapter_plus", "lora", "adalora")
+METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_mlp", "mimi_widths", "adapter", "adapter_plus", "lora",
+                "adalora")
 LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi", "adapter": "vanilla adapters",
-          "mimi_widths": "MiMi's widths from scratch", "adapter_plus": "Adapter+", "lora": "LoRA",
+          "mimi_widths": "MiMi's widths from scratch",
+          "mimi_mlp": "MiMi on MLP outputs only", "adapter_plus": "Adapter+", "lora": "LoRA",
           "adalora": "AdaLoRA", "full": "full fine-tuning"}
+# the product's default schedule: one epoch per cut, the rest at the final widths
+MIMI_SCHEDULE = {"epochs_per_round": 1, "final_epochs": None, "restart_lr": False}
 # rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31)
-OPTIONAL_METHODS = ("mimi_widths",)
+OPTIONAL_METHODS = ("mimi_widths", "mimi_mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Row:
 
     @property
     def family(self) -> str:  # whose learning rate the row trains with
+        if self.method == "mimi_mlp":
+            return "mimi"
         return "adapter" if self.method in ("adapter4", "mimi_widths") else self.method
 
     @property
@@ -133,7 +139,17 @@ class Planner:
             return Method("adapter", row.label, init_compression=row.sigma_t, target_compression=row.sigma_t)
         if row.method == "mimi":  # the product's default: σ0 = 4, one epoch per cut, the rest at the final widths
             return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
-                          recipe_options={"epochs_per_round": 1, "final_epochs": None, "restart_lr": False})
+                          recipe_options=dict(MIMI_SCHEDULE))
+        if row.method == "mimi_mlp":  # MiMi's default schedule on Adapter+'s position only, at the same budget B(σt)
+            from adapter_plus import mlp_outputs
+
+            method = Method("mimi", row.label, init_compression=4.0, recipe_options=dict(MIMI_SCHEDULE),
+                            mimi_options={"target_modules": mlp_outputs(self.model()),
+                                          "target_params": common.adapter_budget(self.model(), row.sigma_t)})
+            rounds = common.build(method, self.model(), 0).base_model.planned_rounds()
+            self._model = None  # build wrapped it
+            method.recipe_options["final_epochs"] = self.epochs(row) - rounds  # the rows' total epochs
+            return method
         if row.method == "adapter_plus":
             return Method("adapter_plus", row.label, target_compression=row.sigma_t)
         if row.method == "mimi_widths":  # "allocation only": MiMi's final widths, trained from scratch

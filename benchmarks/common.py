@@ -166,9 +166,10 @@ def build(method: Method, model: nn.Module, seed: int, total_steps: int | None =
 
     torch.manual_seed(seed)
     if method.kind in ("mimi", "adapter"):
-        config = MiMiConfig(init_compression=method.init_compression,
-                            target_compression=method.target_compression or method.init_compression,
-                            modules_to_save=["classifier"], seed=seed, **method.mimi_options)
+        budget = {} if "target_params" in method.mimi_options else {
+            "target_compression": method.target_compression or method.init_compression}
+        config = MiMiConfig(init_compression=method.init_compression, modules_to_save=["classifier"], seed=seed,
+                            **budget, **method.mimi_options)
         return get_peft_model(model, config)
     if method.kind == "adapter_plus":
         from adapter_plus import add_adapter_plus
