@@ -89,3 +89,48 @@ def add_adapter_plus(model: nn.Module, budget: int, seed: int) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(".adapter." in name or name.startswith("classifier"))
     return model
+
+
+# ------------------------------------------------------------------------- MiMi on Adapter+-style adapters
+SCALE = "aplus_scale"  # not "mimi_": PEFT's adapter files leave it out (the benchmark evaluates in process)
+
+
+def restyle_mimi(peft_model: nn.Module, seed: int) -> nn.Module:
+    """Give every MiMi adapter of ``peft_model`` Adapter+'s design (issue 31's candidate (e), a benchmark prototype):
+    Houlsby initialisation of both matrices, a learned channel-wise scaling ``s`` (ones, no weight decay: 1-D) on the
+    adapter's output and stochastic depth 0.1 in training. The adapters' position and biases come from the MiMi
+    config (``target_modules`` = `mlp_outputs`, ``adapter_bias=True``); MiMi's pruning, score and schedule are
+    unchanged (the score reads ``W_up`` without ``s``). Returns ``peft_model`` (changed in place)."""
+    import types
+
+    from peft_mimi.layer import Linear as MiMiLinear
+
+    torch.manual_seed(seed)
+    for layer in (m for m in peft_model.modules() if isinstance(m, MiMiLinear)):
+        for name in list(layer.mimi_down):
+            for linear in (layer.mimi_down[name], layer.mimi_up[name]):
+                nn.init.trunc_normal_(linear.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+        weight = layer.base_layer.weight
+        layer.add_module(SCALE, nn.ParameterDict({
+            name: nn.Parameter(torch.ones(layer.feature_size, device=weight.device)) for name in layer.mimi_down}))
+        layer.adapter_delta = types.MethodType(_scaled_delta, layer)
+    return peft_model
+
+
+def _scaled_delta(layer, adapter_name: str, y: torch.Tensor) -> torch.Tensor | None:
+    delta = type(layer).adapter_delta(layer, adapter_name, y)
+    if delta is None:
+        return None
+    delta = getattr(layer, SCALE)[adapter_name].to(delta.dtype) * delta
+    if layer.training and DROP_PATH > 0:
+        keep = torch.rand(y.shape[0], *(1,) * (y.dim() - 1), device=y.device) >= DROP_PATH
+        delta = delta * keep.to(delta.dtype) / (1 - DROP_PATH)
+    return delta
+
+
+def scale_params(peft_model: nn.Module) -> int:
+    """The scaling parameters of the adapters that still have neurons (those of removed adapters are unused)."""
+    return sum(p.numel() for m in peft_model.modules() if hasattr(m, SCALE)
+               for name, p in getattr(m, SCALE).items() if m.live_width(name) > 0)

@@ -50,16 +50,16 @@ BACKBONE = "dinov2-s14"
 LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_plus": [1e-3, 3e-3, 1e-2],
            "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
 DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
-METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_mlp", "mimi_widths", "adapter", "adapter_plus", "lora",
-                "adalora")
+METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_mlp", "mimi_plus", "mimi_widths", "adapter",
+                "adapter_plus", "lora", "adalora")
 LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi", "adapter": "vanilla adapters",
-          "mimi_widths": "MiMi's widths from scratch",
-          "mimi_mlp": "MiMi on MLP outputs only", "adapter_plus": "Adapter+", "lora": "LoRA",
+          "mimi_mlp": "MiMi on MLP outputs only", "mimi_plus": "MiMi on Adapter+ adapters",
+          "mimi_widths": "MiMi's widths from scratch", "adapter_plus": "Adapter+", "lora": "LoRA",
           "adalora": "AdaLoRA", "full": "full fine-tuning"}
 # the product's default schedule: one epoch per cut, the rest at the final widths
 MIMI_SCHEDULE = {"epochs_per_round": 1, "final_epochs": None, "restart_lr": False}
 # rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31)
-OPTIONAL_METHODS = ("mimi_widths", "mimi_mlp")
+OPTIONAL_METHODS = ("mimi_widths", "mimi_mlp", "mimi_plus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Row:
 
     @property
     def family(self) -> str:  # whose learning rate the row trains with
-        if self.method == "mimi_mlp":
+        if self.method in ("mimi_mlp", "mimi_plus"):
             return "mimi"
         return "adapter" if self.method in ("adapter4", "mimi_widths") else self.method
 
@@ -140,12 +140,19 @@ class Planner:
         if row.method == "mimi":  # the product's default: σ0 = 4, one epoch per cut, the rest at the final widths
             return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
                           recipe_options=dict(MIMI_SCHEDULE))
-        if row.method == "mimi_mlp":  # MiMi's default schedule on Adapter+'s position only, at the same budget B(σt)
+        if row.method in ("mimi_mlp", "mimi_plus"):  # MiMi's default schedule on Adapter+'s position (mimi_mlp),
+            # and with Adapter+'s biases, initialisation, scaling and stochastic depth (mimi_plus), at the budget B(σt)
             from adapter_plus import mlp_outputs
 
+            names = mlp_outputs(self.model())
+            plus = row.method == "mimi_plus"
+            budget = common.adapter_budget(self.model(), row.sigma_t)
+            if plus:  # the scaling vectors count against the budget, as in Adapter+
+                budget -= sum(self.model().get_submodule(n).out_features for n in names)
             method = Method("mimi", row.label, init_compression=4.0, recipe_options=dict(MIMI_SCHEDULE),
-                            mimi_options={"target_modules": mlp_outputs(self.model()),
-                                          "target_params": common.adapter_budget(self.model(), row.sigma_t)})
+                            mimi_options={"target_modules": names, "target_params": budget,
+                                          **({"adapter_bias": True} if plus else {})},
+                            adapter_plus_style=plus)
             rounds = common.build(method, self.model(), 0).base_model.planned_rounds()
             self._model = None  # build wrapped it
             method.recipe_options["final_epochs"] = self.epochs(row) - rounds  # the rows' total epochs
