@@ -50,16 +50,18 @@ BACKBONE = "dinov2-s14"
 LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_plus": [1e-3, 3e-3, 1e-2],
            "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
 DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
-METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_mlp", "mimi_plus", "mimi_widths", "adapter",
+METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_long", "mimi_mlp", "mimi_plus", "mimi_widths", "adapter",
                 "adapter_plus", "lora", "adalora")
 LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi", "adapter": "vanilla adapters",
-          "mimi_mlp": "MiMi on MLP outputs only", "mimi_plus": "MiMi on Adapter+ adapters",
+          "mimi_long": "MiMi, 3 epochs before the first cut", "mimi_mlp": "MiMi on MLP outputs only",
+          "mimi_plus": "MiMi on Adapter+ adapters",
           "mimi_widths": "MiMi's widths from scratch", "adapter_plus": "Adapter+", "lora": "LoRA",
           "adalora": "AdaLoRA", "full": "full fine-tuning"}
 # the product's default schedule: one epoch per cut, the rest at the final widths
 MIMI_SCHEDULE = {"epochs_per_round": 1, "final_epochs": None, "restart_lr": False}
 # rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31)
-OPTIONAL_METHODS = ("mimi_widths", "mimi_mlp", "mimi_plus")
+OPTIONAL_METHODS = ("mimi_widths", "mimi_long", "mimi_mlp", "mimi_plus")
+LONG_FIRST_EPOCHS = 3  # mimi_long: the wide adapters' epochs before the first cut (the default trains one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Row:
 
     @property
     def family(self) -> str:  # whose learning rate the row trains with
-        if self.method in ("mimi_mlp", "mimi_plus"):
+        if self.method in ("mimi_long", "mimi_mlp", "mimi_plus"):
             return "mimi"
         return "adapter" if self.method in ("adapter4", "mimi_widths") else self.method
 
@@ -140,6 +142,9 @@ class Planner:
         if row.method == "mimi":  # the product's default: σ0 = 4, one epoch per cut, the rest at the final widths
             return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
                           recipe_options=dict(MIMI_SCHEDULE))
+        if row.method == "mimi_long":  # the default with a longer first segment, the same total epochs
+            return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
+                          recipe_options={**MIMI_SCHEDULE, "first_epochs": LONG_FIRST_EPOCHS})
         if row.method in ("mimi_mlp", "mimi_plus"):  # MiMi's default schedule on Adapter+'s position (mimi_mlp),
             # and with Adapter+'s biases, initialisation, scaling and stochastic depth (mimi_plus), at the budget B(σt)
             from adapter_plus import mlp_outputs
