@@ -107,7 +107,7 @@ class Planner:
 
     def __init__(self, args):
         self.args = args
-        self._rounds: dict[float, int] = {}
+        self._rounds: dict[tuple, int] = {}
         self._model = None
 
     def model(self):
@@ -115,19 +115,20 @@ class Planner:
             self._model, _ = common.load_model(self.args.backbone, 2)
         return self._model
 
-    def rounds(self, sigma_t: float) -> int:
-        if sigma_t not in self._rounds:
-            mimi = Method("mimi", "MiMi", target_compression=sigma_t)
-            self._rounds[sigma_t] = common.build(mimi, self.model(), 0).base_model.num_rounds()
+    def rounds(self, key: tuple, method: Method) -> int:
+        """The pruning rounds ``method`` plans on this backbone, computed once per ``key``."""
+        if key not in self._rounds:
+            self._rounds[key] = common.build(method, self.model(), 0).base_model.planned_rounds()
             self._model = None  # build wrapped it: load a fresh one next time
-        return self._rounds[sigma_t]
+        return self._rounds[key]
 
     def epochs(self, row: Row) -> int:
         if row.method == "probe":
             return 0
         if row.sigma_t is None or row.method == "adapter4":
             return self.args.fixed_epochs
-        return 2 * (self.rounds(row.sigma_t) + 1)  # MiMi's default total at this budget
+        rounds = self.rounds(("mimi", row.sigma_t), Method("mimi", "MiMi", target_compression=row.sigma_t))
+        return 2 * (rounds + 1)  # MiMi's default total at this budget
 
     def method(self, row: Row, widths: dict[str, int] | None = None) -> Method:
         """``widths``: for ``mimi_widths``, the final widths of the MiMi run (same task, seed and budget)."""
@@ -158,8 +159,7 @@ class Planner:
                             mimi_options={"target_modules": names, "target_params": budget,
                                           **({"adapter_bias": True} if plus else {})},
                             adapter_plus_style=plus)
-            rounds = common.build(method, self.model(), 0).base_model.planned_rounds()
-            self._model = None  # build wrapped it
+            rounds = self.rounds((row.method, row.sigma_t), method)
             method.recipe_options["final_epochs"] = self.epochs(row) - rounds  # the rows' total epochs
             return method
         if row.method == "adapter_plus":
