@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -367,6 +368,90 @@ def publish(args, records: list[dict], selection: list[dict], final: bool) -> No
                              "# Learning rates chosen on the validation split (800 train / 200 validation, seed "
                              "0)\n\n" + common.table(sel_header, sel_rows))
     plot(rows, tasks, args.out / "accuracy.png", args)
+    publish_widths(args, [r for r in shown if r["method"] == "mimi" and r.get("widths")], tasks)
+
+
+# the easy tasks' MiMi widths on the same backbone (the earlier suite, trained with crops and flips) for comparison
+EASY = common.RESULTS_DIR / "dinov2-s14" / "accuracy.json"
+
+
+def block_widths(widths: dict[str, int]) -> dict[tuple[int, str], int]:
+    """``{(block, "attention" | "MLP"): width}`` from a run's final widths (module names with a block number)."""
+    out = {}
+    for name, width in widths.items():
+        block = int(re.findall(r"\.(\d+)\.", name)[-1])
+        out[(block, "attention" if ".attention." in name else "MLP")] = width
+    return out
+
+
+def publish_widths(args, runs: list[dict], tasks: list[str]) -> None:
+    """``widths.{md,json,png}``: the per-layer widths the default MiMi chose on each task (mean over seeds), beside
+    those it chose on the easy tasks (``EASY``), at each budget the structured runs have."""
+    if not runs:
+        return
+    easy = [r for r in (json.loads(EASY.read_text())["rows"] if EASY.is_file() else [])
+            if r["method"]["kind"] == "mimi" and r.get("widths")]
+    sections, raw = [], {}
+    for sigma_t in sorted({r["sigma_t"] for r in runs}):
+        groups = [(t, "structured", [r["widths"] for r in runs if r["task"] == t and r["sigma_t"] == sigma_t])
+                  for t in tasks]
+        groups += [(t, "easy", [r["widths"] for r in easy if r["task"] == t and r["budget_sigma"] == sigma_t])
+                    for t in dict.fromkeys(r["task"] for r in easy)]
+        groups = [(t, kind, [block_widths(w) for w in ws]) for t, kind, ws in groups if ws]
+        keys = sorted({k for _, _, ws in groups for w in ws for k in w}, key=lambda k: (k[0], k[1] != "attention"))
+        means = {t: {k: statistics.fmean(w.get(k, 0) for w in ws) for k in keys} for t, _, ws in groups}
+        n_blocks = max(k[0] for k in keys) + 1
+        thirds = [range(i * n_blocks // 3, (i + 1) * n_blocks // 3) for i in range(3)]
+        table = []
+        for t, kind, ws in groups:
+            total = sum(means[t].values()) or 1.0
+            table.append([t, kind, len(ws), f"{sum(means[t].values()):.0f}",
+                          *(f"{100 * sum(v for k, v in means[t].items() if k[0] in third) / total:.0f}"
+                            for third in thirds),
+                          f"{100 * sum(v for k, v in means[t].items() if k[1] == 'MLP') / total:.0f}",
+                          f"{statistics.fmean(sum(v == 0 for v in w.values()) for w in ws):.1f}"])
+        raw[str(sigma_t)] = {t: {f"{b}.{kind}": v for (b, kind), v in means[t].items()} for t in means}
+        sections += [f"## σt = {sigma_t:g}", "", common.table(
+            ["task", "kind", "runs", "neurons", *(f"% in blocks {th[0]}-{th[-1]}" for th in thirds), "% in MLP",
+             "adapters removed"], table), "", f"![widths at σt = {sigma_t:g}](widths_{sigma_t:g}.png)", ""]
+        plot_widths_grid(groups, means, keys, args.out / f"widths_{sigma_t:g}.png",
+                         f"MiMi's final widths, σt = {sigma_t:g}, {args.backbone} (mean over seeds)")
+    common.write_results(args.out, "widths", {"widths": raw}, "\n".join([
+        "# Where MiMi puts its neurons: structured tasks against easy ones", "",
+        "The default MiMi's final width per adapter (attention output and MLP output of each block), mean over the "
+        "recorded seeds. `structured`: this suite's runs (no augmentation); `easy`: the same backbone and image size "
+        f"on the earlier suite's tasks (`{EASY.relative_to(common.RESULTS_DIR)}`, trained with crops and flips). "
+        "Columns: surviving neurons, their share in the first, middle and last third of the blocks and in MLP "
+        "adapters, and the adapters removed entirely (width 0).", "", *sections]))
+
+
+def plot_widths_grid(groups: list, means: dict, keys: list, path: Path, title: str) -> None:
+    """A heatmap: one row per task, one column per adapter, the width written in each cell."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    grid = [[means[t][k] for k in keys] for t, _, _ in groups]
+    fig, ax = plt.subplots(figsize=(0.42 * len(keys) + 2.5, 0.42 * len(groups) + 1.6))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if value < 0.6 * max(max(r) for r in grid) else "black")
+    ax.set_xticks(range(len(keys)), [f"{b}{'a' if kind == 'attention' else 'm'}" for b, kind in keys], fontsize=7)
+    ax.set_yticks(range(len(groups)), [f"{t} ({kind})" for t, kind, _ in groups], fontsize=7)
+    structured = sum(kind == "structured" for _, kind, _ in groups)
+    if 0 < structured < len(groups):
+        ax.axhline(structured - 0.5, color="white", linewidth=2)
+    ax.set_xlabel("block and adapter (a: attention output, m: MLP output)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="neurons")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path, args) -> None:
