@@ -148,18 +148,15 @@ class Planner:
             return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
                           recipe_options={**MIMI_SCHEDULE, "first_epochs": LONG_FIRST_EPOCHS})
         if row.method in ("mimi_mlp", "mimi_plus"):  # MiMi's default schedule on Adapter+'s position (mimi_mlp),
-            # and with Adapter+'s biases, initialisation, scaling and stochastic depth (mimi_plus), at the budget B(σt)
-            from adapter_plus import mlp_outputs
+            # and with Adapter+'s design (mimi_plus: biases, Houlsby start, channel scaling counted in the budget,
+            # stochastic depth), at the budget B(σt) of the plain adapters
+            from adapter_plus import DROP_PATH, mlp_outputs
 
-            names = mlp_outputs(self.model())
-            plus = row.method == "mimi_plus"
-            budget = common.adapter_budget(self.model(), row.sigma_t)
-            if plus:  # the scaling vectors count against the budget, as in Adapter+
-                budget -= sum(self.model().get_submodule(n).out_features for n in names)
+            design = dict(adapter_bias=True, channel_scaling=True, init_weights="houlsby", drop_path=DROP_PATH)
             method = Method("mimi", row.label, init_compression=4.0, recipe_options=dict(MIMI_SCHEDULE),
-                            mimi_options={"target_modules": names, "target_params": budget,
-                                          **({"adapter_bias": True} if plus else {})},
-                            adapter_plus_style=plus)
+                            mimi_options={"target_modules": mlp_outputs(self.model()),
+                                          "target_params": common.adapter_budget(self.model(), row.sigma_t),
+                                          **(design if row.method == "mimi_plus" else {})})
             rounds = self.rounds((row.method, row.sigma_t), method)
             method.recipe_options["final_epochs"] = self.epochs(row) - rounds  # the rows' total epochs
             return method
@@ -389,7 +386,8 @@ def publish_widths(args, runs: list[dict], tasks: list[str]) -> None:
     those it chose on the easy tasks (``EASY``), at each budget the structured runs have."""
     if not runs:
         return
-    easy = [r for r in (json.loads(EASY.read_text())["rows"] if EASY.is_file() else [])
+    same_setting = args.backbone == BACKBONE and args.image_size == 112 and EASY.is_file()  # what EASY used
+    easy = [r for r in (json.loads(EASY.read_text())["rows"] if same_setting else [])
             if r["method"]["kind"] == "mimi" and r.get("widths")]
     sections, raw = [], {}
     for sigma_t in sorted({r["sigma_t"] for r in runs}):
@@ -401,7 +399,7 @@ def publish_widths(args, runs: list[dict], tasks: list[str]) -> None:
         keys = sorted({k for _, _, ws in groups for w in ws for k in w}, key=lambda k: (k[0], k[1] != "attention"))
         means = {t: {k: statistics.fmean(w.get(k, 0) for w in ws) for k in keys} for t, _, ws in groups}
         n_blocks = max(k[0] for k in keys) + 1
-        thirds = [range(i * n_blocks // 3, (i + 1) * n_blocks // 3) for i in range(3)]
+        thirds = [part for i in range(3) if (part := range(i * n_blocks // 3, (i + 1) * n_blocks // 3))]
         table = []
         for t, kind, ws in groups:
             total = sum(means[t].values()) or 1.0

@@ -123,7 +123,6 @@ class Method:
     mimi_options: dict = field(default_factory=dict)  # selection / score / prune_ratio overrides (ablation)
     recipe_options: dict = field(default_factory=dict)  # TrainingRecipe overrides for this method (e.g. restart_lr)
     widths: dict[str, int] | None = None  # kind "widths": fixed adapters of these per-layer widths, never pruned
-    adapter_plus_style: bool = False  # MiMi: Adapter+'s initialisation, scaling and stochastic depth (adapter_plus.py)
     final_epochs: int | None = None  # MiMi: epochs after the last cut (default: the benchmark's epochs_per_round)
     lr: float | None = None  # this method's learning rate (default: the benchmark's)
 
@@ -171,12 +170,7 @@ def build(method: Method, model: nn.Module, seed: int, total_steps: int | None =
             "target_compression": method.target_compression or method.init_compression}
         config = MiMiConfig(init_compression=method.init_compression, modules_to_save=["classifier"], seed=seed,
                             **budget, **method.mimi_options)
-        peft_model = get_peft_model(model, config)
-        if method.adapter_plus_style:
-            from adapter_plus import restyle_mimi
-
-            restyle_mimi(peft_model, seed)
-        return peft_model
+        return get_peft_model(model, config)
     if method.kind == "adapter_plus":
         from adapter_plus import add_adapter_plus
 
@@ -224,9 +218,7 @@ def method_params(model: nn.Module) -> int:
 
     base = getattr(model, "base_model", None)
     if isinstance(base, MiMiModel):
-        from adapter_plus import scale_params  # 0 unless the adapters are Adapter+-style
-
-        return base.live_params() + scale_params(model)
+        return base.live_params()
     if type(base).__name__ == "AdaLoraModel":
         return adalora_live_params(model)
     return sum(p.numel() for n, p in model.named_parameters()

@@ -175,7 +175,7 @@ def model_card(
     lines += ["", "## Adapter widths", "", "Width 0: the adapter was removed and costs nothing.", "",
               "| module | d | width | parameters |", "|---|---:|---:|---:|"]
     for name, width in widths.items():
-        params = adapter_params(dims[name], width, config.adapter_bias)
+        params = adapter_params(dims[name], width, **config.param_terms)
         lines.append(f"| `{name}` | {dims[name]} | {width} | {params:,} |")
     lines.append(f"| **total** | | {sum(widths.values())} | {counts['adapter']:,} |")
 

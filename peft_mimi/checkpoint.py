@@ -216,8 +216,7 @@ def set_trainable(model: nn.Module, tuner: MiMiModel | None, widths: dict[str, i
                 layer.keep_neurons(adapter, torch.arange(layer.live_width(adapter)) < width)
             else:  # an earlier, wider state (budget search); the new neurons' random start must not move the RNG
                 with torch.random.fork_rng(devices=[]):
-                    layer.update_layer(adapter, width, init_weights=config.init_weights, activation=config.activation,
-                                       bias=config.adapter_bias, score=config.score)
+                    layer.update_layer(adapter, width, **config.layer_options())
         config.rounds_done = rounds_done
         tuner._record_widths(adapter)
     params = dict(model.named_parameters())

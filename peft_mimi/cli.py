@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, get_type_hints
 
 from .card import saved_round
-from .config import ACTIVATIONS, MiMiConfig
+from .config import ACTIVATIONS, INITS, MiMiConfig
 from .pruning import SCORES, SELECTIONS, adapter_params
 from .recipe import TrainingRecipe, mimi_setting_fields
 
@@ -31,6 +31,21 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # the allowed values of MiMiConfig's fields that take one of a few names
 _CHOICES = {"selection": SELECTIONS, "score": SCORES, "activation": ACTIVATIONS}
+# and those that take True, False or a name: an option that reads yes/no or one of the names (and has --no-NAME)
+_BOOL_OR_NAME = {"init_weights": INITS}
+
+
+def _bool_or_name(names: Sequence[str]) -> Callable[[str], bool | str]:
+    def parse(text: str) -> bool | str:
+        if text in names:
+            return text
+        lowered = text.lower()
+        if lowered in ("yes", "true", "t", "y", "1"):
+            return True
+        if lowered in ("no", "false", "f", "n", "0"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected yes/no, true/false or one of {', '.join(names)}; got {text!r}")
+    return parse
 
 
 @dataclass
@@ -56,7 +71,8 @@ def _options(name: str, owner: type, fields: Sequence[dataclasses.Field]) -> typ
         metadata = {key: f.metadata[key] for key in ("help", "metavar") if key in f.metadata}
         if f.name in _CHOICES:
             metadata["choices"] = list(_CHOICES[f.name])
-        made.append((f.name, hints[f.name], field(default=f.default, metadata=metadata)))
+        hint = bool if f.name in _BOOL_OR_NAME else hints[f.name]  # a bool option, whose type `train_parser` widens
+        made.append((f.name, hint, field(default=f.default, metadata=metadata)))
     options = dataclasses.make_dataclass(name, made)
     options.__module__ = __name__
     return options
@@ -70,9 +86,13 @@ def train_parser():
 
     mimi = _options("MiMiOptions", MiMiConfig, mimi_setting_fields())
     recipe = _options("RecipeOptions", TrainingRecipe, dataclasses.fields(TrainingRecipe))
-    return HfArgumentParser((RunArguments, mimi, recipe), prog="peft-mimi train",
-                            description="Run MiMi's schedule: train, prune, ..., train; save the adapter. Give at "
-                                        "most one budget: --target-compression (default 32) or --target-params.")
+    parser = HfArgumentParser((RunArguments, mimi, recipe), prog="peft-mimi train",
+                              description="Run MiMi's schedule: train, prune, ..., train; save the adapter. Give at "
+                                          "most one budget: --target-compression (default 32) or --target-params.")
+    for action in parser._actions:  # argparse keeps no public handle on an option's type
+        if action.dest in _BOOL_OR_NAME and action.const is not False:  # not the --no-NAME complement
+            action.type = _bool_or_name(_BOOL_OR_NAME[action.dest])
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +200,7 @@ def _info(args: argparse.Namespace) -> int:
     rows = [f"{'module':<{name_width}}  {'d':>6}  {'width':>6}  {'params':>10}"]
     for name, width in widths.items():
         rows.append(f"{name:<{name_width}}  {dims[name]:>6}  {width:>6}  "
-                    f"{adapter_params(dims[name], width, config.adapter_bias):>10,}")
+                    f"{adapter_params(dims[name], width, **config.param_terms):>10,}")
     rows.append(f"{'total':<{name_width}}  {'':>6}  {sum(widths.values()):>6}  {tuner.live_params():>10,}")
     target = (f"target_compression {config.effective_target_compression:g}" if config.target_params is None
               else f"target_params {config.target_params:,}")

@@ -16,6 +16,7 @@ from .pruning import SCORES, SELECTIONS
 
 DEFAULT_TARGET_COMPRESSION = 32.0  # the budget of MiMiConfig(): what uniform adapters of width d/32 hold
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
+INITS = ("houlsby",)  # init_weights besides True (W_up zero) and False (random)
 
 # Default target modules per transformers model type: the attention output projection and the second MLP
 # Linear of every block, as names that PEFT matches against the end of a module's name. transformers 5 names
@@ -101,14 +102,24 @@ class MiMiConfig(PeftConfig):
             Budget search, in accuracy points: prune on down to the budget (then a floor), measure validation
             accuracy after each round, and keep the smallest round within this many points of the best round.
             None (the default): the adapter at the budget.
-        init_weights (`bool`):
-            True (PEFT's convention): ``W_up`` starts at zero, so the model starts equal to the base model;
+        init_weights (`Union[bool, str]`):
+            True (PEFT's convention): ``W_up`` starts at zero, so the model starts equal to the base model (``W_down``
+            keeps ``nn.Linear``'s Kaiming-uniform start); ``"houlsby"``: both matrices from a normal of std 0.01
+            truncated at ±2 std (Houlsby et al. 2019, Adapter+), so the model starts next to the base model;
             False: random (tests).
         activation (`str`):
             The adapter's non-linearity: ``"gelu"`` (default), ``"relu"``, ``"silu"``, ``"tanh"`` or
             ``"identity"``.
         adapter_bias (`bool`):
-            Give ``W_down`` and ``W_up`` biases (the paper has none; default False).
+            Give ``W_down`` and ``W_up`` biases (the paper has none; default False). The up bias counts in the
+            budget while its adapter has a neuron.
+        channel_scaling (`bool`):
+            Multiply each adapter's output by a learned vector ``s`` of size ``d`` (ones at the start; Adapter+,
+            Steitz & Roth 2024): ``A(y) = y + s ⊙ W_up·act(W_down·y)``. ``s`` counts in the budget while its
+            adapter has a neuron and is folded into ``W_up`` for inference. Default False (the paper has none).
+        drop_path (`float`):
+            Stochastic depth on the adapter's branch in training: with this probability an image's adapter output
+            is dropped (the rest scaled by ``1/(1-p)``); inference is unchanged. Default 0.0.
         target_modules (`Optional[Union[List[str], str]]`):
             The Linear modules to adapt: a list of names (exact or suffix match) or a regex. When not given, the
             defaults of the model type are used (the attention output projection and the second MLP Linear of every
@@ -160,12 +171,21 @@ class MiMiConfig(PeftConfig):
             "the smallest adapter that loses at most 1 point). None: the adapter at the budget."
         },
     )
-    init_weights: bool = field(
+    init_weights: Union[bool, str] = field(
         default=True,
-        metadata={"help": "True: W_up starts at zero so the model starts equal to the base model; False: random."},
+        metadata={"help": "True: W_up starts at zero so the model starts equal to the base model; 'houlsby': both "
+                          "matrices from a normal of std 0.01 truncated at 2 std (Adapter+); False: random."},
     )
     activation: str = field(default="gelu", metadata={"help": f"Adapter non-linearity, one of {ACTIVATIONS}."})
     adapter_bias: bool = field(default=False, metadata={"help": "Give W_down and W_up biases (paper: no biases)."})
+    channel_scaling: bool = field(
+        default=False,
+        metadata={"help": "Scale each adapter's output by a learned vector of size d (Adapter+; counted in the "
+                          "budget, folded into W_up for inference)."},
+    )
+    drop_path: float = field(
+        default=0.0, metadata={"help": "Stochastic depth on the adapter branch in training: drop probability."}
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
@@ -197,6 +217,17 @@ class MiMiConfig(PeftConfig):
         if self.target_params is not None:
             return self.target_compression
         return DEFAULT_TARGET_COMPRESSION if self.target_compression is None else self.target_compression
+
+    @property
+    def param_terms(self) -> dict[str, bool]:
+        """What an adapter's parameter count depends on besides ``d`` and its width, as the keyword arguments of
+        `peft_mimi.pruning` (``adapter_params``, ``total_params``, ``select_neurons``, ...)."""
+        return {"bias": self.adapter_bias, "scale": self.channel_scaling}
+
+    def layer_options(self) -> dict[str, Any]:
+        """The keyword arguments of `MiMiLayer.update_layer` that this config sets (all but the width)."""
+        return dict(init_weights=self.init_weights, activation=self.activation, bias=self.adapter_bias,
+                    score=self.score, scale=self.channel_scaling, drop_path=self.drop_path)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -281,9 +312,16 @@ class MiMiConfig(PeftConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"MiMiConfig.{name}={value!r} is not known; choose one of {allowed}.")
-        for name in ("init_weights", "adapter_bias"):
+        for name in ("adapter_bias", "channel_scaling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MiMiConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.init_weights, bool) and self.init_weights not in INITS:
+            raise ValueError(f"MiMiConfig.init_weights must be True, False or one of {INITS}, got "
+                             f"{short_repr(self.init_weights)}.")
+        if isinstance(self.drop_path, bool) or not isinstance(self.drop_path, (int, float)) or not (
+            0.0 <= self.drop_path < 1.0
+        ):
+            raise ValueError(f"MiMiConfig.drop_path is a probability in [0, 1) (e.g. 0.1), got {self.drop_path!r}.")
         if self.budget_tolerance is not None and (
             isinstance(self.budget_tolerance, bool) or not isinstance(self.budget_tolerance, (int, float))
             or not 0 <= self.budget_tolerance < math.inf

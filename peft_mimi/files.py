@@ -39,7 +39,7 @@ from .config import default_target_modules, short_repr
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 # the names PEFT saves a MiMi adapter's tensors under (the adapter name is stripped on save)
 _MIMI_TENSOR = re.compile(
-    r"base_model\.model\.(?P<module>[^.]+(?:\.[^.]+)*)\.(?P<part>mimi_(?:down|up)\.(?:weight|bias)|mimi_mask)"
+    r"base_model\.model\.(?P<module>[^.]+(?:\.[^.]+)*)\.(?P<part>mimi_(?:down|up)\.(?:weight|bias)|mimi_mask|mimi_scale)"
 )
 _PEFT_PREFIX = "base_model.model."
 _MISMATCH_FIX = (
@@ -67,9 +67,10 @@ def check_adapter_weights(directory: str | os.PathLike) -> AdapterWeights | None
     - ``adapter_model.safetensors`` is a complete safetensors file (not truncated, header intact, no trailing
       bytes); its MiMi tensors have the names PEFT saves, floating dtypes (a BOOL mask), and shapes that agree:
       ``mimi_down.weight`` ``(width, d)``, ``mimi_up.weight`` ``(d, width)``, biases ``(width,)`` / ``(d,)``, mask
-      ``(width,)``;
-    - ``adapter_config.json`` records a width for every adapter, each equal to its tensors' (0: no tensors), and
-      biases exactly when ``adapter_bias``: so the loader allocates nothing the weights file does not hold.
+      ``(width,)``, channel scaling ``(d,)``;
+    - ``adapter_config.json`` records a width for every adapter, each equal to its tensors' (0: no tensors),
+      biases exactly when ``adapter_bias`` and a scaling exactly when ``channel_scaling``: so the loader allocates
+      nothing the weights file does not hold.
 
     Only the header is read (safetensors caps it at 100 MB), never a tensor. Returns what the header says, for
     :func:`check_adapter_fits_model`. A directory without any weights file only warns and returns None (a config may
@@ -117,7 +118,7 @@ def _mimi_tensors(path: Path) -> dict[str, dict[str, tuple[str, tuple[int, ...]]
             raise ValueError(
                 f"{path} holds a tensor named {key!r} (shape {spec[1]}), which is not a MiMi adapter tensor: they are "
                 f"named '{_PEFT_PREFIX}<module>.mimi_down.weight', '...mimi_up.weight', '...mimi_down.bias', "
-                f"'...mimi_up.bias' and '...mimi_mask'. {_WRITER_FIX}"
+                f"'...mimi_up.bias', '...mimi_scale' and '...mimi_mask'. {_WRITER_FIX}"
             )
         tensors.setdefault(match["module"], {})[match["part"]] = spec
     return tensors
@@ -152,7 +153,7 @@ def _check_shapes_agree(path: Path, module: str, parts: dict[str, tuple[str, tup
     """Refuse tensors of ``module`` whose shapes disagree with its ``mimi_down.weight`` of ``shape`` ``(width, d)``."""
     width, d = shape
     expected = {"mimi_down.weight": (width, d), "mimi_up.weight": (d, width), "mimi_down.bias": (width,),
-                "mimi_up.bias": (d,), "mimi_mask": (width,)}
+                "mimi_up.bias": (d,), "mimi_scale": (d,), "mimi_mask": (width,)}
     for part, (_, got) in sorted(parts.items()):
         if got != expected[part]:
             raise ValueError(
@@ -170,7 +171,8 @@ def _read_config(config_path: Path) -> Any:
 
 def _check_recorded_widths(config_path: Path, config: Any, weights: AdapterWeights,
                            tensors: dict[str, dict[str, tuple[str, tuple[int, ...]]]]) -> None:
-    """Refuse a config whose ``adapter_widths`` or ``adapter_bias`` disagree with the weights file's tensors."""
+    """Refuse a config whose ``adapter_widths``, ``adapter_bias`` or ``channel_scaling`` disagree with the weights
+    file's tensors."""
     path, adapters = weights.path, weights.adapters
     widths = config.get("adapter_widths") if isinstance(config, dict) else None
     if not isinstance(widths, dict) or not widths:
@@ -212,6 +214,15 @@ def _check_recorded_widths(config_path: Path, config: Any, weights: AdapterWeigh
                 raise ValueError(
                     f"{config_path} has adapter_bias={bias} but {path} holds {held or 'no biases'} for module "
                     f"{module!r} (mimi_down.weight of shape {adapters[module]}). {_MISMATCH_FIX}"
+                )
+    scaling = config.get("channel_scaling", False)  # files of earlier versions have no key: no scaling
+    if isinstance(scaling, bool):
+        for module, parts in sorted(tensors.items()):
+            if ("mimi_scale" in parts) != scaling:
+                raise ValueError(
+                    f"{config_path} has channel_scaling={scaling} but {path} holds "
+                    f"{'a' if 'mimi_scale' in parts else 'no'} mimi_scale for module {module!r} (mimi_down.weight "
+                    f"of shape {adapters[module]}). {_MISMATCH_FIX}"
                 )
 
 

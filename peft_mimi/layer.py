@@ -1,4 +1,6 @@
-"""The MiMi adapter around one `nn.Linear`: ``A(y) = y + W_up · act(W_down · y)`` on the layer's output.
+"""The MiMi adapter around one `nn.Linear`: ``A(y) = y + W_up · act(W_down · y)`` on the layer's output (with
+``channel_scaling``, ``y + s ⊙ W_up · act(W_down · y)``; with ``drop_path``, the branch dropped per image in
+training).
 
 The layer knows how to apply, mask and shrink its own adapters, nothing about the rest of the model. Each named
 adapter has a *physical* width (the rows of ``W_down``) and a bool mask over those neurons; the *live* width is
@@ -55,6 +57,14 @@ COMPILED_PRODUCT_SUM_MAX_WIDTH = 32
 # (FusedMiMiLinear._compiled_up): 1.03-1.04x the backbone at batch 1 with widths 11-22 (σt = 24), against 1.07-1.08x
 # with the up-projection a GEMM; with widths 26-38 (σt = 12) level at batch 1 and slower at batch 32
 COMPILED_FUSED_MAX_WIDTH = 24
+
+HOULSBY_STD = 0.01  # init_weights="houlsby": the std of W_down's and W_up's truncated normal start
+
+
+def _scaled(up_weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``up_weight`` (``(d, n)``) with row ``i`` multiplied by ``scale[i]`` (``(d, 1)``; None: unchanged)."""
+    return up_weight if scale is None else up_weight * scale.to(up_weight.dtype)
+
 
 # the same non-linearities as `_activation`, as torch functions: what the fused path and exported models call
 FUSED_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": None}
@@ -139,14 +149,16 @@ class FusedMiMiLinear(nn.Module):
 class MiMiLayer(BaseTunerLayer):
     """Mixin holding the adapters of one wrapped layer, keyed by adapter name."""
 
-    adapter_layer_names = ("mimi_down", "mimi_up")
-    other_param_names = ("mimi_width", "mimi_mask", "mimi_activation", "mimi_score")
+    adapter_layer_names = ("mimi_down", "mimi_up", "mimi_scale")
+    other_param_names = ("mimi_width", "mimi_mask", "mimi_activation", "mimi_score", "mimi_drop_path")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.mimi_down = nn.ModuleDict({})
         self.mimi_up = nn.ModuleDict({})
+        self.mimi_scale = nn.ParameterDict({})  # channel_scaling: s, one value per output feature
         self.mimi_mask = BufferDict({}, persistent=True)
+        self.mimi_drop_path: dict[str, float] = {}
         self.mimi_width: dict[str, int] = {}
         self.mimi_activation: dict[str, nn.Module] = {}
         self.mimi_score: dict[str, str] = {}
@@ -174,7 +186,8 @@ class MiMiLayer(BaseTunerLayer):
         return self.out_features
 
     def update_layer(
-        self, adapter_name: str, width: int, *, init_weights: bool, activation: str, bias: bool, score: str
+        self, adapter_name: str, width: int, *, init_weights: bool | str, activation: str, bias: bool, score: str,
+        scale: bool = False, drop_path: float = 0.0,
     ) -> None:
         """Create (or replace) adapter ``adapter_name`` with ``width`` neurons (0 = no adapter on this layer)."""
         self._unfuse_for("adding or replacing an adapter")
@@ -184,13 +197,16 @@ class MiMiLayer(BaseTunerLayer):
         self._activation_name[adapter_name] = activation
         self.mimi_score[adapter_name] = score
         self.mimi_width[adapter_name] = width
-        for container in (self.mimi_down, self.mimi_up):
+        self.mimi_drop_path[adapter_name] = drop_path
+        for container in (self.mimi_down, self.mimi_up, self.mimi_scale):
             if adapter_name in container:
                 del container[adapter_name]
         d = self.feature_size
         if width > 0:
             self.mimi_down[adapter_name] = nn.Linear(d, width, bias=bias)
             self.mimi_up[adapter_name] = nn.Linear(width, d, bias=bias)
+            if scale:
+                self.mimi_scale[adapter_name] = nn.Parameter(torch.ones(d))
             self._init_weights(adapter_name, init_weights)
         self.mimi_mask[adapter_name] = torch.ones(width, dtype=torch.bool)
         self._masked.discard(adapter_name)
@@ -198,15 +214,17 @@ class MiMiLayer(BaseTunerLayer):
         self._track_gradients(adapter_name)
         self.set_adapter(self.active_adapters)
 
-    def _init_weights(self, adapter_name: str, init_weights: bool) -> None:
+    def _init_weights(self, adapter_name: str, init_weights: bool | str) -> None:
         down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
         if down.weight.is_meta:  # low_cpu_mem_usage: the real values are loaded later
             return
-        # W_down keeps nn.Linear's default (Kaiming-uniform, bound 1/sqrt(d)): small and random
+        if init_weights == "houlsby":  # both matrices small and random: N(0, 0.01²) truncated at ±2 std
+            for linear in (down, up):
+                nn.init.trunc_normal_(linear.weight, std=HOULSBY_STD, a=-2 * HOULSBY_STD, b=2 * HOULSBY_STD)
+        elif init_weights:  # W_down keeps nn.Linear's default (Kaiming-uniform, bound 1/sqrt(d)), W_up starts at 0
+            nn.init.zeros_(up.weight)
         if down.bias is not None:
             nn.init.zeros_(down.bias)
-        if init_weights:
-            nn.init.zeros_(up.weight)
         if up.bias is not None:
             nn.init.zeros_(up.bias)
 
@@ -280,6 +298,8 @@ class MiMiLayer(BaseTunerLayer):
             return width
         self._untrack_gradients(adapter_name)
         old_down, old_up = self.mimi_down.pop(adapter_name), self.mimi_up.pop(adapter_name)
+        if width == 0 and adapter_name in self.mimi_scale:  # a removed adapter keeps no tensor
+            del self.mimi_scale[adapter_name]
         if width > 0:
             requires_grad = old_down.weight.requires_grad
             idx = live.to(old_down.weight.device)
@@ -383,19 +403,23 @@ class MiMiLayer(BaseTunerLayer):
         dtype = base.weight.dtype
         downs = [(self.mimi_down[name], live.to(base.weight.device)) for name, live in parts]
         ups = [self.mimi_up[name] for name, _ in parts]
+        # the channel scaling, folded into W_up and b_up: s ⊙ (W_up·h + b_up) = (s ⊙ W_up)·h + s ⊙ b_up
+        scales = [self.mimi_scale[name][:, None] if name in self.mimi_scale else None for name, _ in parts]
         # adapters with and without biases fuse together: a missing down bias is zeros, a missing up bias adds nothing
         with_bias = [up.bias is not None for up in ups]
         down_bias = up_bias = None
         if any(with_bias):
             down_bias = torch.cat([down.bias[live] if down.bias is not None else live.new_zeros(len(live), dtype=dtype)
                                    for down, live in downs]).to(dtype)
-            up_bias = sum(up.bias.to(dtype) for up, has_bias in zip(ups, with_bias) if has_bias)
+            up_bias = sum(_scaled(up.bias[:, None], s)[:, 0].to(dtype)
+                          for up, s, has_bias in zip(ups, scales, with_bias) if has_bias)
         return FusedMiMiLinear(
             weight=base.weight,
             bias=base.bias,
             down_weight=torch.cat([down.weight[live] for down, live in downs]).to(dtype),
             down_bias=down_bias,
-            up_weight=torch.cat([up.weight[:, live] for up, (_, live) in zip(ups, downs)], dim=1).to(dtype),
+            up_weight=torch.cat([_scaled(up.weight[:, live], s) for up, s, (_, live) in zip(ups, scales, downs)],
+                                dim=1).to(dtype),
             up_bias=up_bias,
             activation=activations.pop(),
         )
@@ -452,29 +476,38 @@ class Linear(nn.Module, MiMiLayer):
         adapter_name: str,
         width: int,
         *,
-        init_weights: bool = True,
+        init_weights: bool | str = True,
         activation: str = "gelu",
         bias: bool = False,
         score: str = "mimi",
+        scale: bool = False,
+        drop_path: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__()
         MiMiLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.register_load_state_dict_post_hook(_refresh_masks_after_load)
-        self.update_layer(
-            adapter_name, width, init_weights=init_weights, activation=activation, bias=bias, score=score
-        )
+        self.update_layer(adapter_name, width, init_weights=init_weights, activation=activation, bias=bias,
+                          score=score, scale=scale, drop_path=drop_path)
 
     def adapter_delta(self, adapter_name: str, y: torch.Tensor) -> torch.Tensor | None:
-        """``W_up · act(W_down · y)`` for one adapter, or None when it has no neurons here."""
+        """``W_up · act(W_down · y)`` for one adapter (times ``s`` with channel scaling, dropped per row with
+        probability ``drop_path`` in training), or None when it has no neurons here."""
         if adapter_name not in self.mimi_down:
             return None
         down, up = self.mimi_down[adapter_name], self.mimi_up[adapter_name]
         hidden = self.mimi_activation[adapter_name](down(y.to(down.weight.dtype)))
         if adapter_name in self._masked:
             hidden = hidden * self.mimi_mask[adapter_name].to(hidden.dtype)
-        return up(hidden)
+        delta = up(hidden)
+        if adapter_name in self.mimi_scale:
+            delta = delta * self.mimi_scale[adapter_name].to(delta.dtype)
+        drop = self.mimi_drop_path.get(adapter_name, 0.0)
+        if self.training and drop > 0:  # stochastic depth: drop the branch per row of the batch (per image)
+            keep = torch.rand(delta.shape[0], *(1,) * (delta.dim() - 1), device=delta.device) >= drop
+            delta = delta * (keep.to(delta.dtype) / (1 - drop))
+        return delta
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
         """The base layer's output plus the deltas of the active adapters, or, with ``adapter_names`` (one name

@@ -97,12 +97,7 @@ class MiMiModel(BaseTuner):
                 f"{_linear_name_suffixes(self.model)})."
             )
         width = self._starting_width(mimi_config, current_key, base.out_features)
-        layer_kwargs = dict(
-            init_weights=mimi_config.init_weights,
-            activation=mimi_config.activation,
-            bias=mimi_config.adapter_bias,
-            score=mimi_config.score,
-        )
+        layer_kwargs = mimi_config.layer_options()
         if isinstance(target, MiMiLayer):
             target.update_layer(adapter_name, width, **layer_kwargs)
         else:
@@ -260,14 +255,14 @@ class MiMiModel(BaseTuner):
         """Parameters held by the live neurons of the adapters (the head is not counted)."""
         adapter_name = self._adapter(adapter_name)
         dims, widths = self._dims_and_widths(adapter_name)
-        return total_params(dims, widths, self.peft_config[adapter_name].adapter_bias)
+        return total_params(dims, widths, **self.peft_config[adapter_name].param_terms)
 
     def initial_params(self, adapter_name: str | None = None) -> int:
         """Parameters of the adapters at their starting widths ``floor(d / σ0)``: where the schedule starts."""
         adapter_name = self._adapter(adapter_name)
         config = self.peft_config[adapter_name]
         dims = list(self.feature_sizes(adapter_name).values())
-        return budget_for_compression(dims, config.init_compression, config.adapter_bias)
+        return budget_for_compression(dims, config.init_compression, **config.param_terms)
 
     def budget(self, adapter_name: str | None = None) -> int:
         """The parameter budget MiMi prunes down to (``B(σt)`` or ``target_params``)."""
@@ -276,7 +271,7 @@ class MiMiModel(BaseTuner):
         if config.target_params is not None:
             return config.target_params
         dims = list(self.feature_sizes(adapter_name).values())
-        return budget_for_compression(dims, config.effective_target_compression, config.adapter_bias)
+        return budget_for_compression(dims, config.effective_target_compression, **config.param_terms)
 
     def planned_rounds(self, adapter_name: str | None = None) -> int:
         """All rounds of the schedule, done or not: from the starting size ``floor(d/σ0)`` to the budget."""
@@ -286,7 +281,7 @@ class MiMiModel(BaseTuner):
         # widths, not live ones, so that masks loaded from a mid-schedule checkpoint do not change the plan
         budget = self.budget(adapter_name)
         if config.rounds_done == 0 and total_params(*self._dims_and_widths(adapter_name, live=False),
-                                                    config.adapter_bias) <= budget:
+                                                    **config.param_terms) <= budget:
             return 0
         return max(num_rounds(self.initial_params(adapter_name), budget, config.prune_ratio), config.rounds_done)
 
@@ -355,7 +350,7 @@ class MiMiModel(BaseTuner):
             budget=self.budget(adapter_name),
             selection=config.selection,
             final=remaining == 1,
-            bias=config.adapter_bias,
+            **config.param_terms,
         )
         keep = _same_on_every_process(keep)
         for (_, layer), keep_live in zip(layers, keep):
@@ -399,9 +394,10 @@ class MiMiModel(BaseTuner):
                 continue
             module = name.removeprefix(_PEFT_PREFIX)
             width = layer.physical_width(adapter_name)
-            keys = [f"{name}.mimi_{part}.{adapter_name}.{tensor}"
-                    for part in ("down", "up") for tensor in ("weight", "bias")]
-            present = [k for k in keys if k in state_dict]
+            keys = {f"mimi_{part}.{tensor}": f"{name}.mimi_{part}.{adapter_name}.{tensor}"
+                    for part in ("down", "up") for tensor in ("weight", "bias")}
+            keys["mimi_scale"] = f"{name}.mimi_scale.{adapter_name}"
+            present = [k for k in keys.values() if k in state_dict]
             if width == 0:
                 if present:
                     raise ValueError(
@@ -411,7 +407,7 @@ class MiMiModel(BaseTuner):
                 # the (empty) mask of a removed adapter is never saved; supply it so PEFT does not report it missing
                 state_dict[f"{name}.mimi_mask.{adapter_name}"] = torch.ones(0, dtype=torch.bool)
                 continue
-            for key in keys:
+            for part, key in keys.items():
                 expected = own.get(key)
                 if expected is None:
                     continue
@@ -423,10 +419,10 @@ class MiMiModel(BaseTuner):
                 got = tuple(state_dict[key].shape)
                 if got != tuple(expected.shape):
                     raise ValueError(
-                        f"Adapter mismatch in module {module!r}: {key.rsplit('.', 3)[-3]}.{key.rsplit('.', 1)[-1]} "
-                        f"has shape {got} in the weights file but {tuple(expected.shape)} in the model built from "
-                        f"adapter_config.json (width {width}, feature size {layer.feature_size}). The file is "
-                        "damaged, or belongs to another backbone or another config."
+                        f"Adapter mismatch in module {module!r}: {part} has shape {got} in the weights file but "
+                        f"{tuple(expected.shape)} in the model built from adapter_config.json (width {width}, "
+                        f"feature size {layer.feature_size}). The file is damaged, or belongs to another backbone or "
+                        "another config."
                     )
             mask_key = f"{name}.mimi_mask.{adapter_name}"
             if mask_key not in state_dict:

@@ -5,7 +5,8 @@ applies a selection, the tuner walks the model, the callback and the trainer dec
 
 Conventions: an adapter on a layer of feature size ``d`` with ``width`` neurons owns ``W_down`` (width x d) and
 ``W_up`` (d x width). Neuron ``j`` owns row ``j`` of ``W_down``, column ``j`` of ``W_up`` and, with biases, the
-``j``-th down bias; the up bias (``d`` values) lives as long as the adapter has at least one neuron.
+``j``-th down bias; the up bias and the channel scaling (``d`` values each) live as long as the adapter has at least
+one neuron.
 """
 
 from __future__ import annotations
@@ -30,21 +31,26 @@ def neuron_cost(d: int, bias: bool = False) -> int:
     return 2 * d + (1 if bias else 0)
 
 
-def adapter_params(d: int, width: int, bias: bool = False) -> int:
+def shared_params(d: int, bias: bool = False, scale: bool = False) -> int:
+    """Parameters an adapter holds while it has any neuron, owned by none: the up bias and the channel scaling."""
+    return d * (int(bias) + int(scale))
+
+
+def adapter_params(d: int, width: int, bias: bool = False, scale: bool = False) -> int:
     """Parameters of one adapter of the given width (0 when the adapter has been removed)."""
     if width <= 0:
         return 0
-    return width * neuron_cost(d, bias) + (d if bias else 0)
+    return width * neuron_cost(d, bias) + shared_params(d, bias, scale)
 
 
-def total_params(dims: Sequence[int], widths: Sequence[int], bias: bool = False) -> int:
+def total_params(dims: Sequence[int], widths: Sequence[int], bias: bool = False, scale: bool = False) -> int:
     """Parameters of a set of adapters with feature sizes ``dims`` and widths ``widths``."""
-    return sum(adapter_params(d, w, bias) for d, w in zip(dims, widths, strict=True))
+    return sum(adapter_params(d, w, bias, scale) for d, w in zip(dims, widths, strict=True))
 
 
-def budget_for_compression(dims: Sequence[int], compression: float, bias: bool = False) -> int:
-    """``B(σt)``: the parameters that uniform adapters of width ``floor(d / σt)`` would have."""
-    return sum(adapter_params(d, initial_width(d, compression), bias) for d in dims)
+def budget_for_compression(dims: Sequence[int], compression: float, bias: bool = False, scale: bool = False) -> int:
+    """``B(σt)``: the parameters that uniform adapters of width ``floor(d / σt)`` (of the same design) would have."""
+    return sum(adapter_params(d, initial_width(d, compression), bias, scale) for d in dims)
 
 
 def num_rounds(initial: int, budget: int, ratio: float) -> int:
@@ -146,6 +152,7 @@ def select_neurons(
     selection: str = "global",
     final: bool = False,
     bias: bool = False,
+    scale: bool = False,
 ) -> list[torch.Tensor]:
     """One pruning round. Returns, per adapter, a bool mask over its live neurons (True = keep).
 
@@ -153,7 +160,8 @@ def select_neurons(
     round removes the lowest fraction ``ratio`` of the live neurons (``global``: ranked across all adapters;
     ``local``: ``floor(ratio * width)`` from each adapter). It never goes below ``budget``: it stops as soon as
     the live parameters are within the budget. The ``final`` round keeps removing in the same order until the
-    live parameters are ``<= budget``, so the schedule always lands on the budget.
+    live parameters are ``<= budget``, so the schedule always lands on the budget. Removing an adapter's last neuron
+    also frees its shared parameters (``bias``: the up bias; ``scale``: the channel scaling).
     """
     widths = [len(s) for s in scores]
     keep = [torch.ones(w, dtype=torch.bool) for w in widths]
@@ -167,24 +175,27 @@ def select_neurons(
         ranks = [torch.argsort(torch.argsort(s.detach().float().cpu(), stable=True)) for s in scores]
         candidates = [(a, j) for a, j in order if ranks[a][j] < quota[a]]
     live = list(widths)
-    remaining = total_params(dims, live, bias)
+    remaining = total_params(dims, live, bias, scale)
+
+    def cost(a: int) -> int:  # what removing (or giving back) one neuron of adapter a changes, at live[a] after it
+        return neuron_cost(dims[a], bias) + (shared_params(dims[a], bias, scale) if live[a] == 0 else 0)
+
     removed = []
     for a, j in candidates:
         if remaining <= budget:
             break
         keep[a][j] = False
         live[a] -= 1
-        remaining -= neuron_cost(dims[a], bias) + (dims[a] if bias and live[a] == 0 else 0)
+        remaining -= cost(a)
         removed.append((a, j))
     if final:
         # The greedy pass may overshoot when neurons differ in cost (2d): give back the most important removed
         # neurons that still fit, so the result lands as close to the budget as the neuron sizes allow.
         for a, j in reversed(removed):
-            cost = neuron_cost(dims[a], bias) + (dims[a] if bias and live[a] == 0 else 0)
-            if remaining + cost <= budget:
+            if remaining + cost(a) <= budget:
+                remaining += cost(a)
                 keep[a][j] = True
                 live[a] += 1
-                remaining += cost
     return keep
 
 

@@ -44,6 +44,11 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     assert raw["final"] is True
     table = (tmp_path / "accuracy.md").read_text()
     assert "| MiMi σt=16 |" in table and "| linear probe |" in table and "Discrimination:" in table
+    # where MiMi put its neurons: the run's final widths, per block (the smoke backbone has no easy-task runs)
+    chosen = json.loads((tmp_path / "widths.json").read_text())["widths"]["16.0"]["dsprites_location"]
+    assert sum(chosen.values()) == sum(by["mimi", 16.0]["widths"].values()) and set(chosen) == {
+        "0.attention", "0.MLP", "1.attention", "1.MLP"}
+    assert "| dsprites_location | structured | 1 |" in (tmp_path / "widths.md").read_text()
 
     # --resume finds every run recorded: nothing is trained again, the records are unchanged
     done = subprocess.run([*command, "--what", "grid", "--resume"], check=True, cwd=ROOT, env=env,

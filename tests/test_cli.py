@@ -126,6 +126,24 @@ def test_method_options_come_from_mimi_config(backbone, tmp_path, monkeypatch):
     assert (config["activation"], config["adapter_bias"], config["init_weights"]) == ("relu", True, False)
 
 
+def test_the_adapter_design_options_parse_from_the_command_line(capsys):
+    """init_weights takes yes/no or a start's name (and keeps --no-init-weights); the Adapter+ design options parse
+    to MiMiConfig's values, and a wrong name is a usage error naming the allowed ones."""
+    def mimi_options(*extra):
+        return train_parser().parse_args_into_dataclasses(["--model", "m", "--data", "d", "--output-dir", "o",
+                                                           *extra])[1]
+
+    options = mimi_options("--init-weights", "houlsby", "--channel-scaling", "--adapter-bias", "--drop-path", "0.1")
+    config = MiMiConfig(**dataclasses.asdict(options))
+    assert (config.init_weights, config.channel_scaling, config.adapter_bias, config.drop_path) == (
+        "houlsby", True, True, 0.1)
+    assert mimi_options("--no-init-weights").init_weights is False
+    assert mimi_options().init_weights is True and mimi_options("--init-weights", "no").init_weights is False
+    with pytest.raises(SystemExit):
+        mimi_options("--init-weights", "kaiming")
+    assert "expected yes/no, true/false or one of houlsby; got 'kaiming'" in capsys.readouterr().err
+
+
 def test_the_console_script_is_installed():
     script = Path(sys.executable).parent / "peft-mimi"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)

@@ -354,9 +354,10 @@ def load_case(loader: LoaderChild, bases: dict[str, Path], cases: Path, case: di
 
 # ---------------------------------------------------------------------------------------------- strategies
 CONFIG_KEYS = ("activation", "adapter_bias", "adapter_widths", "auto_mapping", "base_model_name_or_path",
-               "exclude_modules", "inference_mode", "init_compression", "init_weights", "modules_to_save", "peft_type",
-               "peft_version", "prune_ratio", "reconstruct", "revision", "rounds_done", "score", "seed", "selection",
-               "target_compression", "target_modules", "target_params", "task_type")
+               "channel_scaling", "drop_path", "exclude_modules", "inference_mode", "init_compression",
+               "init_weights", "modules_to_save", "peft_type", "peft_version", "prune_ratio", "reconstruct", "revision",
+               "rounds_done", "score", "seed", "selection", "target_compression", "target_modules", "target_params",
+               "task_type")
 EDGE_NUMBERS = (0, 1, -1, 8, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, 10**9, 10**12, 10**100, 0.5, 1e-300,
                 -1e308)
 NUMBERS = st.one_of(st.sampled_from(EDGE_NUMBERS), st.integers(-(2**65), 2**65),
