@@ -51,17 +51,18 @@ BACKBONE = "dinov2-s14"
 LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_plus": [1e-3, 3e-3, 1e-2],
            "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
 DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
-METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_long", "mimi_mlp", "mimi_plus", "mimi_widths", "adapter",
-                "adapter_plus", "lora", "adalora")
+METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_long", "mimi_mlp", "mimi_plus", "mimi_plus_long",
+                "mimi_widths", "adapter", "adapter_plus", "lora", "adalora")
 LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi", "adapter": "vanilla adapters",
           "mimi_long": "MiMi, 3 epochs before the first cut", "mimi_mlp": "MiMi on MLP outputs only",
           "mimi_plus": "MiMi on Adapter+ adapters",
+          "mimi_plus_long": "MiMi on Adapter+ adapters, 3 epochs before the first cut",
           "mimi_widths": "MiMi's widths from scratch", "adapter_plus": "Adapter+", "lora": "LoRA",
           "adalora": "AdaLoRA", "full": "full fine-tuning"}
 # the product's default schedule: one epoch per cut, the rest at the final widths
 MIMI_SCHEDULE = {"epochs_per_round": 1, "final_epochs": None, "restart_lr": False}
 # rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31)
-OPTIONAL_METHODS = ("mimi_widths", "mimi_long", "mimi_mlp", "mimi_plus")
+OPTIONAL_METHODS = ("mimi_widths", "mimi_long", "mimi_mlp", "mimi_plus", "mimi_plus_long")
 LONG_FIRST_EPOCHS = 3  # mimi_long: the wide adapters' epochs before the first cut (the default trains one)
 
 
@@ -75,7 +76,7 @@ class Row:
 
     @property
     def family(self) -> str:  # whose learning rate the row trains with
-        if self.method in ("mimi_long", "mimi_mlp", "mimi_plus"):
+        if self.method in ("mimi_long", "mimi_mlp", "mimi_plus", "mimi_plus_long"):
             return "mimi"
         return "adapter" if self.method in ("adapter4", "mimi_widths") else self.method
 
@@ -147,18 +148,22 @@ class Planner:
         if row.method == "mimi_long":  # the default with a longer first segment, the same total epochs
             return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
                           recipe_options={**MIMI_SCHEDULE, "first_epochs": LONG_FIRST_EPOCHS})
-        if row.method in ("mimi_mlp", "mimi_plus"):  # MiMi's default schedule on Adapter+'s position (mimi_mlp),
-            # and with Adapter+'s design (mimi_plus: biases, Houlsby start, channel scaling counted in the budget,
-            # stochastic depth), at the budget B(σt) of the plain adapters
+        if row.method in ("mimi_mlp", "mimi_plus", "mimi_plus_long"):  # MiMi's default schedule on Adapter+'s
+            # position (mimi_mlp), and with Adapter+'s design (mimi_plus: biases, Houlsby start, channel scaling
+            # counted in the budget, stochastic depth), at the budget B(σt) of the plain adapters; mimi_plus_long
+            # trains the wide adapters LONG_FIRST_EPOCHS before the first cut
             from adapter_plus import DROP_PATH, mlp_outputs
 
             design = dict(adapter_bias=True, channel_scaling=True, init_weights="houlsby", drop_path=DROP_PATH)
             method = Method("mimi", row.label, init_compression=4.0, recipe_options=dict(MIMI_SCHEDULE),
                             mimi_options={"target_modules": mlp_outputs(self.model()),
                                           "target_params": common.adapter_budget(self.model(), row.sigma_t),
-                                          **(design if row.method == "mimi_plus" else {})})
+                                          **(design if row.method != "mimi_mlp" else {})})
             rounds = self.rounds((row.method, row.sigma_t), method)
-            method.recipe_options["final_epochs"] = self.epochs(row) - rounds  # the rows' total epochs
+            first = LONG_FIRST_EPOCHS if row.method == "mimi_plus_long" and rounds else 1
+            if first > 1:
+                method.recipe_options["first_epochs"] = first
+            method.recipe_options["final_epochs"] = self.epochs(row) - rounds - (first - 1)  # the rows' total
             return method
         if row.method == "adapter_plus":
             return Method("adapter_plus", row.label, target_compression=row.sigma_t)
