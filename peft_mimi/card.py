@@ -129,8 +129,9 @@ def model_card(
         f"# MiMi adapter for `{base_model}`" + (f" on `{dataset}`" if dataset else ""),
         "",
         f'A [MiMi]({PAPER}) ("Mini but Mighty", WACV 2024) adapter, trained with '
-        "`peft_mimi` as a Hugging Face PEFT method. Bottleneck adapters on the attention "
-        "output and the MLP output of every block started with width `d / σ0` and were pruned neuron by neuron, "
+        f"`peft_mimi` as a Hugging Face PEFT method. Bottleneck adapters on the outputs of {len(widths)} Linear "
+        "layers (by default the attention output and the MLP output of every block) started with width `d / σ0` "
+        "and were pruned neuron by neuron, "
         f"with {config.selection} selection and the `{config.score}` score, down to a budget of {budget:,} adapter "
         "parameters; the adapters (and the classification head) were trained again after every pruning round, "
         "the last one included.",
@@ -142,6 +143,7 @@ def model_card(
         f"| base model | `{base_model}` ({counts['base']:,} parameters, frozen) |",
         f"| dataset | `{dataset}` |" if dataset else None,
         f"| test accuracy | {accuracy:.4f} |" if accuracy is not None else None,
+        f"| adapter design | {_design(config)} |",
         f"| start width | d / σ0, σ0 = {config.init_compression:g} |",
         f"| budget | {target}: {budget:,} adapter parameters |",
         f"| pruning rounds | {rounds} (ρ = {config.prune_ratio:g}, {config.selection} selection, "
@@ -198,3 +200,15 @@ def model_card(
         lines += ["", "## Training settings", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | `{value}` |" for key, value in settings.items() if value is not None]
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def _design(config) -> str:
+    """The adapter's design in words: its activation and the options that change the adapter."""
+    parts = [f"`{config.activation}` activation", "biases" if config.adapter_bias else "no biases"]
+    if config.channel_scaling:
+        parts.append("learned channel scaling (folded into W_up for inference)")
+    if config.init_weights == "houlsby":
+        parts.append("Houlsby initialisation")
+    if config.drop_path:
+        parts.append(f"stochastic depth {config.drop_path:g} in training")
+    return ", ".join(parts)

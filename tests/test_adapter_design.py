@@ -146,5 +146,8 @@ def test_the_trainer_cuts_and_trains_a_scaled_adapter_and_saves_what_it_evaluate
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=images).logits,
                                    result.model.eval()(pixel_values=images).logits)
+    card = (result.adapter_dir / "README.md").read_text()
+    assert ("| adapter design | `gelu` activation, biases, learned channel scaling (folded into W_up for inference), "
+            "Houlsby initialisation, stochastic depth 0.1 in training |") in card
     scales = [layer.mimi_scale["default"] for layer in mimi_layers(result.model) if "default" in layer.mimi_scale]
     assert scales and any(not torch.equal(s.detach(), torch.ones_like(s)) for s in scales)  # the scaling trained
