@@ -177,7 +177,7 @@ def select_neurons(
     live = list(widths)
     remaining = total_params(dims, live, bias, scale)
 
-    def cost(a: int) -> int:  # what removing (or giving back) one neuron of adapter a changes, at live[a] after it
+    def cost(a: int) -> int:  # what one neuron of adapter a holds, with live[a] counted without it
         return neuron_cost(dims[a], bias) + (shared_params(dims[a], bias, scale) if live[a] == 0 else 0)
 
     removed = []

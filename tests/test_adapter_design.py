@@ -79,8 +79,10 @@ def test_a_scaled_adapter_saves_only_what_survives_and_reloads_fuses_and_exports
     images = make_images(3)
     with torch.no_grad():
         expected = model(pixel_values=images).logits
-        reloaded = PeftModel.from_pretrained(make_model("vit"), tmp_path).eval()
-        torch.testing.assert_close(reloaded(pixel_values=images).logits, expected, rtol=0, atol=0)
+        for low_cpu_mem_usage in (True, False):  # the scaling created on the meta device, then filled from the file
+            reloaded = PeftModel.from_pretrained(make_model("vit"), tmp_path,
+                                                 low_cpu_mem_usage=low_cpu_mem_usage).eval()
+            torch.testing.assert_close(reloaded(pixel_values=images).logits, expected, rtol=0, atol=0)
         plain = to_plain_module(reloaded)  # the scaling folded into W_up and b_up
         torch.testing.assert_close(plain(pixel_values=images).logits, expected, atol=1e-5, rtol=1e-5)
         reloaded.fuse_for_inference()
