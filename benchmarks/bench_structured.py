@@ -51,19 +51,27 @@ BACKBONE = "dinov2-s14"
 LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_plus": [1e-3, 3e-3, 1e-2],
            "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
 DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
-METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_long", "mimi_mlp", "mimi_plus", "mimi_plus_long",
-                "mimi_widths", "adapter", "adapter_plus", "lora", "adalora")
-LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi", "adapter": "vanilla adapters",
-          "mimi_long": "MiMi, 3 epochs before the first cut", "mimi_mlp": "MiMi on MLP outputs only",
-          "mimi_plus": "MiMi on Adapter+ adapters",
-          "mimi_plus_long": "MiMi on Adapter+ adapters, 3 epochs before the first cut",
-          "mimi_widths": "MiMi's widths from scratch", "adapter_plus": "Adapter+", "lora": "LoRA",
-          "adalora": "AdaLoRA", "full": "full fine-tuning"}
+METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_long", "mimi_plus", "mimi_paper", "mimi_paper_long",
+                "mimi_paper_mlp", "mimi_widths", "adapter", "adapter_plus", "lora", "adalora")
+LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi (default: Adapter+'s adapters)",
+          "mimi_long": "MiMi (default), 3 epochs before the first cut",
+          "mimi_plus": "MiMi on Adapter+'s adapters (prototype)",
+          "mimi_paper": "MiMi, the paper's adapters", "mimi_paper_long": "MiMi, the paper's adapters, 3 epochs before "
+                                                                        "the first cut",
+          "mimi_paper_mlp": "MiMi, the paper's adapters on MLP outputs only",
+          "mimi_widths": "the paper's MiMi's widths from scratch", "adapter": "vanilla adapters",
+          "adapter_plus": "Adapter+", "lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
+# Raw records written before MiMiConfig's default design became Adapter+'s (2026-12-07) name the MiMi rows by what
+# they were then: the default (the paper's adapters) was "mimi". `load_records` reads them by today's names.
+RENAMED = {"mimi": "mimi_paper", "mimi_long": "mimi_paper_long", "mimi_mlp": "mimi_paper_mlp",
+           "mimi_plus_long": "mimi_long"}
 # the product's default schedule: one epoch per cut, the rest at the final widths
 MIMI_SCHEDULE = {"epochs_per_round": 1, "final_epochs": None, "restart_lr": False}
-# rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31)
-OPTIONAL_METHODS = ("mimi_widths", "mimi_long", "mimi_mlp", "mimi_plus", "mimi_plus_long")
-LONG_FIRST_EPOCHS = 3  # mimi_long: the wide adapters' epochs before the first cut (the default trains one)
+# rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31); mimi_plus, the
+# benchmark's prototype of Adapter+'s design in MiMi (seed 0), is a label of recorded runs only: `mimi` runs it now
+OPTIONAL_METHODS = ("mimi_long", "mimi_paper", "mimi_paper_long", "mimi_paper_mlp", "mimi_widths")
+RECORDED_ONLY = ("mimi_plus",)
+LONG_FIRST_EPOCHS = 3  # the *_long rows: the wide adapters' epochs before the first cut (the default trains one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +84,7 @@ class Row:
 
     @property
     def family(self) -> str:  # whose learning rate the row trains with
-        if self.method in ("mimi_long", "mimi_mlp", "mimi_plus", "mimi_plus_long"):
+        if self.method.startswith("mimi") and self.method != "mimi_widths":
             return "mimi"
         return "adapter" if self.method in ("adapter4", "mimi_widths") else self.method
 
@@ -129,8 +137,9 @@ class Planner:
             return 0
         if row.sigma_t is None or row.method == "adapter4":
             return self.args.fixed_epochs
-        rounds = self.rounds(("mimi", row.sigma_t), Method("mimi", "MiMi", target_compression=row.sigma_t))
-        return 2 * (rounds + 1)  # MiMi's default total at this budget
+        rounds = self.rounds(("paper", row.sigma_t), Method("mimi", "MiMi", target_compression=row.sigma_t,
+                                                            mimi_options={"design": "paper"}))
+        return 2 * (rounds + 1)  # the paper's MiMi's default total at this budget (its plain adapters' σt)
 
     def method(self, row: Row, widths: dict[str, int] | None = None) -> Method:
         """``widths``: for ``mimi_widths``, the final widths of the MiMi run (same task, seed and budget)."""
@@ -142,36 +151,41 @@ class Planner:
             return Method("adapter", row.label, init_compression=4.0, target_compression=4.0)
         if row.method == "adapter":
             return Method("adapter", row.label, init_compression=row.sigma_t, target_compression=row.sigma_t)
-        if row.method == "mimi":  # the product's default: σ0 = 4, one epoch per cut, the rest at the final widths
-            return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
-                          recipe_options=dict(MIMI_SCHEDULE))
-        if row.method == "mimi_long":  # the default with a longer first segment, the same total epochs
-            return Method("mimi", row.label, init_compression=4.0, target_compression=row.sigma_t,
-                          recipe_options={**MIMI_SCHEDULE, "first_epochs": LONG_FIRST_EPOCHS})
-        if row.method in ("mimi_mlp", "mimi_plus", "mimi_plus_long"):  # MiMi's default schedule on Adapter+'s
-            # position (mimi_mlp), and with Adapter+'s design (mimi_plus: biases, Houlsby start, channel scaling
-            # counted in the budget, stochastic depth), at the budget B(σt) of the plain adapters; mimi_plus_long
-            # trains the wide adapters LONG_FIRST_EPOCHS before the first cut
-            from adapter_plus import DROP_PATH, mlp_outputs
+        if row.method in ("mimi", "mimi_long"):  # the product's default (Adapter+'s adapters on the MLP outputs) at
+            # the budget B(σt) of the plain adapters on both outputs, one epoch per cut, the rest at the final
+            # widths; mimi_long trains the wide adapters LONG_FIRST_EPOCHS before the first cut
+            return self._mimi(row, {"target_params": common.adapter_budget(self.model(), row.sigma_t)},
+                              LONG_FIRST_EPOCHS if row.method == "mimi_long" else 1)
+        if row.method in ("mimi_paper", "mimi_paper_long"):  # the paper's adapters on both outputs, budget σt
+            return self._mimi(row, {"design": "paper", "target_compression": row.sigma_t},
+                              LONG_FIRST_EPOCHS if row.method == "mimi_paper_long" else 1)
+        if row.method == "mimi_paper_mlp":  # the paper's adapters on the MLP outputs only, at the same B(σt)
+            from adapter_plus import mlp_outputs
 
-            design = dict(adapter_bias=True, channel_scaling=True, init_weights="houlsby", drop_path=DROP_PATH)
-            method = Method("mimi", row.label, init_compression=4.0, recipe_options=dict(MIMI_SCHEDULE),
-                            mimi_options={"target_modules": mlp_outputs(self.model()),
-                                          "target_params": common.adapter_budget(self.model(), row.sigma_t),
-                                          **(design if row.method != "mimi_mlp" else {})})
-            rounds = self.rounds((row.method, row.sigma_t), method)
-            first = LONG_FIRST_EPOCHS if row.method == "mimi_plus_long" and rounds else 1
-            if first > 1:
-                method.recipe_options["first_epochs"] = first
-            method.recipe_options["final_epochs"] = self.epochs(row) - rounds - (first - 1)  # the rows' total
-            return method
+            return self._mimi(row, {"design": "paper", "target_modules": mlp_outputs(self.model()),
+                                    "target_params": common.adapter_budget(self.model(), row.sigma_t)}, 1)
+        if row.method in RECORDED_ONLY:
+            raise ValueError(f"{row.method} labels recorded runs of a prototype that no longer exists; run 'mimi'")
         if row.method == "adapter_plus":
             return Method("adapter_plus", row.label, target_compression=row.sigma_t)
-        if row.method == "mimi_widths":  # "allocation only": MiMi's final widths, trained from scratch
+        if row.method == "mimi_widths":  # "allocation only": the paper's MiMi's final widths, trained from scratch
             return Method("widths", row.label, widths=widths)
         budget = common.adapter_budget(self.model(), row.sigma_t)
         rank = common.lora_rank_for_budget(self.model(), budget)
         return Method(row.method, row.label, lora_rank=rank)
+
+
+    def _mimi(self, row: Row, options: dict, first_epochs: int) -> Method:
+        """A MiMi row: σ0 = 4, MiMiConfig ``options``, one epoch per cut (``first_epochs`` before the first) and the
+        rest of the row's total at the final widths."""
+        method = Method("mimi", row.label, init_compression=4.0, recipe_options=dict(MIMI_SCHEDULE),
+                        mimi_options=options)
+        rounds = self.rounds((row.method, row.sigma_t), method)
+        first = first_epochs if rounds else 1
+        if first > 1:
+            method.recipe_options["first_epochs"] = first
+        method.recipe_options["final_epochs"] = self.epochs(row) - rounds - (first - 1)
+        return method
 
 
 def augmentation(record: dict) -> str:
@@ -210,6 +224,8 @@ def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float 
     }
     if method.kind in ("lora", "adalora"):
         record["lora_rank"] = method.lora_rank
+    if method.kind == "mimi":
+        record["design"] = method.mimi_options.get("design", "adapter_plus")
     if row.method == "probe":
         record["lr"] = None
     return record
@@ -217,7 +233,22 @@ def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float 
 
 # ------------------------------------------------------------------------------------------ results files
 def load_records(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["runs"] if path.is_file() else []
+    """The runs of an ``accuracy.json`` / ``lr_selection.json``, MiMi's rows under today's names (`RENAMED`)."""
+    return [renamed(r) for r in json.loads(path.read_text())["runs"]] if path.is_file() else []
+
+
+def renamed(record: dict) -> dict:
+    """A MiMi record under today's label; one from before the default design changed (no ``design`` field) under
+    today's method name too."""
+    if not record["method"].startswith("mimi"):
+        return record
+    method, extra = record["method"], {}
+    if "design" not in record and method != "mimi_widths":
+        method = RENAMED.get(method, method)
+        if record["method"] == "mimi_plus" and record["seed"] > 0:  # MiMiConfig's options: today's default
+            method = "mimi"
+        extra["design"] = "adapter_plus" if method in ("mimi", "mimi_long", "mimi_plus") else "paper"
+    return {**record, **extra, "method": method, "label": Row(method, record["sigma_t"]).label}
 
 
 def merged(records: list[dict]) -> list[dict]:
@@ -370,7 +401,7 @@ def publish(args, records: list[dict], selection: list[dict], final: bool) -> No
                              "# Learning rates chosen on the validation split (800 train / 200 validation, seed "
                              "0)\n\n" + common.table(sel_header, sel_rows))
     plot(rows, tasks, args.out / "accuracy.png", args)
-    publish_widths(args, [r for r in shown if r["method"] == "mimi" and r.get("widths")], tasks)
+    publish_widths(args, [r for r in shown if r["method"] in ("mimi", "mimi_paper") and r.get("widths")], tasks)
 
 
 # the easy tasks' MiMi widths on the same backbone (the earlier suite, trained with crops and flips) for comparison
@@ -387,8 +418,9 @@ def block_widths(widths: dict[str, int]) -> dict[tuple[int, str], int]:
 
 
 def publish_widths(args, runs: list[dict], tasks: list[str]) -> None:
-    """``widths.{md,json,png}``: the per-layer widths the default MiMi chose on each task (mean over seeds), beside
-    those it chose on the easy tasks (``EASY``), at each budget the structured runs have."""
+    """``widths.{md,json,png}``: the per-layer widths MiMi chose on each task (mean over seeds), with its default
+    design and the paper's, beside those the paper's design chose on the easy tasks (``EASY``), at each budget the
+    structured runs have."""
     if not runs:
         return
     same_setting = args.backbone == BACKBONE and args.image_size == 112 and EASY.is_file()  # what EASY used
@@ -396,24 +428,27 @@ def publish_widths(args, runs: list[dict], tasks: list[str]) -> None:
             if r["method"]["kind"] == "mimi" and r.get("widths")]
     sections, raw = [], {}
     for sigma_t in sorted({r["sigma_t"] for r in runs}):
-        groups = [(t, "structured", [r["widths"] for r in runs if r["task"] == t and r["sigma_t"] == sigma_t])
-                  for t in tasks]
-        groups += [(t, "easy", [r["widths"] for r in easy if r["task"] == t and r["budget_sigma"] == sigma_t])
+        groups = [(t, kind, [r["widths"] for r in runs if r["task"] == t and r["sigma_t"] == sigma_t
+                             and r["method"] == method])
+                  for method, kind in (("mimi", "default"), ("mimi_paper", "paper")) for t in tasks]
+        groups += [(t, "easy, paper", [r["widths"] for r in easy if r["task"] == t and r["budget_sigma"] == sigma_t])
                     for t in dict.fromkeys(r["task"] for r in easy)]
         groups = [(t, kind, [block_widths(w) for w in ws]) for t, kind, ws in groups if ws]
         keys = sorted({k for _, _, ws in groups for w in ws for k in w}, key=lambda k: (k[0], k[1] != "attention"))
-        means = {t: {k: statistics.fmean(w.get(k, 0) for w in ws) for k in keys} for t, _, ws in groups}
+        means = {(t, kind): {k: statistics.fmean(w.get(k, 0) for w in ws) for k in keys} for t, kind, ws in groups}
         n_blocks = max(k[0] for k in keys) + 1
         thirds = [part for i in range(3) if (part := range(i * n_blocks // 3, (i + 1) * n_blocks // 3))]
         table = []
         for t, kind, ws in groups:
-            total = sum(means[t].values()) or 1.0
-            table.append([t, kind, len(ws), f"{sum(means[t].values()):.0f}",
-                          *(f"{100 * sum(v for k, v in means[t].items() if k[0] in third) / total:.0f}"
+            mean = means[t, kind]
+            total = sum(mean.values()) or 1.0
+            table.append([t, kind, len(ws), f"{sum(mean.values()):.0f}",
+                          *(f"{100 * sum(v for k, v in mean.items() if k[0] in third) / total:.0f}"
                             for third in thirds),
-                          f"{100 * sum(v for k, v in means[t].items() if k[1] == 'MLP') / total:.0f}",
+                          f"{100 * sum(v for k, v in mean.items() if k[1] == 'MLP') / total:.0f}",
                           f"{statistics.fmean(sum(v == 0 for v in w.values()) for w in ws):.1f}"])
-        raw[str(sigma_t)] = {t: {f"{b}.{kind}": v for (b, kind), v in means[t].items()} for t in means}
+        raw[str(sigma_t)] = {f"{t} ({kind})": {f"{b}.{part}": v for (b, part), v in mean.items()}
+                             for (t, kind), mean in means.items()}
         sections += [f"## σt = {sigma_t:g}", "", common.table(
             ["task", "kind", "runs", "neurons", *(f"% in blocks {th[0]}-{th[-1]}" for th in thirds), "% in MLP",
              "adapters removed"], table), "", f"![widths at σt = {sigma_t:g}](widths_{sigma_t:g}.png)", ""]
@@ -421,9 +456,10 @@ def publish_widths(args, runs: list[dict], tasks: list[str]) -> None:
                          f"MiMi's final widths, σt = {sigma_t:g}, {args.backbone} (mean over seeds)")
     common.write_results(args.out, "widths", {"widths": raw}, "\n".join([
         "# Where MiMi puts its neurons: structured tasks against easy ones", "",
-        "The default MiMi's final width per adapter (attention output and MLP output of each block), mean over the "
-        "recorded seeds. `structured`: this suite's runs (no augmentation); `easy`: the same backbone and image size "
-        f"on the earlier suite's tasks (`{EASY.relative_to(common.RESULTS_DIR)}`, trained with crops and flips). "
+        "MiMi's final width per adapter, mean over the recorded seeds. `default`: this suite's runs of the default "
+        "design (Adapter+'s adapters, MLP outputs only); `paper`: this suite's runs of the paper's adapters "
+        "(attention and MLP outputs); `easy, paper`: the paper's design on the same backbone and image size on the "
+        f"earlier suite's tasks (`{EASY.relative_to(common.RESULTS_DIR)}`, trained with crops and flips). "
         "Columns: surviving neurons, their share in the first, middle and last third of the blocks and in MLP "
         "adapters, and the adapters removed entirely (width 0).", "", *sections]))
 
@@ -437,7 +473,7 @@ def plot_widths_grid(groups: list, means: dict, keys: list, path: Path, title: s
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    grid = [[means[t][k] for k in keys] for t, _, _ in groups]
+    grid = [[means[t, kind][k] for k in keys] for t, kind, _ in groups]
     fig, ax = plt.subplots(figsize=(0.42 * len(keys) + 2.5, 0.42 * len(groups) + 1.6))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     for i, row in enumerate(grid):
@@ -446,9 +482,9 @@ def plot_widths_grid(groups: list, means: dict, keys: list, path: Path, title: s
                     color="white" if value < 0.6 * max(max(r) for r in grid) else "black")
     ax.set_xticks(range(len(keys)), [f"{b}{'a' if kind == 'attention' else 'm'}" for b, kind in keys], fontsize=7)
     ax.set_yticks(range(len(groups)), [f"{t} ({kind})" for t, kind, _ in groups], fontsize=7)
-    structured = sum(kind == "structured" for _, kind, _ in groups)
-    if 0 < structured < len(groups):
-        ax.axhline(structured - 0.5, color="white", linewidth=2)
+    for i in range(1, len(groups)):  # a line between the kinds
+        if groups[i][1] != groups[i - 1][1]:
+            ax.axhline(i - 0.5, color="white", linewidth=2)
     ax.set_xlabel("block and adapter (a: attention output, m: MLP output)", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="neurons")
@@ -503,11 +539,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default=BACKBONE)
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--tasks", nargs="+", default=list(structured_tasks.TASKS))
-    parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER,
-                        default=[m for m in METHOD_ORDER if m not in OPTIONAL_METHODS],
+    parser.add_argument("--methods", nargs="+", choices=[m for m in METHOD_ORDER if m not in RECORDED_ONLY],
+                        default=[m for m in METHOD_ORDER if m not in OPTIONAL_METHODS + RECORDED_ONLY],
                         help="adapter4 = vanilla adapters at σ = 4; the others at every --budgets (adalora at "
-                             "--adalora-budgets); mimi_widths (not run by default) = MiMi's final widths of the "
-                             "same seed trained from scratch")
+                             "--adalora-budgets); not run by default: mimi_paper (the paper's adapters), "
+                             "mimi_widths (mimi_paper's final widths of the same seed trained from scratch) and the "
+                             "other decomposition rows (LABELS)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[64.0, 256.0])
     parser.add_argument("--adalora-budgets", nargs="+", type=float, default=[256.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -589,11 +626,12 @@ def main(argv: list[str] | None = None) -> None:
                     if row.method == "mimi_widths":
                         widths = next((r["widths"] for r in records if (r["task"], r["method"], r["sigma_t"],
                                        r["seed"], r["image_size"], augmentation(r)) == (
-                                           task, "mimi", row.sigma_t, seed, args.image_size, args.augmentation)),
+                                           task, "mimi_paper", row.sigma_t, seed, args.image_size,
+                                           args.augmentation)),
                                       None)
                         if widths is None:
-                            print(f"[grid] {task} seed={seed} {row.label}: skipped, MiMi's run of this seed and "
-                                  "budget is not recorded yet", flush=True)
+                            print(f"[grid] {task} seed={seed} {row.label}: skipped, mimi_paper's run of this seed "
+                                  "and budget is not recorded yet", flush=True)
                             continue
                     record = train_one(args, planner, row, task, seed, lr, validation=False, widths=widths)
                     record["lr_source"] = source

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = result.model.peft_config["default"]
     print(f"\n{'module':<45} {'d':>4} {'width':>5} {'params':>7}")
     for name, width in result.widths.items():
-        print(f"{name:<45} {dims[name]:>4} {width:>5} {adapter_params(dims[name], width, config.adapter_bias):>7,}")
+        print(f"{name:<45} {dims[name]:>4} {width:>5} {adapter_params(dims[name], width, **config.param_terms):>7,}")
     removed = sum(w == 0 for w in result.widths.values())
     print(f"{len(result.widths)} adapters, {removed} removed, {result.live_params:,} parameters "
           f"(budget {result.budget:,})")

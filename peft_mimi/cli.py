@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Optional, get_type_hints
 
 from .card import saved_round
-from .config import ACTIVATIONS, INITS, MiMiConfig
+from .config import ACTIVATIONS, DESIGNS, INITS, MiMiConfig
 from .pruning import SCORES, SELECTIONS, adapter_params
 from .recipe import TrainingRecipe, mimi_setting_fields
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # the allowed values of MiMiConfig's fields that take one of a few names
-_CHOICES = {"selection": SELECTIONS, "score": SCORES, "activation": ACTIVATIONS}
+_CHOICES = {"design": tuple(DESIGNS), "selection": SELECTIONS, "score": SCORES, "activation": ACTIVATIONS}
 # and those that take True, False or a name: an option that reads yes/no or one of the names (and has --no-NAME)
 _BOOL_OR_NAME = {"init_weights": INITS}
 
@@ -71,7 +71,9 @@ def _options(name: str, owner: type, fields: Sequence[dataclasses.Field]) -> typ
         metadata = {key: f.metadata[key] for key in ("help", "metavar") if key in f.metadata}
         if f.name in _CHOICES:
             metadata["choices"] = list(_CHOICES[f.name])
-        hint = bool if f.name in _BOOL_OR_NAME else hints[f.name]  # a bool option, whose type `train_parser` widens
+        hint = hints[f.name]
+        if f.name in _BOOL_OR_NAME or hint == Optional[bool]:  # a yes/no option (`train_parser` widens the former's
+            hint = bool  # type to take names too); None, unset, leaves MiMiConfig's design to choose
         made.append((f.name, hint, field(default=f.default, metadata=metadata)))
     options = dataclasses.make_dataclass(name, made)
     options.__module__ = __name__
@@ -89,9 +91,15 @@ def train_parser():
     parser = HfArgumentParser((RunArguments, mimi, recipe), prog="peft-mimi train",
                               description="Run MiMi's schedule: train, prune, ..., train; save the adapter. Give at "
                                           "most one budget: --target-compression (default 32) or --target-params.")
+    hints = get_type_hints(MiMiConfig)
+    yes_no = [f.name for f in mimi_setting_fields() if f.name in _BOOL_OR_NAME or hints[f.name] == Optional[bool]]
     for action in parser._actions:  # argparse keeps no public handle on an option's type
         if action.dest in _BOOL_OR_NAME and action.const is not False:  # not the --no-NAME complement
             action.type = _bool_or_name(_BOOL_OR_NAME[action.dest])
+    for name in yes_no:  # HfArgumentParser adds --no-NAME only to options that default to True; these default to
+        # None (the design chooses), and --no-NAME still says no
+        parser.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", action="store_false", dest=name,
+                            help=f"same as --{name.replace('_', '-')} no")
     return parser
 
 

@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, NoMatchingPeftMo
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .config import TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig, default_target_modules
+from .config import ATTENTION_OUTPUTS, TARGET_MODULES_BY_MODEL_TYPE, MiMiConfig, default_target_modules
 from .files import check_adapter_fits_model, check_adapter_weights
 from .layer import BASE_ADAPTER_NAME, MERGE_ERROR, Linear, MiMiLayer
 from .pruning import (
@@ -68,13 +68,13 @@ class MiMiModel(BaseTuner):
         except NoMatchingPeftModuleError as error:  # PEFT's message names the patterns, not what the model has
             raise NoMatchingPeftModuleError(
                 f"{error} This model's Linear layers end in: {_linear_name_suffixes(model)}; MiMi's usual targets "
-                "are the attention output projection and the second MLP Linear of every block."
+                "are the second MLP Linear of every block (design='paper': and the attention output projection)."
             ) from None
 
     def _prepare_adapter_config(self, peft_config: MiMiConfig, model_config: dict) -> MiMiConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
-            target_modules = default_target_modules(model_type)
+            target_modules = default_target_modules(model_type, peft_config.design)
             if target_modules is None:
                 raise ValueError(
                     f"MiMi has no default target_modules for model type {model_type!r} (defaults exist for "
@@ -102,6 +102,7 @@ class MiMiModel(BaseTuner):
             target.update_layer(adapter_name, width, **layer_kwargs)
         else:
             new_module = Linear(target, adapter_name, width, **layer_kwargs)
+            new_module.train(target.training)  # an eval-mode model stays in eval mode (drop_path acts in training)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
@@ -129,7 +130,7 @@ class MiMiModel(BaseTuner):
                 )
         self._record_widths(adapter_name)
         if not config.inference_mode:
-            _warn_untargeted_block_outputs(model, adapter_name, set(layers))
+            _warn_untargeted_block_outputs(model, adapter_name, set(layers), config.design)
         is_new = config.rounds_done == 0 and not config.inference_mode
         if is_new and config.target_params is not None and config.target_params >= self.live_params(adapter_name):
             warnings.warn(
@@ -540,6 +541,8 @@ def _linear_name_suffixes(model: nn.Module) -> list[str]:
 _BLOCK_OUTPUT_SUFFIXES = tuple(sorted({
     f".{name}" for names in (*TARGET_MODULES_BY_MODEL_TYPE.values(), ["attn.proj"]) for name in names
 }))
+# and those of them that end an attention sub-layer
+_ATTENTION_OUTPUT_SUFFIXES = tuple(f".{name}" for name in (*ATTENTION_OUTPUTS, "attention.output.dense", "attn.proj"))
 
 
 def _block_of(name: str) -> str | None:
@@ -550,20 +553,29 @@ def _block_of(name: str) -> str | None:
     return ".".join(parts[: indices[-1] + 1]) if indices else None
 
 
-def _untargeted_block_outputs(model: nn.Module, adapted: set[str]) -> list[str]:
-    """Names of the Linears that end an attention or MLP sub-layer (see ``_BLOCK_OUTPUT_SUFFIXES``) inside a block
-    where a module of ``adapted`` (module names) sits, but that are not in ``adapted`` themselves."""
+def _is_block_output(name: str, design: str) -> bool:
+    """Whether module ``name`` ends a sub-layer that ``design`` adapts: an attention or MLP output (see
+    ``_BLOCK_OUTPUT_SUFFIXES``) for "paper", an MLP output for "adapter_plus"."""
+    if not name.endswith(_BLOCK_OUTPUT_SUFFIXES):
+        return False
+    return design == "paper" or not name.endswith(_ATTENTION_OUTPUT_SUFFIXES)
+
+
+def _untargeted_block_outputs(model: nn.Module, adapted: set[str], design: str) -> list[str]:
+    """Names of the Linears that end a sub-layer ``design`` adapts inside a block where a module of ``adapted``
+    (module names) sits, but that are not in ``adapted`` themselves."""
     blocks = {_block_of(name) for name in adapted} - {None}
     return [
         name for name, module in model.named_modules()
-        if name not in adapted and name.endswith(_BLOCK_OUTPUT_SUFFIXES) and _block_of(name) in blocks
+        if name not in adapted and _is_block_output(name, design) and _block_of(name) in blocks
         and isinstance(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, nn.Linear)
     ]
 
 
-def _warn_untargeted_block_outputs(model: nn.Module, adapter_name: str, adapted: set[str]) -> None:
-    """One warning, names summarised per block position, when ``adapted`` covers only part of the blocks' outputs."""
-    untargeted = _untargeted_block_outputs(model, adapted)
+def _warn_untargeted_block_outputs(model: nn.Module, adapter_name: str, adapted: set[str], design: str) -> None:
+    """One warning, names summarised per block position, when ``adapted`` covers only part of the blocks' outputs
+    that ``design`` adapts."""
+    untargeted = _untargeted_block_outputs(model, adapted, design)
     if not untargeted:
         return
     patterns: dict[str, int] = {}
@@ -573,8 +585,9 @@ def _warn_untargeted_block_outputs(model: nn.Module, adapter_name: str, adapted:
     summary = ", ".join(f"{pattern} ({count} modules)" for pattern, count in patterns.items())
     warnings.warn(
         f"MiMi adapter {adapter_name!r} adapts {len({_block_of(name) for name in untargeted})} transformer block(s) "
-        f"only in part: these attention/MLP outputs get no adapter: {summary}. MiMi adapts the attention output "
-        "and the MLP output of every block; add these names to target_modules (or leave target_modules unset to "
-        "use the defaults of a supported model type).",
+        f"only in part: these block outputs get no adapter: {summary}. MiMi's design {design!r} adapts "
+        + ("the attention output and the MLP output" if design == "paper" else "the MLP output")
+        + " of every block; add these names to target_modules (or leave target_modules unset to use the defaults "
+        "of a supported model type).",
         stacklevel=2,
     )

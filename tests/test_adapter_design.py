@@ -1,5 +1,6 @@
-"""The adapter's design options of Adapter+ (Steitz & Roth 2024): channel scaling, the Houlsby start and stochastic
-depth. Each is counted, pruned, trained, saved, reloaded, fused and exported exactly as the plain adapter is."""
+"""The default design, Adapter+'s adapter (Steitz & Roth 2024): channel scaling, biases, the Houlsby start and
+stochastic depth. Each is counted, pruned, trained, saved, reloaded, fused and exported exactly as the paper's plain
+adapter is; a file saved before designs existed loads as the paper's."""
 
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ from peft_mimi import MiMiConfig
 from peft_mimi.export import to_plain_module
 from peft_mimi.layer import HOULSBY_STD, MiMiLayer
 
-PLUS = dict(channel_scaling=True, adapter_bias=True, init_weights="houlsby", drop_path=0.1)
-
-
 def plus_model(seed: int = 0, **overrides):
+    """MiMiConfig's default design on the tiny ViT: one adapter per block, on its MLP output."""
     torch.manual_seed(seed)
-    config = MiMiConfig(**{"target_compression": 16.0, "modules_to_save": ["classifier"], **PLUS, **overrides})
+    config = MiMiConfig(**{"target_compression": 16.0, "modules_to_save": ["classifier"], **overrides})
     return get_peft_model(make_model("vit"), config)
 
 
@@ -99,6 +98,23 @@ def test_a_config_and_weights_that_disagree_on_the_scaling_are_refused_before_lo
         PeftModel.from_pretrained(make_model("vit"), tmp_path)
 
 
+def test_a_config_saved_before_designs_existed_loads_as_the_papers_design(tmp_path):
+    model = get_peft_model(make_model("vit"), MiMiConfig(design="paper", target_compression=16.0, init_weights=False))
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("design", "channel_scaling", "init_weights", "drop_path"):  # what such a file lacks
+        del config[key]
+    config_path.write_text(json.dumps(config))
+    images = make_images(2)
+    reloaded = PeftModel.from_pretrained(make_model("vit"), tmp_path)
+    loaded = reloaded.peft_config["default"]
+    assert (loaded.design, loaded.adapter_bias, loaded.channel_scaling, loaded.drop_path) == ("paper", False, False, 0)
+    assert len(reloaded.base_model.adapter_widths()) == 4  # attention and MLP outputs of both blocks
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=images).logits, model.eval()(pixel_values=images).logits)
+
+
 def test_the_houlsby_start_draws_both_matrices_small_and_keeps_the_model_near_the_base():
     model = plus_model(init_compression=1.0, drop_path=0.0).eval()
     for layer in mimi_layers(model):
@@ -140,7 +156,7 @@ def test_the_trainer_cuts_and_trains_a_scaled_adapter_and_saves_what_it_evaluate
     from peft_mimi.evaluate import load_adapter
     from peft_mimi.train import train
 
-    result = train(backbone, "digits", tmp_path / "out", RECIPE, mimi=MiMiConfig(target_compression=16.0, **PLUS))
+    result = train(backbone, "digits", tmp_path / "out", RECIPE, mimi=MiMiConfig(target_compression=16.0))
     assert result.rounds == 2 and result.live_params <= result.budget
     assert result.live_params == held_params(result.model)
     reloaded, _ = load_adapter(result.adapter_dir)

@@ -32,11 +32,12 @@ from peft_mimi.pruning import budget_search
 from peft_mimi.run import split_validation
 from peft_mimi.train import TrainingRecipe, train
 
+# The paper's plain adapters on both outputs of the 2 blocks (the search's arithmetic, not the design, is tested):
 # d = 32, σ0 = 4, σt = 32: widths 8 -> 1, 2048 -> 256 adapter parameters in R = 3 rounds. 96 training images,
 # 10 % held out for validation; 6 batches of 16 per epoch, so 6 optimizer steps per round.
 RECIPE = TrainingRecipe(epochs_per_round=1, batch_size=16, lr=3e-3, max_train_samples=96, max_eval_samples=48,
                         seed=0, checkpoint_every_steps=4)
-SEARCH = MiMiConfig(target_compression=32.0, budget_tolerance=1.0)
+SEARCH = MiMiConfig(design="paper", target_compression=32.0, budget_tolerance=1.0)
 # validation accuracy by round: round 1 is the best; rounds 2 and 3 (smaller) fall more than 1 point below it, so the
 # search trains all four rounds and keeps round 1
 SCRIPT = {0: 0.50, 1: 0.60, 2: 0.30, 3: 0.585}
@@ -299,7 +300,8 @@ def trainer_with_search(model, tmp_path, compute_metrics, **overrides):
 
 def search_model():
     return get_peft_model(make_model("vit", num_labels=10),
-                          MiMiConfig(target_compression=32.0, budget_tolerance=1.0, modules_to_save=["classifier"]))
+                          MiMiConfig(design="paper", target_compression=32.0, budget_tolerance=1.0,
+                                     modules_to_save=["classifier"]))
 
 
 def test_the_trainer_callback_searches_on_the_trainers_evaluation(tmp_path):

@@ -45,9 +45,10 @@ def test_train_then_eval_then_info(backbone, tmp_path, capsys):
     printed = capsys.readouterr().out
     widths = metrics[-1]["widths"]
     for name, width in widths.items():
-        assert any(line.split() == [name, "32", str(width), f"{64 * width:,}"] for line in printed.splitlines())
+        assert any(line.split() == [name, "32", str(width), f"{65 * width + 64 if width else 0:,}"]  # biases, scaling
+                   for line in printed.splitlines())
     assert f"total {sum(widths.values())} {metrics[-1]['live_params']:,}" in " ".join(printed.split())
-    assert "budget: 512 adapter parameters (target_compression 16); rounds done: 2" in printed
+    assert "budget: 388 adapter parameters (target_compression 16); rounds done: 2" in printed
 
     # a finished run resumes to the same result without training again
     assert main(["train", "--model", backbone, "--output-dir", str(out), "--resume", *TINY]) == 0
@@ -127,18 +128,20 @@ def test_method_options_come_from_mimi_config(backbone, tmp_path, monkeypatch):
 
 
 def test_the_adapter_design_options_parse_from_the_command_line(capsys):
-    """init_weights takes yes/no or a start's name (and keeps --no-init-weights); the Adapter+ design options parse
-    to MiMiConfig's values, and a wrong name is a usage error naming the allowed ones."""
+    """init_weights takes yes/no or a start's name (and --no-init-weights); the design options parse to MiMiConfig's
+    values, unset ones stay None for the design to fill, and a wrong name is a usage error naming the allowed ones."""
     def mimi_options(*extra):
         return train_parser().parse_args_into_dataclasses(["--model", "m", "--data", "d", "--output-dir", "o",
                                                            *extra])[1]
 
-    options = mimi_options("--init-weights", "houlsby", "--channel-scaling", "--adapter-bias", "--drop-path", "0.1")
+    options = mimi_options("--design", "paper", "--init-weights", "houlsby", "--channel-scaling", "--drop-path", "0.1")
     config = MiMiConfig(**dataclasses.asdict(options))
-    assert (config.init_weights, config.channel_scaling, config.adapter_bias, config.drop_path) == (
-        "houlsby", True, True, 0.1)
+    assert (config.design, config.init_weights, config.channel_scaling, config.adapter_bias, config.drop_path) == (
+        "paper", "houlsby", True, False, 0.1)  # adapter_bias: the paper's
+    default = MiMiConfig(**dataclasses.asdict(mimi_options("--no-adapter-bias")))
+    assert (default.design, default.adapter_bias, default.channel_scaling) == ("adapter_plus", False, True)
     assert mimi_options("--no-init-weights").init_weights is False
-    assert mimi_options().init_weights is True and mimi_options("--init-weights", "no").init_weights is False
+    assert mimi_options().init_weights is None and mimi_options("--init-weights", "no").init_weights is False
     with pytest.raises(SystemExit):
         mimi_options("--init-weights", "kaiming")
     assert "expected yes/no, true/false or one of houlsby; got 'kaiming'" in capsys.readouterr().err

@@ -26,13 +26,15 @@ from peft_mimi.layer import (
 
 
 def adapted_model(family: str = "vit", num_classes: int = 5, seed: int = 1, adapter_name: str = "default"):
-    """A tiny backbone with a fresh head of ``num_classes``, random MiMi adapters (σ0 = 4: widths 8 on 32 features,
-    16 on 64): the first adapted module removed (width 0), the next one's neurons half masked, the rest whole."""
+    """A tiny backbone with a fresh head of ``num_classes``, random MiMi adapters of the paper's design (plain, on the
+    attention and MLP outputs; σ0 = 4: widths 8 on 32 features, 16 on 64): the first adapted module removed (width
+    0), the next one's neurons half masked, the rest whole."""
     base = make_model(family)
     torch.manual_seed(seed)
     base.classifier = torch.nn.Linear(base.classifier.in_features, num_classes)
-    model = get_peft_model(base, MiMiConfig(init_compression=4.0, target_compression=8.0, init_weights=False,
-                                            modules_to_save=["classifier"]), adapter_name=adapter_name)
+    config = MiMiConfig(design="paper", init_compression=4.0, target_compression=8.0, init_weights=False,
+                        modules_to_save=["classifier"])
+    model = get_peft_model(base, config, adapter_name=adapter_name)
     layers = [m for m in model.modules() if isinstance(m, MiMiLayer)]
     layers[0].keep_neurons(adapter_name, torch.zeros(layers[0].physical_width(adapter_name), dtype=torch.bool))
     masked = layers[1].physical_width(adapter_name)
@@ -129,7 +131,7 @@ def test_fused_model_still_serves_mixed_batches_disabled_adapters_and_other_dtyp
 def test_adding_switching_or_deleting_adapters_undoes_the_fusion():
     model = adapted_model()
     images = make_images(2)
-    for change in (lambda: model.add_adapter("other", MiMiConfig(init_weights=False)),
+    for change in (lambda: model.add_adapter("other", MiMiConfig(design="paper", init_weights=False)),  # same layers
                    lambda: model.set_adapter("other"), lambda: model.delete_adapter("default")):
         model.fuse_for_inference()
         with pytest.warns(UserWarning, match="undoes fuse_for_inference"):

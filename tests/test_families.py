@@ -2,8 +2,9 @@
 BEiT, Data2VecVision, ViTMAE, ViTMSN, DINOv2 with SwiGLU MLPs and DINOv3. Each is built tiny and random, gets MiMi
 with MiMiConfig's default targets, runs, prunes a round, and reloads from disk to identical logits and widths.
 
-No test names a module: what is adapted is checked against the model itself (two adapters per block, both writing
-the hidden size, one of them reading the MLP's hidden width), so the same tests hold under transformers 4.x and 5.x.
+No test names a module: what is adapted is checked against the model itself (the default design: one adapter per
+block, writing the hidden size and reading the MLP's hidden width; the paper's: a second one reading the hidden
+size), so the same tests hold under transformers 4.x and 5.x.
 """
 
 from __future__ import annotations
@@ -94,19 +95,21 @@ def family(request) -> str:
     return request.param
 
 
-def test_default_targets_adapt_both_sublayers_of_every_block(family):
+@pytest.mark.parametrize("design, reads", [("adapter_plus", [False]), ("paper", [False, True])])
+def test_default_targets_adapt_the_designs_sublayers_of_every_block(family, design, reads):
     base = make(family)
-    model, warned = adapt(base, mimi_config(base))
+    model, warned = adapt(base, mimi_config(base, design=design))
     assert not warned
     names = list(model.base_model.adapter_widths())
     layers = {block_of(name) for name in names}
-    assert len(names) == 2 * LAYERS and len(layers) == LAYERS
+    assert len(names) == len(reads) * LAYERS and len(layers) == LAYERS
     modules = dict(model.base_model.model.named_modules())
     for block in layers:
         adapted = [modules[name].get_base_layer() for name in names if block_of(name) == block]
-        assert all(layer.out_features == HIDDEN for layer in adapted)  # both write the residual stream
-        # one reads the attention's output (hidden size), one the MLP's hidden width: fc1/q/k/v are not adapted
-        assert sorted(layer.in_features == HIDDEN for layer in adapted) == [False, True]
+        assert all(layer.out_features == HIDDEN for layer in adapted)  # each writes the residual stream
+        # the MLP's output reads its hidden width; the paper's attention output reads the hidden size; fc1/q/k/v are
+        # never adapted
+        assert sorted(layer.in_features == HIDDEN for layer in adapted) == reads
 
 
 def test_prune_save_and_reload_give_identical_widths_and_outputs(family, tmp_path):
@@ -128,9 +131,10 @@ def test_prune_save_and_reload_give_identical_widths_and_outputs(family, tmp_pat
 
 @pytest.mark.parametrize("name", FIRST_FAMILIES)
 def test_defaults_of_vit_deit_dinov2_swin_are_not_warned_about(name):
-    model, warned = adapt(make_model(name), MiMiConfig())
-    assert not warned
-    assert len(model.base_model.adapter_widths()) == 2 * LAYERS
+    for config, per_block in ((MiMiConfig(), 1), (MiMiConfig(design="paper"), 2)):
+        model, warned = adapt(make_model(name), config)
+        assert not warned
+        assert len(model.base_model.adapter_widths()) == per_block * LAYERS
 
 
 def mlp_outputs(model) -> list[str]:
@@ -139,12 +143,12 @@ def mlp_outputs(model) -> list[str]:
     return [name for name in model.base_model.adapter_widths() if modules[name].get_base_layer().in_features != HIDDEN]
 
 
-def test_targets_that_miss_the_attention_outputs_get_one_warning_naming_them(family):
-    defaults = get_peft_model(make(family), mimi_config(make(family)))
+def test_targets_that_miss_the_attention_outputs_get_one_warning_naming_them_in_the_papers_design(family):
+    defaults = get_peft_model(make(family), mimi_config(make(family), design="paper"))
     mlp = mlp_outputs(defaults)
     attention = sorted(set(defaults.base_model.adapter_widths()) - set(mlp))
     base = make(family)
-    model, messages = adapt(base, mimi_config(base, target_modules=mlp))
+    model, messages = adapt(base, mimi_config(base, design="paper", target_modules=mlp))
     assert len(messages) == 1
     # summarised: one pattern for the attention outputs of all blocks, with their count
     pattern = re.sub(r"\.\d+\.", ".*.", attention[0])
@@ -167,7 +171,7 @@ def test_a_dual_tower_model_gets_adapters_in_its_vision_encoder_only(model_class
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**TOWERS))
     vision = model.vision_model
     names = list(get_peft_model(model, MiMiConfig(target_compression=16.0)).base_model.adapter_widths())
-    assert len(names) == 2 * LAYERS
+    assert len(names) == LAYERS  # the MLP output of every block of the vision encoder
     in_vision_encoder = {f"vision_model.encoder.{name}" for name, _ in vision.encoder.named_modules()}
     assert set(names) <= in_vision_encoder
 
@@ -185,8 +189,12 @@ class TimmLikeViT(nn.Module):
 
 
 def test_a_model_without_defaults_is_warned_about_by_its_layout():
-    _, warned = adapt(TimmLikeViT(), MiMiConfig(target_modules=["mlp.fc2", "head"]))
+    model, warned = adapt(TimmLikeViT(), MiMiConfig(target_modules=["mlp.fc2", "head"]))
+    assert not warned and len(model.base_model.adapter_widths()) == LAYERS + 1  # the default design: MLP outputs
+    _, warned = adapt(TimmLikeViT(), MiMiConfig(target_modules=["attn.proj"]))
+    assert len(warned) == 1 and f"blocks.*.mlp.fc2 ({LAYERS} modules)" in warned[0] and "'adapter_plus'" in warned[0]
+    _, warned = adapt(TimmLikeViT(), MiMiConfig(design="paper", target_modules=["mlp.fc2", "head"]))
     assert len(warned) == 1 and f"blocks.*.attn.proj ({LAYERS} modules)" in warned[0]
-    model, warned = adapt(TimmLikeViT(), MiMiConfig(target_modules=["attn.proj", "mlp.fc2"]))
+    model, warned = adapt(TimmLikeViT(), MiMiConfig(design="paper", target_modules=["attn.proj", "mlp.fc2"]))
     assert not warned
     assert len(model.base_model.adapter_widths()) == 2 * LAYERS

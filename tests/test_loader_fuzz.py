@@ -50,7 +50,8 @@ def adapted_modules() -> tuple[str, ...]:
 
     from peft_mimi import MiMiConfig
 
-    return tuple(get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0)).base_model.adapter_widths())
+    config = MiMiConfig(design="paper", target_compression=16.0)
+    return tuple(get_peft_model(make_model("vit"), config).base_model.adapter_widths())
 
 
 WIDTH_MODULES = adapted_modules()
@@ -67,18 +68,19 @@ def in_this_transformers(case: dict) -> dict:
 
 
 def save_base_adapters(root: Path) -> dict[str, Path]:
-    """Two tiny real MiMi adapters of a tiny random ViT: ``plain`` (4 adapters of width 8) and ``rich`` (biases,
-    the classifier in ``modules_to_save``, one adapter removed (width 0), one with masked neurons)."""
+    """Two tiny real MiMi adapters of a tiny random ViT, the paper's design: ``plain`` (4 adapters of width 8) and
+    ``rich`` (biases, the classifier in ``modules_to_save``, one adapter removed (width 0), one with masked
+    neurons)."""
     import torch
     from conftest import make_model
     from peft import get_peft_model
 
     from peft_mimi import MiMiConfig
 
-    plain = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0))
+    plain = get_peft_model(make_model("vit"), MiMiConfig(design="paper", target_compression=16.0))
     plain.save_pretrained(root / "plain")
     widths = dict(zip(WIDTH_MODULES, (0, 5, 8, 8)))
-    rich = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0, adapter_bias=True,
+    rich = get_peft_model(make_model("vit"), MiMiConfig(design="paper", target_compression=16.0, adapter_bias=True,
                                                         modules_to_save=["classifier"], adapter_widths=widths))
     rich.base_model.model.get_submodule(WIDTH_MODULES[3]).mask_neurons("default", torch.tensor([True, False] * 4))
     rich.save_pretrained(root / "rich")

@@ -122,7 +122,8 @@ def test_nothing_is_ever_unpickled():
 
 
 def _saved_adapter(path: Path) -> Path:
-    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0))
+    """A plain adapter (the paper's design: no biases, no scaling, two adapters per block), saved in ``path``."""
+    model = get_peft_model(make_model("vit"), MiMiConfig(design="paper", target_compression=16.0))
     model.save_pretrained(path)
     return path / "adapter_model.safetensors"
 
@@ -296,8 +297,10 @@ def test_loading_without_importing_peft_mimi_fails_in_peft_and_the_card_says_wha
 
 
 # ------------------------------------------------- adapter_config.json is checked against the weights before allocating
-# the tiny ViT's adapted modules, in this transformers' names: block 0's attention and MLP outputs, then block 1's
-ADAPTED = tuple(get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0)).base_model.adapter_widths())
+# the tiny ViT's adapted modules in the paper's design, in this transformers' names: block 0's attention and MLP
+# outputs, then block 1's
+ADAPTED = tuple(get_peft_model(make_model("vit"), MiMiConfig(design="paper", target_compression=16.0))
+                .base_model.adapter_widths())
 BLOCK_0 = os.path.commonprefix(ADAPTED[:2])  # 'vit.layers.0.' (transformers 5), 'vit.encoder.layer.0.' (4.x)
 LAYER = ADAPTED[1]  # block 0's MLP output
 KEY = f"base_model.model.{LAYER}"

@@ -20,7 +20,9 @@ from peft_mimi import MiMiConfig, MiMiModel
 
 
 def mimi(**overrides) -> MiMiConfig:
-    kwargs = dict(target_compression=16.0, modules_to_save=["classifier"])
+    """The paper's design (two plain adapters per block, W_up from zero): the counts below are written for it; the
+    default design is exercised here where it differs, in test_families.py and in test_adapter_design.py."""
+    kwargs = dict(design="paper", target_compression=16.0, modules_to_save=["classifier"])
     kwargs.update(overrides)
     return MiMiConfig(**kwargs)
 
@@ -54,13 +56,32 @@ def is_mlp_output(name: str) -> bool:
     return name.endswith(("mlp.fc2", ".output.dense")) and not is_attention_output(name)
 
 
-def test_default_targets_are_attention_output_and_mlp_output(family):
-    model = get_peft_model(make_model(family), mimi())
-    names = list(model.base_model.adapter_widths())
+def test_default_targets_are_the_mlp_outputs_and_for_the_paper_the_attention_outputs_too(family):
     depth = 2
+    names = list(get_peft_model(make_model(family), MiMiConfig()).base_model.adapter_widths())
+    assert len(names) == depth and all(is_mlp_output(n) for n in names), names
+    names = list(get_peft_model(make_model(family), mimi()).base_model.adapter_widths())  # design="paper"
     assert len(names) == 2 * depth, names
     assert sum(is_attention_output(n) for n in names) == depth, names
     assert sum(is_mlp_output(n) for n in names) == depth, names
+
+
+def test_the_default_design_is_adapter_plus_and_a_design_fills_only_what_is_not_given():
+    config = MiMiConfig()
+    assert (config.design, config.adapter_bias, config.channel_scaling, config.init_weights, config.drop_path) == (
+        "adapter_plus", True, True, "houlsby", 0.1)
+    paper = MiMiConfig(design="paper", drop_path=0.2)
+    assert (paper.adapter_bias, paper.channel_scaling, paper.init_weights, paper.drop_path) == (False, False, True, 0.2)
+    with pytest.raises(ValueError, match=r"design='adapters' is not known; choose one of \('adapter_plus', 'paper'\)"):
+        MiMiConfig(design="adapters")
+
+
+def test_an_adapted_model_keeps_its_mode_so_drop_path_acts_only_in_training():
+    model = get_peft_model(make_model("vit"), MiMiConfig(target_compression=16.0))  # drop_path 0.1 by default
+    x = make_images()
+    assert torch.equal(model(x).logits, model(x).logits)  # the backbone was in eval mode: so are its adapters
+    model.train()
+    assert not torch.equal(model(x).logits, model(x).logits)
 
 
 def test_widths_start_proportional_to_the_layer(family):
@@ -268,7 +289,7 @@ def test_the_config_holds_the_method_the_peft_fields_and_the_recorded_state_only
 
     own = {f.name for f in fields(MiMiConfig)} - {f.name for f in fields(PeftConfig)}
     assert own == {
-        "init_compression", "target_compression", "target_params", "prune_ratio", "selection", "score",  # method
+        "design", "init_compression", "target_compression", "target_params", "prune_ratio", "selection", "score",  # method
         "budget_tolerance", "init_weights", "activation", "adapter_bias", "channel_scaling", "drop_path",
         "target_modules", "exclude_modules", "modules_to_save",  # PEFT's module fields
         "adapter_widths", "rounds_done", "seed",  # recorded state
