@@ -92,7 +92,8 @@ def mimi_model(config: str, sigma: float, args, *, tasks: int = 1, compact: bool
     model, config_name = None, config
     for task in range(tasks):
         torch.manual_seed(task)
-        config = MiMiConfig(init_compression=4.0, target_compression=sigma, init_weights=False)
+        config = MiMiConfig(init_compression=4.0, target_compression=sigma, init_weights=False,
+                            **common.PAPER)  # the published rows' design
         if model is None:
             model = get_peft_model(fresh_backbone(config_name, args), config, adapter_name="task0")
         else:

@@ -63,7 +63,7 @@ def task_model(index: int) -> PeftModel:
     torch.manual_seed(index + 1)
     base.classifier = torch.nn.Linear(base.config.hidden_size, 2 + index % 9)
     config = MiMiConfig(target_compression=BUDGETS[index % len(BUDGETS)], init_weights=False,
-                        modules_to_save=["classifier"])
+                        modules_to_save=["classifier"], design="paper")  # the published rows' design
     model = get_peft_model(base, config)
     while model.base_model.num_rounds():
         model.base_model.prune_round()

@@ -41,14 +41,15 @@ def build_variants(backbone: str, sigmas: list[float]):
         for compact in (True, False) if sigma == max(sigmas) else (True,):
             torch.manual_seed(0)
             model = get_peft_model(fresh(), MiMiConfig(target_compression=sigma, init_weights=False,
-                                                       modules_to_save=["classifier"]))
+                                                       modules_to_save=["classifier"], **common.PAPER))
             while model.base_model.num_rounds():
                 model.base_model.prune_round(compact=compact)
             out.append((f"MiMi σt={sigma:g} {'compacted' if compact else 'masked (compact=False)'}", "peft", model))
     for sigma in (4.0, max(sigmas)):
         torch.manual_seed(0)
         model = get_peft_model(fresh(), MiMiConfig(init_compression=sigma, target_compression=sigma,
-                                                   init_weights=False, modules_to_save=["classifier"]))
+                                                   init_weights=False, modules_to_save=["classifier"],
+                                                   **common.PAPER))
         out.append((f"Adapters σ={sigma:g} (vanilla)", "peft", model))
     probe = fresh()
     for sigma in sigmas:

@@ -44,6 +44,8 @@ import common  # noqa: E402
 import structured_tasks  # noqa: E402
 from common import Method  # noqa: E402
 
+from peft_mimi.config import DEFAULT_DESIGN  # noqa: E402
+
 OUT = common.RESULTS_DIR / "structured"
 BACKBONE = "dinov2-s14"
 # the learning-rate grid of each method family (chosen per task on the validation split, seed 0); the first value
@@ -154,11 +156,12 @@ class Planner:
         if row.method in ("mimi", "mimi_long"):  # the product's default (Adapter+'s adapters on the MLP outputs) at
             # the budget B(σt) of the plain adapters on both outputs, one epoch per cut, the rest at the final
             # widths; mimi_long trains the wide adapters LONG_FIRST_EPOCHS before the first cut
-            return self._mimi(row, {"target_params": common.adapter_budget(self.model(), row.sigma_t)},
+            return self._mimi(row, {"design": DEFAULT_DESIGN,
+                                    "target_params": common.adapter_budget(self.model(), row.sigma_t)},
                               LONG_FIRST_EPOCHS if row.method == "mimi_long" else 1)
         if row.method in ("mimi_paper", "mimi_paper_long"):  # the paper's adapters on both outputs, budget σt
-            return self._mimi(row, {"design": "paper", "target_compression": row.sigma_t},
-                              LONG_FIRST_EPOCHS if row.method == "mimi_paper_long" else 1)
+            return self._mimi(row, {"design": "paper"}, LONG_FIRST_EPOCHS if row.method == "mimi_paper_long" else 1,
+                              target_compression=row.sigma_t)
         if row.method == "mimi_paper_mlp":  # the paper's adapters on the MLP outputs only, at the same B(σt)
             from adapter_plus import mlp_outputs
 
@@ -175,11 +178,11 @@ class Planner:
         return Method(row.method, row.label, lora_rank=rank)
 
 
-    def _mimi(self, row: Row, options: dict, first_epochs: int) -> Method:
-        """A MiMi row: σ0 = 4, MiMiConfig ``options``, one epoch per cut (``first_epochs`` before the first) and the
-        rest of the row's total at the final widths."""
-        method = Method("mimi", row.label, init_compression=4.0, recipe_options=dict(MIMI_SCHEDULE),
-                        mimi_options=options)
+    def _mimi(self, row: Row, options: dict, first_epochs: int, target_compression: float | None = None) -> Method:
+        """A MiMi row: σ0 = 4, MiMiConfig ``options`` (with ``target_params``, or the budget ``target_compression``),
+        one epoch per cut (``first_epochs`` before the first) and the rest of the row's total at the final widths."""
+        method = Method("mimi", row.label, init_compression=4.0, target_compression=target_compression,
+                        recipe_options=dict(MIMI_SCHEDULE), mimi_options=options)
         rounds = self.rounds((row.method, row.sigma_t), method)
         first = first_epochs if rounds else 1
         if first > 1:
@@ -225,7 +228,7 @@ def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float 
     if method.kind in ("lora", "adalora"):
         record["lora_rank"] = method.lora_rank
     if method.kind == "mimi":
-        record["design"] = method.mimi_options.get("design", "adapter_plus")
+        record["design"] = method.mimi_options["design"]
     if row.method == "probe":
         record["lr"] = None
     return record

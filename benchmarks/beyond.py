@@ -359,7 +359,7 @@ def run_one(cand: Candidate, backbone: str, task: str, sigma: float, seed: int, 
     recipe = dict(batch_size=64, lr=lr, seed=seed, max_train_samples=max_train, max_eval_samples=max_test,
                   image_size=int(size) if size else None)
     torch.manual_seed(seed)
-    options = dict(cand.mimi_options)
+    options = {**common.PAPER, **cand.mimi_options}  # the paper's adapters, as every published candidate ran
     if cand.kind in ("adapter", "wide", "head"):
         width_sigma = 4.0 if cand.kind == "wide" else sigma
         config = MiMiConfig(init_compression=width_sigma, target_compression=width_sigma, **options)

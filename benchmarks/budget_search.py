@@ -41,9 +41,9 @@ def run_one(kind: str, backbone: str, task: str, seed: int, fraction: float | No
     model, processor = common.load_model(backbone, common.num_labels_of(task), args.image_size)
     torch.manual_seed(seed)
     if kind == "search":
-        config = MiMiConfig(target_compression=args.floor, budget_tolerance=args.tolerance)
+        config = MiMiConfig(target_compression=args.floor, budget_tolerance=args.tolerance, **common.PAPER)
     else:
-        config = MiMiConfig(target_compression=args.fixed_sigma)
+        config = MiMiConfig(target_compression=args.fixed_sigma, **common.PAPER)
     config.modules_to_save, config.seed = ["classifier"], seed
     peft_model = get_peft_model(model, config)
     # --schedule paper: E epochs in every segment, the schedule restarted at each cut (as the first results ran);

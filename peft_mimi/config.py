@@ -111,7 +111,8 @@ class MiMiConfig(PeftConfig):
             adapts. Defaults to 4 (the paper's).
         target_compression (`Optional[float]`):
             σt: prune until the adapters hold no more parameters than uniform adapters of width ``floor(d / σt)``
-            on the same modules would (so a design that adapts half the modules has half the budget at equal σt). Stays None when not given (the default σt = 32 then applies, without being written here).
+            on the same modules would (a design that adapts half the modules has half the budget at equal σt).
+            Stays None when not given (the default σt = 32 then applies, without being written here).
         target_params (`Optional[int]`):
             An absolute budget instead: prune until the adapters hold at most this many parameters.
         prune_ratio (`float`):

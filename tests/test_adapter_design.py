@@ -16,6 +16,7 @@ from peft_mimi import MiMiConfig
 from peft_mimi.export import to_plain_module
 from peft_mimi.layer import HOULSBY_STD, MiMiLayer
 
+
 def plus_model(seed: int = 0, **overrides):
     """MiMiConfig's default design on the tiny ViT: one adapter per block, on its MLP output."""
     torch.manual_seed(seed)

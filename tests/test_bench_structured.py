@@ -41,14 +41,15 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     assert abs(by["adapter_plus", 16.0]["params"] - budget) <= 0.1 * budget
     assert by["probe", None]["params"] == 0 and by["probe", None]["lr"] is None
     assert len(by["mimi", 16.0]["rounds"]) > 1 and by["mimi", 16.0]["widths"]
+    assert by["mimi", 16.0]["design"] == "adapter_plus"  # the product's default: one adapter per block, on its MLP
     assert raw["final"] is True
     table = (tmp_path / "accuracy.md").read_text()
-    assert "| MiMi σt=16 |" in table and "| linear probe |" in table and "Discrimination:" in table
+    assert "| MiMi (default: Adapter+'s adapters) σt=16 |" in table and "| linear probe |" in table
+    assert "Discrimination:" in table
     # where MiMi put its neurons: the run's final widths, per block (the smoke backbone has no easy-task runs)
-    chosen = json.loads((tmp_path / "widths.json").read_text())["widths"]["16.0"]["dsprites_location"]
-    assert sum(chosen.values()) == sum(by["mimi", 16.0]["widths"].values()) and set(chosen) == {
-        "0.attention", "0.MLP", "1.attention", "1.MLP"}
-    assert "| dsprites_location | structured | 1 |" in (tmp_path / "widths.md").read_text()
+    chosen = json.loads((tmp_path / "widths.json").read_text())["widths"]["16.0"]["dsprites_location (default)"]
+    assert sum(chosen.values()) == sum(by["mimi", 16.0]["widths"].values()) and set(chosen) == {"0.MLP", "1.MLP"}
+    assert "| dsprites_location | default | 1 |" in (tmp_path / "widths.md").read_text()
 
     # --resume finds every run recorded: nothing is trained again, the records are unchanged
     done = subprocess.run([*command, "--what", "grid", "--resume"], check=True, cwd=ROOT, env=env,
@@ -56,13 +57,29 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     assert "[grid]" not in done.stdout
     assert json.loads((tmp_path / "accuracy.json").read_text())["runs"] == runs
 
-    # the decomposition's "allocation only" row: the MiMi run's final widths trained from scratch
-    subprocess.run([*command, "--what", "grid", "--resume", "--methods", "mimi_widths"], check=True, cwd=ROOT,
-                   env=env, capture_output=True, timeout=300)
-    (widths,) = [r for r in json.loads((tmp_path / "accuracy.json").read_text())["runs"]
-                 if r["method"] == "mimi_widths"]
-    assert widths["widths"] == by["mimi", 16.0]["widths"] and widths["params"] == by["mimi", 16.0]["params"]
-    assert widths["epochs"] == by["mimi", 16.0]["epochs"] and len(widths["rounds"]) == 1  # no pruning round
+    # the decomposition's "allocation only" row: the paper's MiMi's final widths trained from scratch
+    subprocess.run([*command, "--what", "grid", "--resume", "--methods", "mimi_paper", "mimi_widths"], check=True,
+                   cwd=ROOT, env=env, capture_output=True, timeout=300)
+    runs = {r["method"]: r for r in json.loads((tmp_path / "accuracy.json").read_text())["runs"]
+            if r["method"] in ("mimi_paper", "mimi_widths")}
+    paper, widths = runs["mimi_paper"], runs["mimi_widths"]
+    assert paper["design"] == "paper" and len(paper["widths"]) == 4  # attention and MLP outputs of both blocks
+    assert widths["widths"] == paper["widths"] and widths["params"] == paper["params"]
+    assert widths["epochs"] == paper["epochs"] and len(widths["rounds"]) == 1  # no pruning round
+
+
+def test_records_from_before_the_default_design_changed_read_under_todays_names():
+    old = {"task": "a", "sigma_t": 64.0, "seed": 0, "label": "MiMi σt=64"}
+    assert bench_structured.renamed({**old, "method": "mimi"})["method"] == "mimi_paper"  # the paper's adapters
+    assert bench_structured.renamed({**old, "method": "mimi"})["design"] == "paper"
+    assert bench_structured.renamed({**old, "method": "mimi_plus_long"})["method"] == "mimi_long"
+    assert bench_structured.renamed({**old, "method": "mimi_plus"})["method"] == "mimi_plus"  # seed 0: the prototype
+    seed_1 = bench_structured.renamed({**old, "method": "mimi_plus", "seed": 1})  # MiMiConfig's options: the default
+    assert (seed_1["method"], seed_1["design"], seed_1["label"]) == ("mimi", "adapter_plus",
+                                                                     "MiMi (default: Adapter+'s adapters) σt=64")
+    new = {**old, "method": "mimi", "design": "adapter_plus"}
+    assert bench_structured.renamed(new)["method"] == "mimi"
+    assert bench_structured.renamed({**old, "method": "adapter"}) == {**old, "method": "adapter"}
 
 
 def test_runs_trained_with_crops_and_flips_are_other_runs_than_those_without():

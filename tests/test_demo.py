@@ -39,11 +39,12 @@ def test_demo_runs_end_to_end_and_reloads_identically(tmp_path, capsys, backbone
             for name, d, width, params in re.findall(r"^(\S+) +(\d+) +(\d+) +([\d,]+)$", printed, re.MULTILINE)
             if name in widths}
     assert {name: width for name, (_, width, _) in rows.items()} == widths
-    assert all(params == adapter_params(d, width) for d, width, params in rows.values())
+    terms = dict(bias=True, scale=True)  # the default design's adapters: biases and a channel scaling
+    assert all(params == adapter_params(d, width, **terms) for d, width, params in rows.values())
     # and the summary under it: the rows add up to the live parameters, which fit the budget of σt = 16
     adapters, removed, live, budget = (int(n.replace(",", "")) for n in re.search(
         r"(\d+) adapters, (\d+) removed, ([\d,]+) parameters \(budget ([\d,]+)\)", printed).groups())
     assert (adapters, removed) == (len(widths), sum(width == 0 for width in widths.values()))
     assert live == sum(params for _, _, params in rows.values())
-    assert budget == budget_for_compression([d for d, _, _ in rows.values()], 16.0)
+    assert budget == budget_for_compression([d for d, _, _ in rows.values()], 16.0, **terms)
     assert 0 < live <= budget

@@ -289,8 +289,8 @@ def test_the_config_holds_the_method_the_peft_fields_and_the_recorded_state_only
 
     own = {f.name for f in fields(MiMiConfig)} - {f.name for f in fields(PeftConfig)}
     assert own == {
-        "design", "init_compression", "target_compression", "target_params", "prune_ratio", "selection", "score",  # method
-        "budget_tolerance", "init_weights", "activation", "adapter_bias", "channel_scaling", "drop_path",
+        "design", "init_compression", "target_compression", "target_params", "prune_ratio", "selection",  # method
+        "score", "budget_tolerance", "init_weights", "activation", "adapter_bias", "channel_scaling", "drop_path",
         "target_modules", "exclude_modules", "modules_to_save",  # PEFT's module fields
         "adapter_widths", "rounds_done", "seed",  # recorded state
     }
