@@ -34,6 +34,13 @@ from .pruning import (
 )
 
 _PEFT_PREFIX = "base_model.model."
+# torch's wrappers (FSDP, activation checkpointing) add a level to module names that state_dict keys leave out
+_TORCH_WRAPPERS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _state_dict_name(module_name: str) -> str:
+    """A name from ``named_modules()`` as ``state_dict()`` spells it: without torch's wrapper levels."""
+    return ".".join(part for part in module_name.split(".") if part not in _TORCH_WRAPPERS)
 
 
 class MiMiModel(BaseTuner):
@@ -92,8 +99,8 @@ class MiMiModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
             raise TypeError(
-                f"target_modules matched {current_key!r}, a {type(base).__name__}; MiMi adapts nn.Linear layers "
-                f"only. Narrow target_modules to Linear layers (this model's end in: "
+                f"Target module {current_key!r} ({type(base).__name__}) is not supported: MiMi adapts nn.Linear "
+                f"layers only. Narrow target_modules to Linear layers (this model's end in: "
                 f"{_linear_name_suffixes(self.model)})."
             )
         width = self._starting_width(mimi_config, current_key, base.out_features)
@@ -393,6 +400,7 @@ class MiMiModel(BaseTuner):
         for name, layer in model.named_modules():
             if not isinstance(layer, MiMiLayer) or adapter_name not in layer.mimi_width:
                 continue
+            name = _state_dict_name(name)
             module = name.removeprefix(_PEFT_PREFIX)
             width = layer.physical_width(adapter_name)
             keys = {f"mimi_{part}.{tensor}": f"{name}.mimi_{part}.{adapter_name}.{tensor}"
@@ -475,6 +483,7 @@ def _fit_heads_to_checkpoint(model: nn.Module, adapter_name: str, state_dict: di
         if not isinstance(wrapper, ModulesToSaveWrapper) or adapter_name not in wrapper.modules_to_save:
             continue
         head = wrapper.modules_to_save[adapter_name]
+        name = _state_dict_name(name)
         saved = state_dict.get(f"{name}.modules_to_save.{adapter_name}.weight")
         if type(head) is not nn.Linear or saved is None or tuple(saved.shape) == tuple(head.weight.shape):
             continue
