@@ -104,8 +104,9 @@ class MiMiConfig(PeftConfig):
             every block: biases, learned channel scaling, Houlsby start, stochastic depth 0.1. ``"paper"``: MiMi's
             paper, adapters without biases or scaling, ``W_up`` starting at zero, on the attention and the MLP
             outputs. The design sets ``adapter_bias``, ``channel_scaling``, ``init_weights``, ``drop_path`` and the
-            default ``target_modules`` where they are not given. On the structured suite (σt = 64, DINOv2-S) MiMi
-            with ``"adapter_plus"`` scores about 2 points above ``"paper"`` at the same parameters.
+            default ``target_modules`` where they are not given. On the structured suite (σt = 64's budget,
+            DINOv2-S, seed 0) MiMi with ``"adapter_plus"`` scored about 2 points above ``"paper"`` at the same
+            parameters; on small backbones it can score lower (benchmarks/REPORT.md).
         init_compression (`float`):
             σ0: every adapter starts with width ``max(1, floor(d / σ0))``, ``d`` the feature size of the layer it
             adapts. Defaults to 4 (the paper's).
