@@ -115,6 +115,24 @@ def test_table_order_puts_the_references_first_then_each_budget():
                        ("mimi", 256.0)]
 
 
+def test_the_issue_bars_compare_the_default_mimi_with_the_best_alternative_and_its_spread_with_vanillas():
+    def run(method, task, seed, accuracy):
+        return {"task": task, "method": method, "label": f"{method} σt=64", "sigma_t": 64.0, "seed": seed,
+                "accuracy": accuracy, "params": 100, "epochs": 10, "wall_s": 1.0, "device": "cpu", "lr": 3e-3}
+    records = [run("mimi", "a", 0, 80.0), run("mimi", "a", 1, 82.0), run("mimi", "b", 0, 50.0),
+               run("adapter", "a", 0, 79.0), run("adapter", "a", 1, 79.0), run("adapter", "b", 0, 49.0),
+               run("lora", "a", 0, 83.0), run("lora", "b", 0, 40.0)]
+    rows = bench_structured.summary(records, ["a", "b"])
+    versus = bench_structured.against_alternatives(rows, ["a", "b"])
+    # the best alternative on the mean is vanilla (64 against LoRA's 61.5, although LoRA leads on task a); MiMi
+    # (65.5) against it: +2 on task a (two seeds each), +1 on task b
+    assert versus == [["σt = 64", "vanilla adapters", "+2.0 (seeds 2/2)", "+1.0 (seeds 1/1)", "**+1.5**"]]
+    assert bench_structured.against_alternatives(rows[:1], ["a", "b"]) == []  # no alternative: no line
+    spread = bench_structured.seed_spread(rows, ["a", "b"])
+    # only rows with two seeds on a task; MiMi's std (1.41) against vanilla's (0.0) on task a
+    assert spread == [["mimi σt=64", "1.4 (n=2), +1.4 vs vanilla", "—"], ["adapter σt=64", "0.0 (n=2)", "—"]]
+
+
 @pytest.mark.parametrize("family", ["vit", "dinov2"])
 def test_adapter_plus_wraps_each_mlp_output_within_the_budget_and_starts_near_the_backbone(family):
     model = make_model(family, hidden_size=32, layers=2)
