@@ -10,7 +10,8 @@
 # Environment (defaults in brackets):
 #   OUT       where the results go (set by the device tool)
 #   TASKS     [the five generated tasks]
-#   METHOD_GROUPS [probe,adapter4,full,adapter mimi,adapter_plus lora,adalora] space-separated groups of
+#   METHOD_GROUPS [probe,adapter4,full,adapter mimi,mimi_paper adapter_plus,lora,adalora]
+#             space-separated groups of
 #             --methods, one process each per task; a learning-rate family stays in one group (adapter4 and
 #             adapter choose one rate together)
 #   NUM_WORKERS [0] DataLoader workers per process (15 processes already fill 16 cores); THREADS [cores /
@@ -31,7 +32,7 @@ STASH=${STASH:-/tmp/peft_mimi_dev}
 CACHE=${CACHE:-/tmp/peft_mimi_cache}
 RESULTS=${RESULTS:-/tmp/peft_mimi_grid}
 TASKS=${TASKS:-dsprites_location dsprites_orientation clevr_distance norb_azimuth norb_elevation}
-METHOD_GROUPS=${METHOD_GROUPS:-probe,adapter4,full,adapter mimi,adapter_plus lora,adalora}
+METHOD_GROUPS=${METHOD_GROUPS:-probe,adapter4,full,adapter mimi,mimi_paper adapter_plus,lora,adalora}
 NUM_WORKERS=${NUM_WORKERS:-0}
 STEPS=${STEPS:-lr grid}
 SNAPSHOT_S=${SNAPSHOT_S:-120}
