@@ -145,11 +145,11 @@ class BenchmarkRecipe(TrainingRecipe):
         "help": "Epochs trained before the first pruning round (default: epochs_per_round).", "check": "count",
         "changes_results": True})
 
-    def segment_epochs(self, rounds: int) -> list[int]:
+    def segment_epochs(self, rounds: int, finish: bool = False) -> list[int]:
         """The recipe's segments with ``first_epochs`` in the first one; without ``final_epochs`` the last one still
         trains the rest of ``EPOCHS_PER_SEGMENT·(R+1)`` epochs (and at least ``epochs_per_round``)."""
-        epochs = super().segment_epochs(rounds)
-        if self.first_epochs and rounds > 0:
+        epochs = super().segment_epochs(rounds, finish)
+        if self.first_epochs and (rounds > 0 or finish):
             epochs[0] = self.first_epochs
             if self.final_epochs is None:
                 epochs[-1] = max(self.epochs_per_round, EPOCHS_PER_SEGMENT * (rounds + 1) - sum(epochs[:-1]))

@@ -8,10 +8,11 @@ as `peft_mimi.train` does by default. Pruning masks neurons instead of shrinking
 tensors, so the Trainer's optimizer, scheduler, checkpoints and ``resume_from_checkpoint`` keep working; at the
 end of training the adapters are shrunk to their live neurons.
 
-With ``MiMiConfig.budget_tolerance`` set, the callback runs the budget search: at the end of every segment it asks the
-Trainer to evaluate (its ``eval_dataset``, held out from the training images, and its ``compute_metrics``, which must
-return ``"accuracy"``), keeps a copy of the smallest adapter whose accuracy is within the tolerance of the best
-segment so far, and restores that copy when training ends.
+With ``MiMiConfig.budget_tolerance`` set, the callback runs the budget search: every round trains one segment (the
+last round too), at the end of each it asks the Trainer to evaluate (its ``eval_dataset``, held out from the training
+images, and its ``compute_metrics``, which must return ``"accuracy"``) and keeps a copy of the smallest adapter whose
+accuracy is within the tolerance of the best segment so far; after the last round it restores that copy, which
+trains for the rest of the run (the finish).
 
 The learning rate can follow the rounds too (``MiMiPruningCallback.attach(trainer, restart_lr=True)``): every
 segment gets its own linear warm-up and cosine decay to 0, as each round does in the paper's code and in
@@ -76,9 +77,11 @@ class MiMiPruningCallback(TrainerCallback):
     give the Trainer an ``eval_dataset`` carved from the training images, never the test set, and a
     ``compute_metrics`` returning ``{"accuracy": ...}``). The rule is `peft_mimi.pruning.budget_search`: the rounds
     go on down to the budget (the floor), and when training ends the smallest adapter within the tolerance of the
-    best segment (weights, masks, head and ``rounds_done``) is restored, then compacted. Each segment's accuracy and
-    the chosen round are logged as ``mimi/validation_accuracy`` and ``mimi/chosen_round``. The search's state goes
-    into every Trainer checkpoint (``mimi_budget_search.safetensors``), so ``resume_from_checkpoint`` continues it.
+    best segment (weights, masks, head and ``rounds_done``) is restored. The rounds are trained alike, the last one
+    as long as the others (its segment ends at :attr:`finish_step`), and the restored adapter trains the rest of the
+    run, then is compacted. Each segment's accuracy and the chosen round are logged as ``mimi/validation_accuracy``
+    and ``mimi/chosen_round``. The search's state goes into every Trainer checkpoint
+    (``mimi_budget_search.safetensors``), so ``resume_from_checkpoint`` continues it.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class MiMiPruningCallback(TrainerCallback):
         # budget search: the segments' sizes and accuracies and the choice, a copy of the chosen segment's adapter
         # state (trainable tensors and neuron masks), the step whose evaluation ends a segment
         self.search: schedule.BudgetSearch | None = None
+        self.finish_step: int | None = None  # budget search: the step where the last round ends and the finish starts
         self._chosen_state: dict[str, torch.Tensor] | None = None
         self._segment_end: int | None = None
 
@@ -166,8 +170,10 @@ class MiMiPruningCallback(TrainerCallback):
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """``Trainer.create_scheduler`` for ``restart_lr=True``: same contract, the round-aligned schedule."""
         if trainer.lr_scheduler is None:
-            planned = _mimi_tuner(trainer.model).planned_rounds(self.adapter_name)
-            cuts = self.plan(num_training_steps, _num_train_epochs(trainer, num_training_steps), planned)
+            tuner = _mimi_tuner(trainer.model)
+            cuts = self.plan(num_training_steps, _num_train_epochs(trainer, num_training_steps),
+                             tuner.planned_rounds(self.adapter_name),
+                             finish=_tolerance(tuner, self.adapter_name) is not None)
             boundaries = schedule.lr_boundaries(cuts, num_training_steps, restart_lr=True)
             trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer or trainer.optimizer,
@@ -176,31 +182,34 @@ class MiMiPruningCallback(TrainerCallback):
             trainer._created_lr_scheduler = True
         return trainer.lr_scheduler
 
-    def plan(self, max_steps: int, num_train_epochs: float, planned_rounds: int) -> list[int]:
+    def plan(self, max_steps: int, num_train_epochs: float, planned_rounds: int, finish: bool = False) -> list[int]:
         """Global steps after which a pruning round runs (`peft_mimi.schedule.cut_steps` with this callback's
-        segment length)."""
+        segment length); with ``finish`` (the budget search) then the step where the last round ends."""
         return schedule.cut_steps(max_steps, num_train_epochs, planned_rounds, epochs_per_round=self.epochs_per_round,
-                                  steps_per_round=self.steps_per_round)
+                                  steps_per_round=self.steps_per_round, finish=finish)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        **kwargs):
         tuner = _mimi_tuner(model)
         planned = tuner.planned_rounds(self.adapter_name)
-        self.prune_steps = self.plan(state.max_steps, state.num_train_epochs, planned)
+        tolerance = _tolerance(tuner, self.adapter_name)
+        self.search = schedule.BudgetSearch(tolerance) if tolerance is not None else None
+        steps = self.plan(state.max_steps, state.num_train_epochs, planned, finish=self.search is not None)
+        self.prune_steps, self.finish_step = steps[:planned], (steps[planned] if self.search is not None else None)
+        self._chosen_state, self._segment_end = None, None
         # resume_from_checkpoint: the Trainer has loaded the masked adapter; realign the round counter with it
         config = tuner.peft_config[tuner._adapter(self.adapter_name)]
         config.rounds_done = sum(step <= state.global_step for step in self.prune_steps)
-        tolerance = _tolerance(tuner, self.adapter_name)
-        self.search = schedule.BudgetSearch(tolerance) if tolerance is not None else None
-        self._chosen_state, self._segment_end = None, None
-        if self.search is not None and state.global_step >= min(self.prune_steps, default=state.max_steps):
+        if self.search is not None and state.global_step >= steps[0]:
             self._load_search(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            if state.global_step >= self.finish_step:  # in the finish: the kept round's adapter
+                config.rounds_done = self.search.chosen
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                     **kwargs):
         tuner = _mimi_tuner(model)
         if self.search is not None:
-            if state.global_step in self.prune_steps or state.global_step == state.max_steps:
+            if state.global_step in self.prune_steps or state.global_step == self.finish_step:
                 self._segment_end = state.global_step  # on_evaluate records the segment, then prunes
                 control.should_evaluate = True
             return control
@@ -226,9 +235,25 @@ class MiMiPruningCallback(TrainerCallback):
             self._chosen_state = {name: tensor.detach().clone() for name, tensor in _adapter_state(model).items()}
         if state.global_step in self.prune_steps:
             self._prune(tuner, control)
+        else:  # the last round's segment: the search is over, the kept round's adapter trains the rest of the run
+            self._restore_chosen(model, tuner)
+            self._pending_logs = {"mimi/round": self.search.chosen, "mimi/live_params": tuner.live_params(
+                self.adapter_name)}
+            control.should_log = True
         self._pending_logs.update({"mimi/validation_accuracy": float(accuracy),
                                    "mimi/chosen_round": self.search.chosen})
         return control
+
+    def _restore_chosen(self, model, tuner: MiMiModel) -> None:
+        """Budget search: back to the chosen segment's adapter (weights, masks, head and ``rounds_done``)."""
+        own = _adapter_state(model)
+        with torch.no_grad():
+            for name, tensor in self._chosen_state.items():
+                own[name].copy_(tensor)
+        adapter = tuner._adapter(self.adapter_name)
+        for _, layer in tuner._layers(adapter):
+            layer.refresh_mask_state(adapter)
+        tuner.peft_config[adapter].rounds_done = self.search.chosen
 
     def _prune(self, tuner: MiMiModel, control: TrainerControl) -> None:
         """One pruning round (masking); its metrics go out with the next log."""
@@ -281,15 +306,8 @@ class MiMiPruningCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                      **kwargs):
         tuner = _mimi_tuner(model)
-        if self._chosen_state is not None:  # budget search: back to the chosen segment's adapter, then compact
-            own = _adapter_state(model)
-            with torch.no_grad():
-                for name, tensor in self._chosen_state.items():
-                    own[name].copy_(tensor)
-            adapter = tuner._adapter(self.adapter_name)
-            for _, layer in tuner._layers(adapter):
-                layer.refresh_mask_state(adapter)
-            tuner.peft_config[adapter].rounds_done = self.search.chosen
+        if self._chosen_state is not None and state.global_step < self.finish_step:  # stopped before the search
+            self._restore_chosen(model, tuner)  # was over: the adapter it chose so far
         tuner.compact(self.adapter_name)
         return control
 

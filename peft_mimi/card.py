@@ -59,10 +59,13 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def saved_round(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The row of ``history`` (one per round, as ``peft_mimi.train`` writes them) whose adapter was saved: the round
-    the budget search chose (``chosen_round`` of the last row), else the last round; None for no rows."""
+    """The row of ``history`` (one per round, as ``peft_mimi.train`` writes them) whose adapter was saved: the
+    budget search's finish of the round it kept (the last row) or, in a run that ended without one, the round it
+    chose so far (``chosen_round`` of the last row); else the last round; None for no rows."""
     if not history:
         return None
+    if history[-1].get("finish"):
+        return history[-1]
     chosen = history[-1].get("chosen_round")
     return next((row for row in history if row.get("round") == chosen), history[-1]) if chosen is not None \
         else history[-1]
@@ -107,6 +110,8 @@ def model_card(
     saved = saved_round(history)
     accuracy = saved.get("accuracy") if saved else None
     search = saved.get("chosen_round") is not None if saved else False
+    searched = [row for row in history if not row.get("finish")]  # the rounds the search compared
+    kept = next((row for row in searched if row["round"] == saved["round"]), saved) if search else None
 
     target = (f"σt = {config.effective_target_compression:g}" if config.target_params is None
               else f"{config.target_params:,} parameters")
@@ -152,9 +157,12 @@ def model_card(
         f"| head parameters | {counts['head']:,} |",
         f"| adapters kept | {sum(w > 0 for w in widths.values())} of {len(widths)} |",
         f"| budget search | tolerance {config.budget_tolerance:g} accuracy points on a validation split of the "
-        f"training images: kept round {saved['round']} of the {len(history)} trained (validation accuracy "
-        f"{saved['validation_accuracy']:.4f}, best {max(r['validation_accuracy'] for r in history):.4f}); the "
-        "budget above is the floor it could go to |" if search and config.budget_tolerance is not None else None,
+        f"training images: kept round {saved['round']} of the {len(searched)} trained alike (validation accuracy "
+        f"{kept['validation_accuracy']:.4f}, best {max(r['validation_accuracy'] for r in searched):.4f})"
+        + (f", then finished it with {saved['epoch'] - searched[-1]['epoch']} more epochs"
+           if saved.get("finish") else "")
+        + "; the budget above is the floor it could go to |" if search and config.budget_tolerance is not None
+        else None,
     ]
     lines = [line for line in lines if line is not None]
     if history:
@@ -165,12 +173,16 @@ def model_card(
                  "validation_accuracy": "validation accuracy", "loss": "train loss"}
         lines += ["", "## Metrics per round", "",
                   "Round r trains at the widths left by r pruning rounds; accuracy is measured after its training."
-                  + (" The saved adapter is the round marked **saved**, chosen on validation accuracy only."
-                     if search else ""),
+                  + (" The budget search trains the rounds alike, keeps one on validation accuracy only, then "
+                     "trains the kept round's adapter on (the row marked finished) and saves it (**saved**)."
+                     if saved.get("finish") else " The saved adapter is the round marked **saved**, chosen on "
+                     "validation accuracy only." if search else ""),
                   "", "| " + " | ".join(names.get(key, key) for key in columns) + " |",
                   "|" + "---:|" * len(columns)]
         for row in history:
             cells = [_format_metric(row.get(key), key) for key in columns]
+            if row.get("finish"):
+                cells[0] += " finished"
             if search and row is saved:
                 cells[0] += " **saved**"
             lines.append("| " + " | ".join(cells) + " |")

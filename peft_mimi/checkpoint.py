@@ -33,7 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 CHOSEN_FILE = "chosen.safetensors"  # budget search: the trainable tensors of the round it keeps so far
 # 4: a checkpoint at a round boundary holds the next round's optimizer (the moments carried across the cut);
 # 3: the scheduler counts the steps of the whole run (2: of each round with restart_lr)
-_CHECKPOINT_FORMAT = 4
+_CHECKPOINT_FORMAT = 5
 _TRAINABLE_FILE = "trainable.safetensors"
 _STATISTICS_FILE = "round_statistics.safetensors"
 
@@ -83,7 +83,8 @@ class Position:
     (``batch`` counts this process's batches). Saved in every checkpoint."""
 
     total_rounds: int  # R: pruning rounds of the plan; rounds 0..R train
-    round: int = 0
+    finish: bool = False  # budget search: after round R, segment R + 1 finishes the round the search kept
+    round: int = 0  # the segment: round 0..R, then R + 1 for the finish
     epoch: int = 0
     batch: int = 0
     global_step: int = 0  # optimizer steps since the start of the run
@@ -106,9 +107,19 @@ class Position:
         self.epoch_losses.append(self.epoch_loss_sum / max(1, self.epoch_loss_count))
         self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
 
+    @property
+    def finishing(self) -> bool:
+        """In the budget search's finish of the round it kept."""
+        return self.round > self.total_rounds
+
+    @property
+    def rounds_done(self) -> int:
+        """Pruning rounds behind the adapter being trained: the round, or in the finish the round the search kept."""
+        return self.history[-1]["chosen_round"] if self.finishing else self.round
+
     def end_round(self) -> None:
         """Past the round's evaluation: the next round starts (or the run is finished)."""
-        if self.round == self.total_rounds:
+        if self.round == self.total_rounds + self.finish:
             self.finished = True
         else:
             self.round, self.epoch = self.round + 1, 0
@@ -233,7 +244,7 @@ def set_trainable(model: nn.Module, tuner: MiMiModel | None, widths: dict[str, i
 def restore_trainable(model: nn.Module, tuner: MiMiModel | None, pos: Position, checkpoint: Path) -> None:
     """Bring a freshly built ``model`` to the checkpoint: the adapters at the saved widths, the rounds done, every
     trainable tensor and the round statistics of data-aware scores."""
-    set_trainable(model, tuner, pos.widths, pos.round, load_file(str(checkpoint / _TRAINABLE_FILE)), checkpoint)
+    set_trainable(model, tuner, pos.widths, pos.rounds_done, load_file(str(checkpoint / _TRAINABLE_FILE)), checkpoint)
     if tuner is not None and (checkpoint / _STATISTICS_FILE).is_file():
         adapter, layers = tuner.active_adapters[0], dict(tuner._layers(tuner.active_adapters[0]))
         grouped: dict[str, dict[str, torch.Tensor]] = {}

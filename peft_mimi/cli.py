@@ -178,8 +178,10 @@ def _train(argv: list[str]) -> int:
         print(f"accuracy {result.accuracy:.4f} after {result.rounds} pruning round(s); {result.live_params:,} "
               f"adapter parameters (budget {result.budget:,}), {kept} of {len(result.widths)} adapters kept")
         if result.chosen_round is not None:
-            print(f"budget search kept round {result.chosen_round} of {len(result.history)} trained (validation "
-                  f"accuracy {result.validation_accuracy:.4f}, tolerance {mimi.budget_tolerance:g} points)")
+            searched = [row["validation_accuracy"] for row in result.history if not row.get("finish")]
+            print(f"budget search kept round {result.chosen_round} of {len(searched)} trained alike (validation "
+                  f"accuracy {searched[result.chosen_round]:.4f}, best {max(searched):.4f}, tolerance "
+                  f"{mimi.budget_tolerance:g} points), then finished it")
         print(f"adapter saved to {result.adapter_dir}" + (f", pushed to {result.hub_url}" if result.hub_url else ""))
     return 0
 

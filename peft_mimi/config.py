@@ -127,9 +127,10 @@ class MiMiConfig(PeftConfig):
             ablations, ``"l1"`` (eq. 3 without the normalisation), ``"down_l1"`` (``W_down`` rows only),
             ``"gradient"`` (L1 norm of the accumulated gradients) and ``"random"``.
         budget_tolerance (`Optional[float]`):
-            Budget search, in accuracy points: prune on down to the budget (then a floor), measure validation
-            accuracy after each round, and keep the smallest round within this many points of the best round.
-            None (the default): the adapter at the budget.
+            Budget search, in accuracy points: prune on down to the budget (then a floor), every round trained
+            alike (``TrainingRecipe.epochs_per_round``), measure validation accuracy after each round, keep the
+            smallest round within this many points of the best round, and finish it: its adapter trains again for
+            the rest of the run (``TrainingRecipe.final_epochs``). None (the default): the adapter at the budget.
         init_weights (`Union[bool, str]`):
             True (PEFT's convention): ``W_up`` starts at zero, so the model starts equal to the base model (``W_down``
             keeps ``nn.Linear``'s Kaiming-uniform start); ``"houlsby"``: both matrices from a normal of std 0.01
@@ -201,10 +202,11 @@ class MiMiConfig(PeftConfig):
     budget_tolerance: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Budget search, in accuracy points: after each round, measure accuracy on a validation split "
-            "carved from the training images, prune on down to the budget (target_compression / target_params: the "
-            "floor), and keep the smallest round whose accuracy is within this many points of the best round (1.0: "
-            "the smallest adapter that loses at most 1 point). None: the adapter at the budget."
+            "help": "Budget search, in accuracy points: after each round (every round trained alike), measure "
+            "accuracy on a validation split carved from the training images, prune on down to the budget "
+            "(target_compression / target_params: the floor), keep the smallest round whose accuracy is within this "
+            "many points of the best round (1.0: the smallest adapter that loses at most 1 point), then train it "
+            "for the rest of the run. None: the adapter at the budget."
         },
     )
     init_weights: Union[bool, str, None] = field(

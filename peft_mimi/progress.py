@@ -23,17 +23,18 @@ class Progress:
         self.started = self.last = time.perf_counter()
         self.first = initial
 
-    def step(self, round_: int, rounds: int, loss: float, lr: float) -> None:
+    def step(self, stage: str, loss: float, lr: float) -> None:
+        """One optimizer step of ``stage`` (e.g. ``"round 2/4"``)."""
         self.done += 1
         if self.bar is not None:
             self.bar.update()
-            self.bar.set_postfix(round=round_, loss=f"{loss:.4f}")
+            self.bar.set_postfix_str(f"{stage}, loss {loss:.4f}")
         elif self.enabled and (time.perf_counter() - self.last >= self.every_s or self.done == self.total):
             self.last = time.perf_counter()
             elapsed = self.last - self.started
             rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
             left = f", {(self.total - self.done) / rate:.0f} s left" if rate > 0 else ""
-            self._print(f"{self.desc}: round {round_}/{rounds}, step {self.done}/{self.total}, loss {loss:.4f}, "
+            self._print(f"{self.desc}: {stage}, step {self.done}/{self.total}, loss {loss:.4f}, "
                         f"lr {lr:.3g}, {elapsed:.0f} s{left}")
 
     def write(self, text: str) -> None:

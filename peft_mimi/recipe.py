@@ -41,7 +41,10 @@ class TrainingRecipe:
     The schedule (`peft_mimi.schedule`): ``epochs_per_round`` epochs before each of the ``R`` cuts, then the final
     widths train ``final_epochs``, by default the rest of ``2·(R+1)`` epochs; one warm-up + cosine over the whole
     run. The paper's schedule is ``TrainingRecipe(epochs_per_round=2, restart_lr=True)``: equal segments, the
-    learning rate restarted at every cut. A subclass may override :meth:`segment_epochs` (the benchmarks do).
+    learning rate restarted at every cut. With the budget search (``MiMiConfig.budget_tolerance``) every round,
+    the last one too, trains ``epochs_per_round`` and ``final_epochs`` finish the round the search keeps, with a
+    fresh optimizer and its own warm-up + cosine. A subclass may override :meth:`segment_epochs` (the benchmarks
+    do).
     """
 
     epochs_per_round: int = _setting(1, "E: epochs trained before each pruning round (the paper's recipe: 2, with "
@@ -49,7 +52,9 @@ class TrainingRecipe:
     final_epochs: Optional[int] = _setting(
         None, f"Epochs trained after the last pruning round, at the final widths (default: what the rounds leave of "
               f"{EPOCHS_PER_SEGMENT}·(R+1) epochs, and at least epochs_per_round: R + 2 with E = 1, E with "
-              f"E >= {EPOCHS_PER_SEGMENT}; a model without pruning rounds trains E).", check="count")
+              f"E >= {EPOCHS_PER_SEGMENT}; a model without pruning rounds trains E). With budget_tolerance: the "
+              "epochs that finish the round the search keeps (default: the rest of "
+              f"{EPOCHS_PER_SEGMENT}·(R+1), at least E).", check="count")
     batch_size: int = _setting(64, "Images per batch on each process.", check="count")
     gradient_accumulation_steps: int = _setting(1, "Batches per optimizer step.", check="count")
     lr: float = _setting(DEFAULT_LR, "Peak learning rate of AdamW (adapters, and the head unless head_lr is "
@@ -115,10 +120,11 @@ class TrainingRecipe:
         if self.num_workers < 0:
             raise ValueError(f"TrainingRecipe.num_workers must be >= 0, got {self.num_workers!r}.")
 
-    def segment_epochs(self, rounds: int) -> list[int]:
-        """Epochs of every segment of a run with ``rounds`` pruning rounds (round 0, ..., the last):
-        `peft_mimi.schedule.segment_epochs` of this recipe."""
-        return schedule.segment_epochs(rounds, self.epochs_per_round, self.final_epochs)
+    def segment_epochs(self, rounds: int, finish: bool = False) -> list[int]:
+        """Epochs of every segment of a run with ``rounds`` pruning rounds (round 0, ..., the last, and with
+        ``finish`` the budget search's finish of the round it keeps): `peft_mimi.schedule.segment_epochs` of this
+        recipe."""
+        return schedule.segment_epochs(rounds, self.epochs_per_round, self.final_epochs, finish=finish)
 
     def settings(self) -> dict[str, Any]:
         """The fields that decide what a run computes (a resumed run must use the same)."""

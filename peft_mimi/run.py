@@ -108,15 +108,15 @@ def load_run(model: str | nn.Module, data: str | datasets.DatasetDict, recipe: T
     config = tuner.peft_config[tuner.active_adapters[0]] if tuner else None
     settings = {"model": model_name, "data": data_name, "recipe": recipe.settings(),
                 "mimi": {f.name: getattr(config, f.name) for f in mimi_setting_fields()} if tuner else None}
+    search = BudgetSearch(config.budget_tolerance) if config is not None and config.budget_tolerance is not None \
+        else None
     if checkpoint is None:
-        position = ckpt.Position(total_rounds=tuner.num_rounds() if tuner else 0)
+        position = ckpt.Position(total_rounds=tuner.num_rounds() if tuner else 0, finish=search is not None)
     else:
         position = ckpt.read_position(checkpoint, settings, accelerator)
         ckpt.restore_trainable(model, tuner, position, checkpoint)
-    search = None
-    if config is not None and config.budget_tolerance is not None:
-        search = BudgetSearch(config.budget_tolerance)
-        for row in position.history:
+    for row in position.history if search is not None else []:
+        if not row["finish"]:
             search.record(row["live_params"], row["validation_accuracy"])
     flip = recipe.flip if recipe.flip is not None else getattr(BUILTIN_DATASETS.get(data_name), "flip_ok", True)
     augment = ImageTransform.from_processor(processor, train=True, flip=flip, crop=recipe.random_crop,
@@ -176,7 +176,7 @@ def round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: ckpt.Position,
     """The ``metrics.jsonl`` row of the round just trained and evaluated."""
     widths = tuner.adapter_widths() if tuner else None
     return {
-        "round": pos.round,
+        "round": pos.rounds_done,
         "epoch": epochs_so_far,  # epochs trained so far, this round included
         "global_step": pos.global_step,
         "widths": widths,
@@ -187,6 +187,7 @@ def round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: ckpt.Position,
         "accuracy": accuracy,  # on the test split
         "validation_accuracy": validation,  # on the validation split carved from train (None: no split)
         "chosen_round": None,  # budget search: the round it keeps so far
+        **({"finish": pos.finishing} if pos.finish else {}),  # budget search: the row of the kept round's finish
         "loss": pos.loss_sum / pos.loss_count if pos.loss_count else None,
         "epoch_losses": list(pos.epoch_losses),
         "seconds": round(seconds, 3),

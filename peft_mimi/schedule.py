@@ -7,6 +7,10 @@ the rest of the paper's ``2·(R+1)`` epochs at the final widths; the paper's rec
 the learning rate restarted at every cut. Pure functions and small value objects, no model, optimizer or Trainer:
 `peft_mimi.train` (epochs, one optimizer per segment) and `MiMiPruningCallback` (the Trainer's steps, one optimizer)
 both drive this module, so both cut and schedule the learning rate the same way.
+
+With the budget search (``MiMiConfig.budget_tolerance``) the rounds are trained alike, ``epochs_per_round`` each
+(the last round too), so that their validation accuracies compare like with like; then the round the search keeps
+is *finished*: its adapter comes back and trains the rest of the run (by default the rest of ``2·(R+1)`` epochs).
 """
 
 from __future__ import annotations
@@ -27,11 +31,19 @@ __all__ = ["EPOCHS_PER_SEGMENT", "BudgetSearch", "cut_steps", "lr_boundaries", "
 EPOCHS_PER_SEGMENT = 2
 
 
-def segment_epochs(rounds: int, epochs_per_round: int = 1, final_epochs: int | None = None) -> list[int]:
+def segment_epochs(rounds: int, epochs_per_round: int = 1, final_epochs: int | None = None, *,
+                   finish: bool = False) -> list[int]:
     """Epochs of the segments ``0..rounds`` of a run with ``rounds`` pruning rounds: ``epochs_per_round`` before
     every cut; after the last cut ``final_epochs``, else what the cuts leave of ``EPOCHS_PER_SEGMENT·(rounds+1)``
     epochs and at least ``epochs_per_round``. A run without pruning rounds trains ``final_epochs`` or
-    ``epochs_per_round``."""
+    ``epochs_per_round``.
+
+    ``finish=True`` (the budget search): every round, the last one too, trains ``epochs_per_round``, so that the
+    search compares rounds trained alike, and one more segment, the finish of the round it keeps, trains
+    ``final_epochs``, else the rest of ``EPOCHS_PER_SEGMENT·(rounds+1)`` epochs and at least ``epochs_per_round``."""
+    if finish:
+        rest = EPOCHS_PER_SEGMENT * (rounds + 1) - (rounds + 1) * epochs_per_round
+        return [epochs_per_round] * (rounds + 1) + [final_epochs or max(epochs_per_round, rest)]
     if rounds == 0:
         return [final_epochs or epochs_per_round]
     rest = EPOCHS_PER_SEGMENT * (rounds + 1) - rounds * epochs_per_round
@@ -40,13 +52,15 @@ def segment_epochs(rounds: int, epochs_per_round: int = 1, final_epochs: int | N
 
 def cut_steps(
     max_steps: int, num_train_epochs: float, rounds: int, *, epochs_per_round: float | None = None,
-    steps_per_round: int | None = None,
+    steps_per_round: int | None = None, finish: bool = False,
 ) -> list[int]:
     """The optimizer steps after which the ``rounds`` cuts fall, in a run of ``max_steps`` steps over
     ``num_train_epochs`` epochs: every ``steps_per_round`` steps, or every ``epochs_per_round`` epochs, or by default
     every epoch (every ``max_steps / (EPOCHS_PER_SEGMENT·(rounds+1))`` steps in a shorter run), the final widths
-    training the rest. Raises ValueError when the last cut leaves no step to train after it."""
-    if rounds == 0:
+    training the rest. ``finish=True`` (the budget search): the last round trains as long as the others and one more
+    step follows the cuts, where that round ends and the finish of the chosen round starts. Raises ValueError when
+    the last cut (or the finish's start) leaves no step to train after it."""
+    if rounds == 0 and not finish:
         return []
     steps_per_epoch = max_steps / max(num_train_epochs, 1e-9)
     if steps_per_round is not None:
@@ -55,13 +69,14 @@ def cut_steps(
         segment = max(1, round(epochs_per_round * steps_per_epoch))
     else:
         segment = min(max(1, round(steps_per_epoch)), max_steps // (EPOCHS_PER_SEGMENT * (rounds + 1)))
-    cuts = [segment * (r + 1) for r in range(rounds)]
+    cuts = [segment * (r + 1) for r in range(rounds + finish)]
     if segment < 1 or cuts[-1] >= max_steps:
+        after = "the search's last round" if finish else "the last one"
         raise ValueError(
-            f"MiMi needs {rounds} pruning rounds and training after the last one, but the run has only {max_steps} "
+            f"MiMi needs {rounds} pruning rounds and training after {after}, but the run has only {max_steps} "
             f"steps for segments of {segment} steps. Train longer (num_train_epochs / max_steps >= "
-            f"{segment * (rounds + 1) if segment else rounds + 1}), shorten the segments, or choose a budget that "
-            "needs fewer rounds."
+            f"{segment * (len(cuts) + 1) if segment else len(cuts) + 1}), shorten the segments, or choose a budget "
+            "that needs fewer rounds."
         )
     return cuts
 

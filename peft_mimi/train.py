@@ -13,7 +13,9 @@ section 4) with `accelerate`, and the same loop, without pruning rounds, for any
 For every round ``r = 0..R`` it trains the epochs `peft_mimi.schedule` plans, measures test accuracy and, except
 after the last round, runs one pruning round that physically shrinks the adapters (so the next round is cheaper)
 and continues with an optimizer for the shrunk adapters that keeps AdamW's moments of the surviving neurons; the
-learning rate follows the schedule's warm-up + cosine over the whole run (or restarted at every cut). It runs
+learning rate follows the schedule's warm-up + cosine over the whole run (or restarted at every cut). With the
+budget search (``MiMiConfig.budget_tolerance``) the rounds train alike and are measured on a validation split;
+after the last one the kept round's adapter comes back and trains the rest of the run (the finish). It runs
 unchanged on one CPU or under ``accelerate launch`` (every process applies rank 0's pruning decision; only the main
 process writes files). The CLI (``peft-mimi train``), ``make demo``, ``examples/``
 and every benchmark train through it. The other modules of a run: `peft_mimi.recipe` (the settings),
@@ -67,7 +69,7 @@ __all__ = ["TrainResult", "TrainingRecipe", "build_optimizer", "train"]
 class TrainResult:
     """What :func:`train` returns: the saved model's test accuracy, widths (MiMi only) and parameter counts, the
     per-round history, paths, and the trained model (in eval mode, the same as the saved one). With budget search
-    the saved model is the chosen round's, not necessarily the last one trained."""
+    the saved model is the chosen round's adapter after its finish (the last row of the history)."""
 
     accuracy: float
     widths: dict[str, int] | None
@@ -133,11 +135,14 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
     validation_loader = accelerator.prepare(run.validation_loader) if run.validation_loader is not None else None
     # optimizer steps per epoch on each process (every epoch has the same number of batches)
     steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / recipe.gradient_accumulation_steps)
-    epochs = recipe.segment_epochs(pos.total_rounds)
-    # scheduler steps (accelerate steps the schedule once per process and optimizer step) where each round starts
+    epochs = recipe.segment_epochs(pos.total_rounds, finish=pos.finish)
+    # scheduler steps (accelerate steps the schedule once per process and optimizer step) where each segment starts;
+    # the learning rate restarts at every cut with restart_lr, and at the budget search's finish always (a fresh
+    # optimizer for the kept adapter)
     starts = [steps_per_epoch * accelerator.num_processes * sum(epochs[:r]) for r in range(len(epochs) + 1)]
+    restarts = starts[1:-1] if recipe.restart_lr else starts[-2:-1] if pos.finish else []
     lr_factor = functools.partial(schedule.lr_factor, warmup_ratio=recipe.warmup_ratio,
-                                  boundaries=schedule.lr_boundaries(starts[1:-1], starts[-1], recipe.restart_lr))
+                                  boundaries=schedule.lr_boundaries(restarts, starts[-1], restart_lr=True))
     progress = Progress(total=sum(epochs) * steps_per_epoch, initial=pos.global_step,
                         enabled=accelerator.is_local_main_process, desc="MiMi" if tuner else "train")
     adaptive_lora = getattr(getattr(peft_model, "base_model", None), "update_and_allocate", None)  # AdaLoRA
@@ -153,7 +158,7 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
     model, optimizer, scheduler = round_optimizer()
     if checkpoint is not None:  # a resumed run continues the saved optimizer and schedule
         ckpt.load_optimizer_state(checkpoint, optimizer, scheduler)
-    while not pos.finished:  # round r trains at the widths left by r pruning rounds
+    while not pos.finished:  # round r trains at the widths left by r pruning rounds (then the search's finish)
         started = time.perf_counter() - pos.seconds
         for epoch in range(pos.epoch, epochs[pos.round]):
             loader = accelerator.prepare(run.epoch_loader(pos.round, epoch))
@@ -178,7 +183,7 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
                 pos.add_batch(mean_loss)
                 if accelerator.sync_gradients:
                     pos.global_step += 1
-                    progress.step(pos.round, pos.total_rounds, mean_loss, scheduler.get_last_lr()[0])
+                    progress.step(_stage(pos), mean_loss, scheduler.get_last_lr()[0])
                     if recipe.checkpoint_every_steps and pos.global_step % recipe.checkpoint_every_steps == 0:
                         pos.epoch, pos.seconds = epoch, time.perf_counter() - started
                         ckpt.save_checkpoint(accelerator, output_dir, peft_model, tuner, optimizer, scheduler, pos,
@@ -192,7 +197,9 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
         row = run_files.round_metrics(peft_model, tuner, pos, accuracy, validation, time.perf_counter() - started,
                                       sum(epochs[: pos.round + 1]))
         pos.history.append(row)
-        if run.search is not None:  # budget search: choose among the rounds on validation accuracy only
+        if pos.finishing:
+            row["chosen_round"] = run.search.chosen
+        elif run.search is not None:  # budget search: choose among the rounds on validation accuracy only
             if run.search.record(row["live_params"], validation):
                 run.chosen_state = ckpt.trainable_tensors(accelerator.unwrap_model(model))
             row["chosen_round"] = run.search.chosen
@@ -202,6 +209,11 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
         if pos.round < pos.total_rounds:  # prune: the next round trains a smaller model
             peft_model = _unprepared(accelerator, model)
             carried = _cut(peft_model, tuner, optimizer)
+            accelerator.free_memory()
+        elif pos.finish and not pos.finishing:  # the search is over: back to the kept round's adapter to finish it
+            peft_model = _unprepared(accelerator, model)
+            kept = pos.history[run.search.chosen]
+            ckpt.set_trainable(peft_model, tuner, kept["widths"], kept["round"], run.chosen_state, "the budget search")
             accelerator.free_memory()
         pos.end_round()
         if not pos.finished:  # the next round's optimizer: AdamW's moments of the surviving neurons carried over
@@ -213,8 +225,6 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
 
     peft_model = _unprepared(accelerator, peft_model)
     saved = saved_round(pos.history)
-    if run.search is not None:  # the smallest adapter within tolerance: its widths, rounds and weights
-        ckpt.set_trainable(peft_model, tuner, saved["widths"], saved["round"], run.chosen_state, "the budget search")
     adapter_dir = run_files.save_adapter(accelerator, output_dir, peft_model, run, pos.history, push_to_hub)
     hub_url = run_files.push_to_hub(accelerator, adapter_dir, push_to_hub, saved) if push_to_hub else None
     return TrainResult(
@@ -297,10 +307,16 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, head_lr
     return optimizer
 
 
+def _stage(pos: ckpt.Position) -> str:
+    return f"finishing round {pos.rounds_done}" if pos.finishing else f"round {pos.round}/{pos.total_rounds}"
+
+
 def _round_line(row: dict[str, Any], rounds: int, tuner) -> str:
     size = (f"{row['live_params']:,} adapter parameters (budget {row['budget']:,})" if tuner
             else f"{row['live_params']:,} trainable parameters")
     checked = "" if row["validation_accuracy"] is None else f", validation {row['validation_accuracy']:.4f}"
+    if row.get("finish"):
+        return f"round {row['round']} finished: accuracy {row['accuracy']:.4f}{checked}, {size}"
     search = "" if row["chosen_round"] is None else f"; keeping round {row['chosen_round']}"
     return f"round {row['round']}/{rounds}: accuracy {row['accuracy']:.4f}{checked}, {size}{search}"
 

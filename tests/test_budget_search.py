@@ -39,7 +39,7 @@ RECIPE = TrainingRecipe(epochs_per_round=1, batch_size=16, lr=3e-3, max_train_sa
                         seed=0, checkpoint_every_steps=4)
 SEARCH = MiMiConfig(design="paper", target_compression=32.0, budget_tolerance=1.0)
 # validation accuracy by round: round 1 is the best; rounds 2 and 3 (smaller) fall more than 1 point below it, so the
-# search trains all four rounds and keeps round 1
+# search trains all four rounds (one epoch each), keeps round 1 and finishes it (the 4 epochs left of 2·(R+1) = 8)
 SCRIPT = {0: 0.50, 1: 0.60, 2: 0.30, 3: 0.585}
 
 
@@ -154,14 +154,14 @@ def test_a_search_never_validates_on_test_images(backbone, tmp_path, monkeypatch
                                                                               budget_tolerance=0.5))
     assert len(seen["validated"]) == math.ceil(0.1 * 96) and not seen["validated"] & seen["trained"]
     assert len(seen["trained"]) == 96 - len(seen["validated"])
-    history = result.history
+    *history, finished = result.history
     for n in range(1, len(history) + 1):  # the row of every round records the rule's choice so far
         chosen = budget_search([r["live_params"] for r in history[:n]],
                                [r["validation_accuracy"] for r in history[:n]], 0.5)
-        assert history[n - 1]["chosen_round"] == chosen
-    assert result.chosen_round == history[-1]["chosen_round"]
-    assert result.widths == history[result.chosen_round]["widths"]
-    assert result.accuracy == history[result.chosen_round]["accuracy"]
+        assert history[n - 1]["chosen_round"] == chosen and not history[n - 1]["finish"]
+    assert finished["finish"] and result.chosen_round == finished["chosen_round"] == history[-1]["chosen_round"]
+    assert result.widths == history[result.chosen_round]["widths"] == finished["widths"]
+    assert result.accuracy == finished["accuracy"]
 
 
 # --------------------------------------------------------------------------------------------- train()
@@ -186,22 +186,49 @@ def searched(backbone, tmp_path_factory):
         return train(backbone, "digits", tmp_path_factory.mktemp("search") / "out", RECIPE, mimi=SEARCH)
 
 
-def test_the_search_prunes_to_the_floor_and_saves_the_chosen_round(searched):
-    history = searched.history
+def test_the_search_trains_the_rounds_alike_then_finishes_the_chosen_one(searched):
+    *history, finished = searched.history
     assert [row["round"] for row in history] == [0, 1, 2, 3]  # every planned round, down to the floor
+    assert [row["epoch"] for row in searched.history] == [1, 2, 3, 4, 8]  # one epoch each, then the finish
     assert [row["validation_accuracy"] for row in history] == [0.5, 0.6, 0.3, 0.585]
-    assert [row["chosen_round"] for row in history] == [0, 1, 1, 1]
+    assert [row["chosen_round"] for row in searched.history] == [0, 1, 1, 1, 1]
+    assert [row["finish"] for row in searched.history] == [False] * 4 + [True]
     assert history[0]["live_params"] > history[1]["live_params"] > history[2]["live_params"]
     assert history[-1]["live_params"] <= 256 == searched.budget
     chosen = history[1]
-    # the adapters were rebuilt at round 1's widths, larger than the last trained ones, with round 1's weights
-    assert searched.chosen_round == searched.rounds == 1
-    assert searched.widths == chosen["widths"] and sum(chosen["widths"].values()) > sum(history[3]["widths"].values())
+    # the adapters were rebuilt at round 1's widths, larger than the last trained ones, and trained on
+    assert finished["round"] == searched.chosen_round == searched.rounds == 1
+    assert searched.widths == chosen["widths"] == finished["widths"]
+    assert sum(chosen["widths"].values()) > sum(history[3]["widths"].values())
     assert searched.live_params == chosen["live_params"] == searched.model.base_model.live_params()
-    assert searched.accuracy == chosen["accuracy"] and searched.validation_accuracy == 0.6
-    assert evaluate_adapter(searched.adapter_dir, "digits", max_eval_samples=48) == chosen["accuracy"]
+    assert finished["global_step"] == 48 and finished["loss"] is not None
+    assert searched.accuracy == finished["accuracy"] and searched.validation_accuracy == 0.6
+    assert evaluate_adapter(searched.adapter_dir, "digits", max_eval_samples=48) == finished["accuracy"]
     metrics = [json.loads(line) for line in (searched.output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert metrics == history
+    assert metrics == searched.history
+
+
+def test_the_finish_starts_from_the_chosen_rounds_weights_with_its_own_schedule(backbone, tmp_path, monkeypatch):
+    """At the end of round 3 the search is over: the checkpoint written there holds the copy of round 1's adapter
+    the search kept (not round 3's) and the finish's fresh optimizer, whose learning rate restarts from 0."""
+    scripted_validation(monkeypatch)
+    saved, real_save = {}, train_module.ckpt.save_checkpoint
+
+    def save_checkpoint(accelerator, output_dir, model, tuner, optimizer, scheduler, pos, settings, chosen_state):
+        if pos.epoch == pos.batch == 0:  # at a round boundary
+            saved[pos.round] = (train_module.ckpt.trainable_tensors(model), chosen_state,
+                                scheduler.get_last_lr()[0] if scheduler is not None else None)
+        return real_save(accelerator, output_dir, model, tuner, optimizer, scheduler, pos, settings, chosen_state)
+
+    monkeypatch.setattr(train_module.ckpt, "save_checkpoint", save_checkpoint)
+    train(backbone, "digits", tmp_path / "out", RECIPE, mimi=SEARCH)
+    _, round_one, lr_round_two = saved[2]  # after round 1 (the search's choice from then on)
+    model_at_finish, kept, lr_finish = saved[4]
+    assert model_at_finish.keys() == round_one.keys() == kept.keys()
+    assert all(torch.equal(model_at_finish[k], round_one[k]) for k in round_one)
+    round_three = saved[3][0]  # round 2's pruned adapter (round 3 trains it on) is smaller than round 1's
+    assert sum(t.numel() for t in round_three.values()) < sum(t.numel() for t in round_one.values())
+    assert lr_finish == 0.0 and lr_round_two > 0  # the single cosine would be half-way down; the finish warms up
 
 
 def test_the_saved_adapter_records_the_option_and_reloads_at_the_chosen_widths(searched):
@@ -215,26 +242,29 @@ def test_the_saved_adapter_records_the_option_and_reloads_at_the_chosen_widths(s
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=images).logits, searched.model(pixel_values=images).logits)
     card = (searched.adapter_dir / "README.md").read_text()
-    assert "| budget search | tolerance 1 accuracy points" in card and "kept round 1 of the 4 trained" in card
-    assert "| 1 **saved** |" in card and "validation accuracy" in card
+    assert "| budget search | tolerance 1 accuracy points" in card and "kept round 1 of the 4 trained alike" in card
+    assert "then finished it with 4 more epochs" in card
+    assert "| 1 finished **saved** | 8 | 1024 |" in card and "validation accuracy" in card
     assert "| budget_tolerance | `1.0` |" in card
     run = json.loads((searched.adapter_dir / "mimi_run.json").read_text())
     assert run["settings"]["mimi"]["budget_tolerance"] == 1.0
 
 
+@pytest.mark.parametrize(("killed_after", "round_", "step"), [(18, 2, 16), (34, 4, 32)])
 def test_resume_in_the_middle_of_the_search_ends_like_an_uninterrupted_run(searched, backbone, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, killed_after, round_, step):
     """Killed in round 2 (after the checkpoint at step 16, round 1 already chosen): the resumed run takes round 1's
-    adapter from the checkpoint, not from memory, trains round 3 and saves the same adapter."""
+    adapter from the checkpoint, not from memory, trains round 3, finishes round 1 and saves the same adapter.
+    Killed in the finish (segment 4, checkpoint at step 32): it goes on finishing round 1's adapter."""
     out = tmp_path / "out"
     scripted_validation(monkeypatch)
     with monkeypatch.context() as patch:
-        patch.setattr(run_module, "make_collate_fn", failing_data_after(18, "kill"))
+        patch.setattr(run_module, "make_collate_fn", failing_data_after(killed_after, "kill"))
         with pytest.raises(Interrupt):
             train(backbone, "digits", out, RECIPE, mimi=SEARCH)
     checkpoint = latest_checkpoint(out)
     state = json.loads((checkpoint / "state.json").read_text())["position"]
-    assert (state["round"], state["global_step"]) == (2, 16)
+    assert (state["round"], state["global_step"]) == (round_, step)
     assert state["history"][-1]["chosen_round"] == 1 and (checkpoint / "chosen.safetensors").is_file()
 
     resumed = train(backbone, "digits", out, RECIPE, mimi=SEARCH, resume=True)
@@ -255,7 +285,8 @@ def test_the_cli_runs_the_search_from_its_flags(backbone, tmp_path, monkeypatch,
                      "--epochs-per-round", "1", "--batch-size", "16", "--max-train-samples", "96",
                      "--max-eval-samples", "48"])
     assert code == 0
-    assert "budget search kept round 1 of 4 trained (validation accuracy 0.6000, tolerance 1 points)" in \
+    assert ("budget search kept round 1 of 4 trained alike (validation accuracy 0.6000, best 0.6000, tolerance 1 "
+            "points), then finished it") in \
         capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["budget_tolerance"] == 1.0 and config["rounds_done"] == 1
@@ -310,32 +341,41 @@ def test_the_trainer_callback_searches_on_the_trainers_evaluation(tmp_path):
     callback = MiMiPruningCallback.attach(trainer, restart_lr=True)
     copies = {}
 
+    def copy(model):
+        return ({n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]
+                 if ".mimi_" in n or ".modules_to_save." in n}, model.base_model.adapter_widths())
+
     class Copy(TrainerCallback):  # before the pruning callback: sees each segment's adapter before it is pruned
         def on_evaluate(self, args, state, control, model=None, **kwargs):
-            copies[model.base_model.peft_config["default"].rounds_done] = (
-                {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]
-                 if ".mimi_" in n or ".modules_to_save." in n}, model.base_model.adapter_widths())
+            copies[model.base_model.peft_config["default"].rounds_done] = copy(model)
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == callback.finish_step:  # the first step of the finish
+                copies["finish"] = copy(model)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            copies["end"] = copy(model)  # before the pruning callback compacts it
 
     trainer.callback_handler.callbacks.insert(0, Copy())
     trainer.train()
 
-    assert callback.prune_steps == [4, 8, 12]  # 8 epochs of 4 steps, R = 3: a cut every epoch, then the rest
-    assert trainer.state.global_step == 32  # every segment trained, down to the floor
+    # 8 epochs of 4 steps, R = 3: a cut every epoch, the last round one epoch too, then the finish
+    assert callback.prune_steps == [4, 8, 12] and callback.finish_step == 16
+    assert trainer.state.global_step == 32
     assert callback.search.accuracies == [0.5, 0.6, 0.3, 0.585] and callback.chosen_round == 1
     tuner = model.base_model
-    parameters, widths = copies[1]
+    (chosen, widths), (start, _), (end, _) = copies[1], copies["finish"], copies["end"]
+    assert all(torch.equal(start[n], chosen[n]) for n in chosen)  # the finish starts from round 1's copy, head too
+    assert copies["finish"][1] == widths and sum(widths.values()) > sum(copies[3][1].values())
+    assert not all(torch.equal(end[n], chosen[n]) for n in chosen if ".mimi_down." in n)  # and trains it on
     assert tuner.adapter_widths() == widths and tuner.peft_config["default"].rounds_done == 1
     assert tuner.peft_config["default"].adapter_widths == widths  # compacted at the chosen widths
-    assert sum(widths.values()) > sum(copies[3][1].values())
     for name, tensor in model.named_parameters():
-        if ".mimi_" in name:  # the chosen segment's live neurons, now compact
+        if ".mimi_" in name:  # the finished adapter's live neurons, now compact
             layer = name.split(".mimi_")[0]
-            live = parameters[f"{layer}.mimi_mask.default"]
-            full = parameters[name]
-            expected = full[live] if ".mimi_down." in name else full[:, live]
+            live = chosen[f"{layer}.mimi_mask.default"]
+            expected = end[name][live] if ".mimi_down." in name else end[name][:, live]
             torch.testing.assert_close(tensor, expected)
-    head = {n: p for n, p in model.named_parameters() if ".modules_to_save." in n}
-    assert head and all(torch.equal(p, parameters[n]) for n, p in head.items())  # the chosen segment's head too
     logged = [entry for entry in trainer.state.log_history if "mimi/validation_accuracy" in entry]
     assert [entry["mimi/chosen_round"] for entry in logged] == [0, 1, 1, 1]
 
@@ -396,9 +436,15 @@ def test_the_benchmark_runs_and_judges_the_search_on_test(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     raw = json.loads((tmp_path / "budget_search.json").read_text())
-    search = next(r for r in raw["rows"] if r["kind"] == "search")
-    assert [r["kind"] for r in raw["rows"]] == ["fixed", "search"] and raw["final"]
-    assert search["chosen_round"] == budget_search([r["live_params"] for r in search["rounds"]],
-                                                   [r["validation_accuracy"] for r in search["rounds"]], 1.0)
+    search, sweep = raw["rows"]
+    assert (search["kind"], sweep["kind"], sweep["sigma"]) == ("search", "sweep", 8.0) and raw["final"]
+    *rounds, finished = search["rounds"]
+    assert finished["finish"] and not any(r["finish"] for r in rounds)
+    assert search["chosen_round"] == finished["round"] == budget_search(
+        [r["live_params"] for r in rounds], [r["validation_accuracy"] for r in rounds], 1.0)
+    assert sweep["epochs"] == search["epochs"] == finished["epoch"]  # the sweep's sizes train as long as the search
+    summary = raw["summary"][0]
+    assert summary["sweep_seeds"] == 1 and summary["compute_ratio"][0] == 1.0  # one size: the same epochs
     text = (tmp_path / "budget_search.md").read_text()
     assert text.startswith("Command: `python benchmarks/budget_search.py --smoke") and "## Reading" in text
+    assert "Against the sweep's choice (1 runs)" in text

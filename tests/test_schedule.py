@@ -23,6 +23,11 @@ def test_segments_one_epoch_per_cut_and_the_rest_of_the_papers_epochs_at_the_fin
     assert schedule.segment_epochs(4, final_epochs=2) == [1, 1, 1, 1, 2]
     assert schedule.segment_epochs(2, epochs_per_round=2, final_epochs=5) == [2, 2, 5]
     assert schedule.segment_epochs(0, epochs_per_round=2, final_epochs=5) == [5]  # no rounds: the last segment
+    # the budget search: every round alike, then the finish of the kept one (the rest of 2·(R+1), at least E)
+    assert schedule.segment_epochs(4, finish=True) == [1, 1, 1, 1, 1, 5]
+    assert schedule.segment_epochs(2, epochs_per_round=2, finish=True) == [2, 2, 2, 2]
+    assert schedule.segment_epochs(2, final_epochs=7, finish=True) == [1, 1, 1, 7]
+    assert TrainingRecipe().segment_epochs(0, finish=True) == [1, 1]
     assert TrainingRecipe(epochs_per_round=2, restart_lr=True).segment_epochs(7) == [2] * 8
 
 
@@ -43,6 +48,15 @@ def test_cut_steps_are_those_the_callback_planned(segment, runs):
                 schedule.cut_steps(max_steps, epochs, rounds, **segment)
         else:
             assert schedule.cut_steps(max_steps, epochs, rounds, **segment) == cuts
+
+
+def test_the_budget_search_plans_one_more_segment_end_where_its_finish_starts():
+    # 8 epochs of 4 steps, R = 3: cuts after epochs 1-3, the last round's epoch ends at step 16, the finish trains 16
+    assert schedule.cut_steps(32, 8, 3, finish=True) == [4, 8, 12, 16]
+    assert schedule.cut_steps(32, 8, 0, finish=True) == [4]  # no pruning: one epoch, then the finish
+    assert schedule.cut_steps(50, 5, 4, steps_per_round=7, finish=True) == [7, 14, 21, 28, 35]
+    with pytest.raises(ValueError, match="training after the search's last round.*Train longer"):
+        schedule.cut_steps(48, 6, 2, epochs_per_round=4, finish=True)  # 3 rounds of 32 steps do not fit in 48
 
 
 # the learning rate (peak 1) of every optimizer step of peft_mimi.train, recorded before the schedule moved here:
