@@ -105,7 +105,7 @@ class MiMiConfig(PeftConfig):
             paper, adapters without biases or scaling, ``W_up`` starting at zero, on the attention and the MLP
             outputs. The design sets ``adapter_bias``, ``channel_scaling``, ``init_weights``, ``drop_path`` and the
             default ``target_modules`` where they are not given. On the structured suite (σt = 64's budget,
-            DINOv2-S, three seeds) MiMi with ``"adapter_plus"`` scored 1.7 points above ``"paper"`` at the same
+            DINOv2-S, three seeds) MiMi with ``"adapter_plus"`` scored 1.6 points above ``"paper"`` at the same
             parameters; on small backbones it can score lower (benchmarks/REPORT.md).
         init_compression (`float`):
             σ0: every adapter starts with width ``max(1, floor(d / σ0))``, ``d`` the feature size of the layer it
