@@ -54,7 +54,7 @@ LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_p
            "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
 DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
 METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_long", "mimi_plus", "mimi_paper", "mimi_paper_long",
-                "mimi_paper_mlp", "mimi_widths", "adapter", "adapter_plus", "lora", "adalora")
+                "mimi_paper_mlp", "mimi_widths", "adapter", "adapter_plus", "adapter_plus_widths", "lora", "adalora")
 LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi (default: Adapter+'s adapters)",
           "mimi_long": "MiMi (default), 3 epochs before the first cut",
           "mimi_plus": "MiMi on Adapter+'s adapters (prototype)",
@@ -62,7 +62,8 @@ LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi (d
                                                                         "the first cut",
           "mimi_paper_mlp": "MiMi, the paper's adapters on MLP outputs only",
           "mimi_widths": "the paper's MiMi's widths from scratch", "adapter": "vanilla adapters",
-          "adapter_plus": "Adapter+", "lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
+          "adapter_plus": "Adapter+", "adapter_plus_widths": "Adapter+ at the default MiMi's widths, from scratch",
+          "lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
 # Raw records written before MiMiConfig's default design became Adapter+'s (2026-12-07) name the MiMi rows by what
 # they were then: the default (the paper's adapters) was "mimi". `load_records` reads them by today's names.
 RENAMED = {"mimi": "mimi_paper", "mimi_long": "mimi_paper_long", "mimi_mlp": "mimi_paper_mlp",
@@ -71,7 +72,12 @@ RENAMED = {"mimi": "mimi_paper", "mimi_long": "mimi_paper_long", "mimi_mlp": "mi
 MIMI_SCHEDULE = {"epochs_per_round": 1, "final_epochs": None, "restart_lr": False}
 # rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31); mimi_plus, the
 # benchmark's prototype of Adapter+'s design in MiMi (seed 0), is a label of recorded runs only: `mimi` runs it now
-OPTIONAL_METHODS = ("mimi_long", "mimi_paper", "mimi_paper_long", "mimi_paper_mlp", "mimi_widths")
+OPTIONAL_METHODS = ("mimi_long", "mimi_paper", "mimi_paper_long", "mimi_paper_mlp", "mimi_widths",
+                    "adapter_plus_widths")
+# the "allocation only" rows of the decomposition: a MiMi row's final widths (same task, seed and budget) trained
+# from scratch, each with the design and learning rate of the uniform adapters it is compared with
+WIDTHS_OF = {"mimi_widths": "mimi_paper", "adapter_plus_widths": "mimi"}
+WIDTHS_FAMILY = {"mimi_widths": "adapter", "adapter_plus_widths": "adapter_plus"}
 RECORDED_ONLY = ("mimi_plus",)
 LONG_FIRST_EPOCHS = 3  # the *_long rows: the wide adapters' epochs before the first cut (the default trains one)
 
@@ -86,9 +92,11 @@ class Row:
 
     @property
     def family(self) -> str:  # whose learning rate the row trains with
-        if self.method.startswith("mimi") and self.method != "mimi_widths":
+        if self.method in WIDTHS_FAMILY:
+            return WIDTHS_FAMILY[self.method]
+        if self.method.startswith("mimi"):
             return "mimi"
-        return "adapter" if self.method in ("adapter4", "mimi_widths") else self.method
+        return "adapter" if self.method == "adapter4" else self.method
 
     @property
     def record_method(self) -> str:  # the `method` field of accuracy.json's records
@@ -144,7 +152,7 @@ class Planner:
         return 2 * (rounds + 1)  # the paper's MiMi's default total at this budget (its plain adapters' σt)
 
     def method(self, row: Row, widths: dict[str, int] | None = None) -> Method:
-        """``widths``: for ``mimi_widths``, the final widths of the MiMi run (same task, seed and budget)."""
+        """``widths``: for the rows of `WIDTHS_OF`, the final widths of their MiMi run (same task, seed, budget)."""
         if row.method == "probe":
             return Method("probe", row.label)
         if row.method == "full":
@@ -173,6 +181,8 @@ class Planner:
             return Method("adapter_plus", row.label, target_compression=row.sigma_t)
         if row.method == "mimi_widths":  # "allocation only": the paper's MiMi's final widths, trained from scratch
             return Method("widths", row.label, widths=widths)
+        if row.method == "adapter_plus_widths":  # the same for the default: its widths, Adapter+'s adapters
+            return Method("widths", row.label, widths=widths, mimi_options={"design": DEFAULT_DESIGN})
         budget = common.adapter_budget(self.model(), row.sigma_t)
         rank = common.lora_rank_for_budget(self.model(), budget)
         return Method(row.method, row.label, lora_rank=rank)
@@ -392,7 +402,7 @@ def at_chosen_rates(args, records: list[dict]) -> list[dict]:
     """The records the table shows: where a learning rate was selected for the row's task and family, only the
     runs at that rate (runs at a family's default rate, trained before the selection, stay in the json)."""
     def family(r: dict) -> str:
-        return "adapter" if r["method"] == "mimi_widths" else r["method"]
+        return WIDTHS_FAMILY.get(r["method"], r["method"])
     return [r for r in records if r["method"] == "probe" or (r["task"], family(r)) not in args.chosen
             or r["lr"] == args.chosen[r["task"], family(r)]["lr"]]
 
@@ -600,8 +610,9 @@ def main(argv: list[str] | None = None) -> None:
                         default=[m for m in METHOD_ORDER if m not in OPTIONAL_METHODS + RECORDED_ONLY],
                         help="adapter4 = vanilla adapters at σ = 4; the others at every --budgets (adalora at "
                              "--adalora-budgets); not run by default: mimi_paper (the paper's adapters), "
-                             "mimi_widths (mimi_paper's final widths of the same seed trained from scratch) and the "
-                             "other decomposition rows (LABELS)")
+                             "mimi_widths (mimi_paper's final widths of the same seed trained from scratch), "
+                             "adapter_plus_widths (the default MiMi's, with Adapter+'s adapters) and the other "
+                             "decomposition rows (LABELS)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[64.0, 256.0])
     parser.add_argument("--adalora-budgets", nargs="+", type=float, default=[256.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -655,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.what == "lr":
         done = {run_key(r) for r in selection}
-        for row in (r for r in todo if r.method not in ("probe", "mimi_widths")):  # mimi_widths: adapters' rate
+        for row in (r for r in todo if r.method not in ("probe", *WIDTHS_OF)):  # their uniform rows' rate
             for task in args.tasks:
                 for lr in args.lrs or LR_GRID[row.family]:
                     key = (task, row.record_method, row.sigma_t, 0, args.image_size, planner.epochs(row), lr,
@@ -680,15 +691,15 @@ def main(argv: list[str] | None = None) -> None:
                     if key in {run_key(r) for r in records}:
                         continue
                     widths = None
-                    if row.method == "mimi_widths":
+                    if row.method in WIDTHS_OF:
                         widths = next((r["widths"] for r in records if (r["task"], r["method"], r["sigma_t"],
                                        r["seed"], r["image_size"], augmentation(r)) == (
-                                           task, "mimi_paper", row.sigma_t, seed, args.image_size,
+                                           task, WIDTHS_OF[row.method], row.sigma_t, seed, args.image_size,
                                            args.augmentation)),
                                       None)
                         if widths is None:
-                            print(f"[grid] {task} seed={seed} {row.label}: skipped, mimi_paper's run of this seed "
-                                  "and budget is not recorded yet", flush=True)
+                            print(f"[grid] {task} seed={seed} {row.label}: skipped, {WIDTHS_OF[row.method]}'s run "
+                                  "of this seed and budget is not recorded yet", flush=True)
                             continue
                     record = train_one(args, planner, row, task, seed, lr, validation=False, widths=widths)
                     record["lr_source"] = source

@@ -181,12 +181,15 @@ def build(method: Method, model: nn.Module, seed: int, total_steps: int | None =
         from adapter_plus import add_adapter_plus
 
         return add_adapter_plus(model, adapter_budget(model, method.target_compression), seed)
-    if method.kind == "widths":  # MiMi's final allocation trained from scratch: a budget it already meets
+    if method.kind == "widths":  # MiMi's final allocation trained from scratch: a budget it already meets, with the
+        # paper's adapters unless the row names a design
         from peft_mimi.pruning import adapter_params
 
+        design = {**PAPER, **method.mimi_options}
+        terms = MiMiConfig(**design).param_terms
         dims = {n: m.out_features for n, m in model.named_modules() if n in method.widths}
-        config = MiMiConfig(adapter_widths=dict(method.widths), modules_to_save=["classifier"], seed=seed, **PAPER,
-                            target_params=sum(adapter_params(dims[n], w) for n, w in method.widths.items()))
+        config = MiMiConfig(adapter_widths=dict(method.widths), modules_to_save=["classifier"], seed=seed, **design,
+                            target_params=sum(adapter_params(dims[n], w, **terms) for n, w in method.widths.items()))
         return get_peft_model(model, config)
     if method.kind == "lora":
         config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_rank, target_modules=TARGET_MODULES,

@@ -57,15 +57,18 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     assert "[grid]" not in done.stdout
     assert json.loads((tmp_path / "accuracy.json").read_text())["runs"] == runs
 
-    # the decomposition's "allocation only" row: the paper's MiMi's final widths trained from scratch
-    subprocess.run([*command, "--what", "grid", "--resume", "--methods", "mimi_paper", "mimi_widths"], check=True,
-                   cwd=ROOT, env=env, capture_output=True, timeout=300)
-    runs = {r["method"]: r for r in json.loads((tmp_path / "accuracy.json").read_text())["runs"]
-            if r["method"] in ("mimi_paper", "mimi_widths")}
-    paper, widths = runs["mimi_paper"], runs["mimi_widths"]
+    # the decomposition's "allocation only" rows: a MiMi row's final widths trained from scratch (the paper's
+    # MiMi's with its plain adapters, the default's with Adapter+'s)
+    subprocess.run([*command, "--what", "grid", "--resume", "--methods", "mimi_paper", "mimi_widths",
+                    "adapter_plus_widths"], check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    runs = {(r["method"], r["sigma_t"]): r for r in json.loads((tmp_path / "accuracy.json").read_text())["runs"]}
+    paper, widths = runs["mimi_paper", 16.0], runs["mimi_widths", 16.0]
     assert paper["design"] == "paper" and len(paper["widths"]) == 4  # attention and MLP outputs of both blocks
     assert widths["widths"] == paper["widths"] and widths["params"] == paper["params"]
     assert widths["epochs"] == paper["epochs"] and len(widths["rounds"]) == 1  # no pruning round
+    default, plus = runs["mimi", 16.0], runs["adapter_plus_widths", 16.0]
+    assert plus["widths"] == default["widths"] and plus["params"] == default["params"]  # scaling and biases counted
+    assert plus["epochs"] == default["epochs"] and len(plus["rounds"]) == 1
 
 
 def test_records_from_before_the_default_design_changed_read_under_todays_names():
