@@ -18,6 +18,7 @@ from torch import nn
 from .backbones import BUILTIN_BACKBONES
 from .model import MiMiModel
 from .pruning import adapter_params
+from .schedule import standard_error
 
 PAPER = "https://arxiv.org/abs/2311.03873"
 # A Hub model id: "name" or "owner/name" (letters, digits, '-', '_', '.'), as the Hub accepts in `base_model`.
@@ -69,6 +70,13 @@ def saved_round(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | Non
     chosen = history[-1].get("chosen_round")
     return next((row for row in history if row.get("round") == chosen), history[-1]) if chosen is not None \
         else history[-1]
+
+
+def _noise(row: Mapping[str, Any]) -> str:
+    """``" on N images, standard error E points"`` for a row with a validation split of known size."""
+    images = row.get("validation_images")
+    return (f" on {images} images, standard error {standard_error(row['validation_accuracy'], images):.1f} points"
+            if images else "")
 
 
 def _percent(part: int, whole: int) -> str:
@@ -158,7 +166,7 @@ def model_card(
         f"| adapters kept | {sum(w > 0 for w in widths.values())} of {len(widths)} |",
         f"| budget search | tolerance {config.budget_tolerance:g} accuracy points on a validation split of the "
         f"training images: kept round {saved['round']} of the {len(searched)} trained alike (validation accuracy "
-        f"{kept['validation_accuracy']:.4f}, best {max(r['validation_accuracy'] for r in searched):.4f})"
+        f"{kept['validation_accuracy']:.4f}{_noise(kept)}, best {max(r['validation_accuracy'] for r in searched):.4f})"
         + (f", then finished it with {saved['epoch'] - searched[-1]['epoch']} more epochs"
            if saved.get("finish") else "")
         + "; the budget above is the floor it could go to |" if search and config.budget_tolerance is not None

@@ -26,6 +26,7 @@ from .card import saved_round
 from .config import ACTIVATIONS, DESIGNS, INITS, MiMiConfig
 from .pruning import SCORES, SELECTIONS, adapter_params
 from .recipe import TrainingRecipe, mimi_setting_fields
+from .schedule import standard_error
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -178,9 +179,12 @@ def _train(argv: list[str]) -> int:
         print(f"accuracy {result.accuracy:.4f} after {result.rounds} pruning round(s); {result.live_params:,} "
               f"adapter parameters (budget {result.budget:,}), {kept} of {len(result.widths)} adapters kept")
         if result.chosen_round is not None:
-            searched = [row["validation_accuracy"] for row in result.history if not row.get("finish")]
+            searched = [row for row in result.history if not row.get("finish")]
+            kept, images = searched[result.chosen_round], searched[result.chosen_round]["validation_images"]
+            noise = standard_error(kept["validation_accuracy"], images)
             print(f"budget search kept round {result.chosen_round} of {len(searched)} trained alike (validation "
-                  f"accuracy {searched[result.chosen_round]:.4f}, best {max(searched):.4f}, tolerance "
+                  f"accuracy {kept['validation_accuracy']:.4f} on {images} images, standard error {noise:.1f} points; "
+                  f"best {max(row['validation_accuracy'] for row in searched):.4f}; tolerance "
                   f"{mimi.budget_tolerance:g} points), then finished it")
         print(f"adapter saved to {result.adapter_dir}" + (f", pushed to {result.hub_url}" if result.hub_url else ""))
     return 0

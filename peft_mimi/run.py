@@ -172,8 +172,10 @@ def seed_of(*keys: int) -> int:
 
 
 def round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: ckpt.Position, accuracy: float,
-                  validation: float | None, seconds: float, epochs_so_far: int) -> dict[str, Any]:
-    """The ``metrics.jsonl`` row of the round just trained and evaluated."""
+                  validation: float | None, seconds: float, epochs_so_far: int,
+                  validation_images: int | None = None) -> dict[str, Any]:
+    """The ``metrics.jsonl`` row of the round just trained and evaluated (``validation_images``: the size of the
+    validation split, None without one)."""
     widths = tuner.adapter_widths() if tuner else None
     return {
         "round": pos.rounds_done,
@@ -186,6 +188,7 @@ def round_metrics(model: nn.Module, tuner: MiMiModel | None, pos: ckpt.Position,
         "budget": tuner.budget() if tuner else None,
         "accuracy": accuracy,  # on the test split
         "validation_accuracy": validation,  # on the validation split carved from train (None: no split)
+        "validation_images": validation_images,
         "chosen_round": None,  # budget search: the round it keeps so far
         **({"finish": pos.finishing} if pos.finish else {}),  # budget search: the row of the kept round's finish
         "loss": pos.loss_sum / pos.loss_count if pos.loss_count else None,

@@ -133,6 +133,7 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
     peft_model, tuner, pos = run.model, run.tuner, run.position
     eval_loader = accelerator.prepare(run.eval_loader)
     validation_loader = accelerator.prepare(run.validation_loader) if run.validation_loader is not None else None
+    validation_images = len(run.validation_loader.dataset) if run.validation_loader is not None else None
     # optimizer steps per epoch on each process (every epoch has the same number of batches)
     steps_per_epoch = math.ceil(len(accelerator.prepare(run.epoch_loader(0, 0))) / recipe.gradient_accumulation_steps)
     epochs = recipe.segment_epochs(pos.total_rounds, finish=pos.finish)
@@ -195,7 +196,7 @@ def _train(model, data, output_dir: Path, recipe: TrainingRecipe, mimi, processo
         validation = (evaluate(model, validation_loader, accelerator, **run.forward_kwargs)
                       if validation_loader is not None else None)
         row = run_files.round_metrics(peft_model, tuner, pos, accuracy, validation, time.perf_counter() - started,
-                                      sum(epochs[: pos.round + 1]))
+                                      sum(epochs[: pos.round + 1]), validation_images)
         pos.history.append(row)
         if pos.finishing:
             row["chosen_round"] = run.search.chosen

@@ -244,6 +244,7 @@ def test_the_saved_adapter_records_the_option_and_reloads_at_the_chosen_widths(s
     card = (searched.adapter_dir / "README.md").read_text()
     assert "| budget search | tolerance 1 accuracy points" in card and "kept round 1 of the 4 trained alike" in card
     assert "then finished it with 4 more epochs" in card
+    assert "(validation accuracy 0.6000 on 10 images, standard error 15.5 points, best 0.6000)" in card
     assert "| 1 finished **saved** | 8 | 1024 |" in card and "validation accuracy" in card
     assert "| budget_tolerance | `1.0` |" in card
     run = json.loads((searched.adapter_dir / "mimi_run.json").read_text())
@@ -285,8 +286,8 @@ def test_the_cli_runs_the_search_from_its_flags(backbone, tmp_path, monkeypatch,
                      "--epochs-per-round", "1", "--batch-size", "16", "--max-train-samples", "96",
                      "--max-eval-samples", "48"])
     assert code == 0
-    assert ("budget search kept round 1 of 4 trained alike (validation accuracy 0.6000, best 0.6000, tolerance 1 "
-            "points), then finished it") in \
+    assert ("budget search kept round 1 of 4 trained alike (validation accuracy 0.6000 on 10 images, standard error "
+            "15.5 points; best 0.6000; tolerance 1 points), then finished it") in \
         capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["budget_tolerance"] == 1.0 and config["rounds_done"] == 1

@@ -50,6 +50,12 @@ def test_cut_steps_are_those_the_callback_planned(segment, runs):
             assert schedule.cut_steps(max_steps, epochs, rounds, **segment) == cuts
 
 
+def test_the_standard_error_of_a_validation_reading_is_in_points():
+    assert schedule.standard_error(0.8, 100) == pytest.approx(4.0)
+    assert schedule.standard_error(0.5, 2500) == pytest.approx(1.0)  # a 1-point tolerance needs thousands of images
+    assert schedule.standard_error(1.0, 10) == 0.0
+
+
 def test_the_budget_search_plans_one_more_segment_end_where_its_finish_starts():
     # 8 epochs of 4 steps, R = 3: cuts after epochs 1-3, the last round's epoch ends at step 16, the finish trains 16
     assert schedule.cut_steps(32, 8, 3, finish=True) == [4, 8, 12, 16]
