@@ -53,10 +53,12 @@ BACKBONE = "dinov2-s14"
 LR_GRID = {"mimi": [1e-3, 3e-3, 1e-2], "adapter": [1e-3, 3e-3, 1e-2], "adapter_plus": [1e-3, 3e-3, 1e-2],
            "lora": [1e-3, 3e-3, 1e-2], "adalora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
 DEFAULT_LR = {"mimi": 3e-3, "adapter": 3e-3, "adapter_plus": 3e-3, "lora": 3e-3, "adalora": 3e-3, "full": 1e-4}
-METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_long", "mimi_plus", "mimi_paper", "mimi_paper_long",
-                "mimi_paper_mlp", "mimi_widths", "adapter", "adapter_plus", "adapter_plus_widths", "lora", "adalora")
+METHOD_ORDER = ("probe", "adapter4", "full", "mimi", "mimi_long", "mimi_gradient", "mimi_plus", "mimi_paper",
+                "mimi_paper_long", "mimi_paper_mlp", "mimi_widths", "adapter", "adapter_plus", "adapter_plus_widths",
+                "lora", "adalora")
 LABELS = {"probe": "linear probe", "adapter4": "adapters σ=4", "mimi": "MiMi (default: Adapter+'s adapters)",
           "mimi_long": "MiMi (default), 3 epochs before the first cut",
+          "mimi_gradient": "MiMi (default), the gradient score",
           "mimi_plus": "MiMi on Adapter+'s adapters (prototype)",
           "mimi_paper": "MiMi, the paper's adapters", "mimi_paper_long": "MiMi, the paper's adapters, 3 epochs before "
                                                                         "the first cut",
@@ -72,7 +74,7 @@ RENAMED = {"mimi": "mimi_paper", "mimi_long": "mimi_paper_long", "mimi_mlp": "mi
 MIMI_SCHEDULE = {"epochs_per_round": 1, "final_epochs": None, "restart_lr": False}
 # rows that are not the default run of the grid (the decomposition of MiMi's effect, issue 31); mimi_plus, the
 # benchmark's prototype of Adapter+'s design in MiMi (seed 0), is a label of recorded runs only: `mimi` runs it now
-OPTIONAL_METHODS = ("mimi_long", "mimi_paper", "mimi_paper_long", "mimi_paper_mlp", "mimi_widths",
+OPTIONAL_METHODS = ("mimi_long", "mimi_gradient", "mimi_paper", "mimi_paper_long", "mimi_paper_mlp", "mimi_widths",
                     "adapter_plus_widths")
 # the "allocation only" rows of the decomposition: a MiMi row's final widths (same task, seed and budget) trained
 # from scratch, each with the design and learning rate of the uniform adapters it is compared with
@@ -161,10 +163,13 @@ class Planner:
             return Method("adapter", row.label, init_compression=4.0, target_compression=4.0)
         if row.method == "adapter":
             return Method("adapter", row.label, init_compression=row.sigma_t, target_compression=row.sigma_t)
-        if row.method in ("mimi", "mimi_long"):  # the product's default (Adapter+'s adapters on the MLP outputs) at
-            # the budget B(σt) of the plain adapters on both outputs, one epoch per cut, the rest at the final
-            # widths; mimi_long trains the wide adapters LONG_FIRST_EPOCHS before the first cut
-            return self._mimi(row, {"design": DEFAULT_DESIGN,
+        if row.method in ("mimi", "mimi_long", "mimi_gradient"):  # the product's default (Adapter+'s adapters on
+            # the MLP outputs) at the budget B(σt) of the plain adapters on both outputs, one epoch per cut, the rest
+            # at the final widths; mimi_long trains the wide adapters LONG_FIRST_EPOCHS before the first cut;
+            # mimi_gradient ranks neurons by their accumulated gradients (score="gradient") instead of weights that
+            # one epoch of warm-up has barely moved from their start
+            score = {"score": "gradient"} if row.method == "mimi_gradient" else {}
+            return self._mimi(row, {"design": DEFAULT_DESIGN, **score,
                                     "target_params": common.adapter_budget(self.model(), row.sigma_t)},
                               LONG_FIRST_EPOCHS if row.method == "mimi_long" else 1)
         if row.method in ("mimi_paper", "mimi_paper_long"):  # the paper's adapters on both outputs, budget σt
@@ -239,6 +244,7 @@ def train_one(args, planner: Planner, row: Row, task: str, seed: int, lr: float 
         record["lora_rank"] = method.lora_rank
     if method.kind == "mimi":
         record["design"] = method.mimi_options["design"]
+        record["score"] = method.mimi_options.get("score", "mimi")
     if row.method == "probe":
         record["lr"] = None
     return record

@@ -60,7 +60,8 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     # the decomposition's "allocation only" rows: a MiMi row's final widths trained from scratch (the paper's
     # MiMi's with its plain adapters, the default's with Adapter+'s)
     subprocess.run([*command, "--what", "grid", "--resume", "--methods", "mimi_paper", "mimi_widths",
-                    "adapter_plus_widths"], check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+                    "adapter_plus_widths", "mimi_gradient"], check=True, cwd=ROOT, env=env, capture_output=True,
+                   timeout=300)
     runs = {(r["method"], r["sigma_t"]): r for r in json.loads((tmp_path / "accuracy.json").read_text())["runs"]}
     paper, widths = runs["mimi_paper", 16.0], runs["mimi_widths", 16.0]
     assert paper["design"] == "paper" and len(paper["widths"]) == 4  # attention and MLP outputs of both blocks
@@ -69,6 +70,9 @@ def test_smoke_grid_records_every_method_and_resume_trains_nothing_again(tmp_pat
     default, plus = runs["mimi", 16.0], runs["adapter_plus_widths", 16.0]
     assert plus["widths"] == default["widths"] and plus["params"] == default["params"]  # scaling and biases counted
     assert plus["epochs"] == default["epochs"] and len(plus["rounds"]) == 1
+    gradient = runs["mimi_gradient", 16.0]  # the default with the gradient score: same budget, rounds and epochs
+    assert (gradient["score"], default["score"]) == ("gradient", "mimi")
+    assert gradient["epochs"] == default["epochs"] and len(gradient["rounds"]) == len(default["rounds"])
 
 
 def test_records_from_before_the_default_design_changed_read_under_todays_names():
