@@ -226,7 +226,12 @@ def _info(args: argparse.Namespace) -> int:
     run_file = args.adapter_dir / RUN_FILE
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     if run.get("history"):
-        print(f"test accuracy: {saved_round(run['history'])['accuracy']:.4f} on {run.get('data')}")
+        saved = saved_round(run["history"])
+        if config.budget_tolerance is not None and saved.get("chosen_round") is not None:
+            searched = sum(not row.get("finish") for row in run["history"])
+            print(f"budget search (tolerance {config.budget_tolerance:g} points): kept round {saved['chosen_round']} "
+                  f"of {searched} on validation accuracy; the budget above is the floor it could go to")
+        print(f"test accuracy: {saved['accuracy']:.4f} on {run.get('data')}")
     return 0
 
 

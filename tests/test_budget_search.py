@@ -291,6 +291,9 @@ def test_the_cli_runs_the_search_from_its_flags(backbone, tmp_path, monkeypatch,
         capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["budget_tolerance"] == 1.0 and config["rounds_done"] == 1
+    assert cli_main(["info", str(tmp_path / "out" / "adapter"), "--model", backbone]) == 0
+    assert ("budget search (tolerance 1 points): kept round 1 of 4 on validation accuracy; the budget above is the "
+            "floor it could go to") in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------- HF Trainer + callback
