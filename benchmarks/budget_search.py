@@ -46,10 +46,8 @@ def run_one(kind: str, task: str, seed: int, sigma: float | None, args) -> dict:
 
     data = common.task_dataset(task)
     model, processor = common.load_model(args.backbone, common.num_labels_of(task))
-    floor_budget = common.adapter_budget(model, args.floor)
-    if kind == "search":  # the default design at the budget of the floor's plain adapters, as the suite's MiMi rows
-        method = Method("mimi", "search", mimi_options={"design": DEFAULT_DESIGN, "target_params": floor_budget,
-                                                        "budget_tolerance": args.tolerance})
+    if kind == "search":
+        method = search_method(model, args)
     else:
         method = Method("adapter", f"σ={sigma:g}", init_compression=sigma, target_compression=sigma)
     peft_model = common.build(method, model, seed)
@@ -76,16 +74,19 @@ def run_one(kind: str, task: str, seed: int, sigma: float | None, args) -> dict:
 _EPOCHS: dict[str, int] = {}
 
 
+def search_method(model, args) -> Method:
+    """The search: the default design at the budget of the floor's plain adapters, as the suite's MiMi rows."""
+    return Method("mimi", "search", mimi_options={"design": DEFAULT_DESIGN, "budget_tolerance": args.tolerance,
+                                                  "target_params": common.adapter_budget(model, args.floor)})
+
+
 def search_epochs(args, task: str) -> int:
     """The epochs the search trains in all on ``task`` (its R rounds of one epoch, then the finish)."""
     if task not in _EPOCHS:
         from peft_mimi.recipe import TrainingRecipe
 
         model, _ = common.load_model(args.backbone, common.num_labels_of(task))
-        method = Method("mimi", "search", mimi_options={
-            "design": DEFAULT_DESIGN, "target_params": common.adapter_budget(model, args.floor),
-            "budget_tolerance": args.tolerance})
-        rounds = common.build(method, model, 0).base_model.planned_rounds()
+        rounds = common.build(search_method(model, args), model, 0).base_model.planned_rounds()
         _EPOCHS[task] = sum(TrainingRecipe().segment_epochs(rounds, finish=True))
     return _EPOCHS[task]
 

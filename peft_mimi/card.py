@@ -72,6 +72,11 @@ def saved_round(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | Non
         else history[-1]
 
 
+def searched_rounds(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows of ``history`` that the budget search compared: every round, without its finish's row."""
+    return [row for row in history if not row.get("finish")]
+
+
 def _noise(row: Mapping[str, Any]) -> str:
     """``" on N images, standard error E points"`` for a row with a validation split of known size."""
     images = row.get("validation_images")
@@ -118,7 +123,7 @@ def model_card(
     saved = saved_round(history)
     accuracy = saved.get("accuracy") if saved else None
     search = saved.get("chosen_round") is not None if saved else False
-    searched = [row for row in history if not row.get("finish")]  # the rounds the search compared
+    searched = searched_rounds(history)
     kept = next((row for row in searched if row["round"] == saved["round"]), saved) if search else None
 
     target = (f"σt = {config.effective_target_compression:g}" if config.target_params is None

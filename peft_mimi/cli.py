@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, get_type_hints
 
-from .card import saved_round
+from .card import saved_round, searched_rounds
 from .config import ACTIVATIONS, DESIGNS, INITS, MiMiConfig
 from .pruning import SCORES, SELECTIONS, adapter_params
 from .recipe import TrainingRecipe, mimi_setting_fields
@@ -179,7 +179,7 @@ def _train(argv: list[str]) -> int:
         print(f"accuracy {result.accuracy:.4f} after {result.rounds} pruning round(s); {result.live_params:,} "
               f"adapter parameters (budget {result.budget:,}), {kept} of {len(result.widths)} adapters kept")
         if result.chosen_round is not None:
-            searched = [row for row in result.history if not row.get("finish")]
+            searched = searched_rounds(result.history)
             kept, images = searched[result.chosen_round], searched[result.chosen_round]["validation_images"]
             noise = standard_error(kept["validation_accuracy"], images)
             print(f"budget search kept round {result.chosen_round} of {len(searched)} trained alike (validation "
@@ -228,9 +228,9 @@ def _info(args: argparse.Namespace) -> int:
     if run.get("history"):
         saved = saved_round(run["history"])
         if config.budget_tolerance is not None and saved.get("chosen_round") is not None:
-            searched = sum(not row.get("finish") for row in run["history"])
             print(f"budget search (tolerance {config.budget_tolerance:g} points): kept round {saved['chosen_round']} "
-                  f"of {searched} on validation accuracy; the budget above is the floor it could go to")
+                  f"of {len(searched_rounds(run['history']))} on validation accuracy; the budget above is the floor "
+                  "it could go to")
         print(f"test accuracy: {saved['accuracy']:.4f} on {run.get('data')}")
     return 0
 
